@@ -1,0 +1,34 @@
+# LLMasOS: `make quickstart` and `make test` work from a fresh clone with nothing before them.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast bench quickstart clean
+
+install: $(STAMP)
+
+# torch is pinned to 2.13.0, which resolves to the local CPU wheel on the project machines;
+# installing it first keeps pip from pulling a CUDA build for any dependency.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the slow end-to-end tests.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+quickstart: $(STAMP)
+	$(BIN)/llmasos quickstart
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,16 @@
+"""The one exception type for user mistakes: the CLI prints its message, not a traceback."""
+
+
+class LLMasOSError(Exception):
+    """Bad input from the user (a wrong path, a malformed file, an unknown key).
+
+    The message names what is wrong: the file, tensor, line, field or value.
+    """
+
+
+class CheckpointError(LLMasOSError):
+    """A checkpoint that cannot be read: missing, truncated, mis-shaped or unsupported."""
+
+
+class ConfigError(LLMasOSError):
+    """A configuration with an unknown key, a wrong type or an unsupported setting."""

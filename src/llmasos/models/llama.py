@@ -1,0 +1,226 @@
+"""The LLaMA-family transformer, top to bottom in one file.
+
+Llama 1/2/3/3.1/3.2, TinyLlama, SmolLM, Mistral and Qwen2 differ only in `ModelConfig` flags.
+The module tree mirrors transformers' `LlamaForCausalLM` (`model.layers.0.self_attn.q_proj`,
+...), so a state dict *is* a Hugging Face checkpoint and PEFT target names carry over.
+
+Inference passes a `KVCache` and the position of every input token; slot `p` of the cache
+holds position `p` of its row, so rows of different lengths share one batch without padding
+tricks: a row's padded tail writes slots that are overwritten before they are ever attended to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmasos.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32, scale in the input dtype: the order transformers uses, so bf16 agrees too.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> Tensor:
+    """Rotary inverse frequencies, with `linear` or Llama 3.1 `llama3` scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    scaling = config.rope_scaling or {}
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif config.rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class Rotary(nn.Module):
+    """cos/sin of each position, computed in fp32 from the positions actually present."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def reset(self, device: torch.device | str | None = None) -> None:
+        """Recompute the buffer: needed after building the model on the meta device."""
+        self.inv_freq = rope_inv_freq(self.config, device)
+
+    def forward(self, input_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = input_pos[..., None].float() * self.inv_freq  # [B, S, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (i, i + D/2): the Hugging Face layout (Meta's interleaved one is permuted on import)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values, [batch, kv_heads, max_len, head_dim] per layer.
+
+    `update` writes the new keys/values at their positions in place and returns the cache
+    up to `kv_len`, the number of slots the current step may attend to.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.batch_size, self.max_len = batch_size, max_len
+
+    def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        kc, vc = self.k[layer], self.v[layer]
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        kc[rows, :, input_pos] = k.transpose(1, 2)  # advanced indices first: [B, S, H, D]
+        vc[rows, :, input_pos] = v.transpose(1, 2)
+        return kc[: k.shape[0], :, :kv_len], vc[: k.shape[0], :, :kv_len]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        qkv_bias = config.attention_bias or config.qkv_bias
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.attention_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None, input_pos: Tensor | None, kv_len: int) -> Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, input_pos, k, v, kv_len)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None, input_pos: Tensor | None, kv_len: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LLaMA: embeddings, N pre-norm blocks, final norm, LM head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = Rotary(config)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random initialisation for pretraining: N(0, std) weights, zero biases, unit norms."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self.tie_weights()
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        weight = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_position_embeddings,
+                       dtype or weight.dtype, weight.device)
+
+    def _mask(self, input_pos: Tensor, kv_len: int) -> Tensor:
+        """[B, 1, S, kv_len] bool: key j is visible to a query at position p when j <= p (and within the window)."""
+        keys = torch.arange(kv_len, device=input_pos.device)
+        q = input_pos[:, :, None]
+        mask = keys <= q
+        if self.config.sliding_window is not None:
+            mask &= keys > q - self.config.sliding_window
+        return mask[:, None]
+
+    def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
+                logits_at: Tensor | None = None) -> Tensor:
+        """Logits [B, S, vocab] for `input_ids` [B, S].
+
+        input_pos: positions [B, S] or [S] (default 0..S-1); with `cache`, where each token is written.
+        logits_at: an index [B] into the sequence; only that position's logits are computed ([B, 1, vocab]).
+        """
+        b, s = input_ids.shape
+        if input_pos is None:
+            input_pos = torch.arange(s, device=input_ids.device)
+        if input_pos.dim() == 1:
+            input_pos = input_pos.expand(b, s)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(input_pos, x.dtype)
+        if cache is not None:
+            kv_len = int(input_pos.max()) + 1
+            mask = self._mask(input_pos, kv_len)
+        else:
+            kv_len = s
+            window = self.config.sliding_window
+            mask = self._mask(input_pos, s) if window is not None and s > window else None
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache, input_pos, kv_len)
+        if logits_at is not None:
+            x = x[torch.arange(b, device=x.device), logits_at][:, None]
+        return self.lm_head(self.model.norm(x))
