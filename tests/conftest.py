@@ -81,3 +81,23 @@ def bpe_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sp_dir(tmp_path_factory) -> Path:
     return write_sp_tokenizer(tmp_path_factory.mktemp("sp"))
+
+
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+TINY = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256)
+
+
+def make_hf_model(out: Path, family: str = "llama", seed: int = 0, **overrides):
+    """A random-weight transformers model saved as an HF dir (fp32); returns (dir, model)."""
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[family])
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**TINY, **overrides})).eval()
+    with torch.no_grad():  # transformers zero-initialises some tensors (biases); make every value count
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.1)
+    model.save_pretrained(out)
+    return out, model

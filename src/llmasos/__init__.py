@@ -1,0 +1,3 @@
+"""LLMasOS: one toolkit for the whole life of a LLaMA-family model."""
+
+__version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """Hugging Face model dirs: `config.json` + safetensors (single or sharded) or `pytorch_model.bin`.
 
-Loading builds the model on the meta device and reads each tensor straight into its final
-dtype and device, so the weights are never held twice. Saving writes what transformers loads.
+Reading here is of headers and configs only; `checkpoints.load` turns them into a model.
+Saving writes what transformers loads.
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ from typing import Any
 
 import torch
 
-from llmasos.checkpoints.weights import (TensorEntry, read_into, read_pickled, read_safetensors_header,
-                                         save_safetensors_shards)
+from llmasos.checkpoints.weights import TensorEntry, read_pickled, read_safetensors_header, save_safetensors_shards
 from llmasos.errors import CheckpointError
 from llmasos.models.config import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json")
-# Buffers some checkpoints carry that the model recomputes.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -83,72 +80,6 @@ def weight_entries(model_dir: Path) -> dict[str, TensorEntry]:
     raise CheckpointError(f"{model_dir}: no weights (model.safetensors, shards with an index, or pytorch_model.bin)")
 
 
-def build_meta_model(config: ModelConfig):
-    from llmasos.models.llama import Transformer
-
-    with torch.device("meta"):
-        return Transformer(config)
-
-
-def check_entries(model: torch.nn.Module, entries: dict[str, TensorEntry], where: Path) -> None:
-    """Missing, unexpected or mis-shaped tensors, each named with its file."""
-    expected = dict(model.state_dict())
-    if model.config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-        entries.pop("lm_head.weight", None)  # some tied checkpoints store it too; the tie wins, as in transformers
-    for name in list(entries):
-        if name.endswith(IGNORED_SUFFIXES):
-            entries.pop(name)
-    missing = [n for n in expected if n not in entries]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{where}: tensor {missing[0]} is missing from the checkpoint{more}")
-    unexpected = [n for n in entries if n not in expected]
-    if unexpected:
-        raise CheckpointError(
-            f"{entries[unexpected[0]].file}: unexpected tensor {unexpected[0]} (not part of a "
-            f"{model.config.architecture} with this config.json)"
-        )
-    for name, t in expected.items():
-        if tuple(t.shape) != entries[name].shape:
-            raise CheckpointError(
-                f"{entries[name].file}: tensor {name} has shape {list(entries[name].shape)}, "
-                f"config.json implies {list(t.shape)}"
-            )
-
-
-def materialize(model, entries: dict[str, TensorEntry], dtype: torch.dtype | None, device, where: Path,
-                progress: bool = False):
-    """Fill a meta-device model from `entries`, tensor by tensor, in `dtype` (default: as stored)."""
-    check_entries(model, entries, where)
-    state = {}
-    items = list(model.state_dict().items())
-    if progress:
-        from tqdm import tqdm
-
-        items = tqdm(items, desc="loading weights", unit="tensor", leave=False)
-    for name, meta in items:
-        if name not in entries:  # tied lm_head
-            continue
-        entry = entries[name]
-        want = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
-        state[name] = read_into(entry, torch.empty(meta.shape, dtype=want, device=device), name)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    model.rotary.reset(device)
-    return model
-
-
-def load_model(model_dir: Path | str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               progress: bool = False):
-    """A `Transformer` with the weights of an HF dir, in `dtype` (default: the stored dtype)."""
-    model_dir = Path(model_dir)
-    config = load_config(model_dir)
-    model = build_meta_model(config)
-    materialize(model, weight_entries(model_dir), dtype, device, model_dir, progress)
-    return model.eval()
-
-
 def state_dict_for_saving(model) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if model.config.tie_word_embeddings:
@@ -169,14 +100,18 @@ def save_model(model, out_dir: Path | str, max_shard_bytes: int = 5 * 2**30, dty
     config.dtype = str(stored).removeprefix("torch.")
     save_safetensors_shards(state, out_dir, max_shard_bytes)
     (out_dir / "config.json").write_text(config.to_json() + "\n")
-    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-    if config.pad_token_id is not None:
-        gen["pad_token_id"] = config.pad_token_id
-    gen.update(generation_config or {})
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_generation_config(config, out_dir, generation_config)
     if tokenizer_dir is not None:
         copy_tokenizer_files(Path(tokenizer_dir), out_dir)
     return out_dir
+
+
+def write_generation_config(config: ModelConfig, out_dir: Path, extra: dict[str, Any] | None = None) -> None:
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    if config.pad_token_id is not None:
+        gen["pad_token_id"] = config.pad_token_id
+    gen.update(extra or {})
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:

@@ -1,0 +1,5 @@
+import sys
+
+from llmasos.cli import main
+
+sys.exit(main())

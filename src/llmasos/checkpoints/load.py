@@ -1,0 +1,97 @@
+"""From a checkpoint on disk to a `Transformer`, whatever the format.
+
+The model is built on the meta device and each tensor is read straight into its final dtype and
+device, so the weights are never held twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llmasos.checkpoints.hf import load_config, weight_entries
+from llmasos.checkpoints.meta import is_meta_dir, read_meta_checkpoint
+from llmasos.checkpoints.weights import TensorEntry, read_into
+from llmasos.errors import CheckpointError
+from llmasos.models.config import ModelConfig
+
+# Buffers some checkpoints carry that the model recomputes.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def open_checkpoint(path: Path | str) -> tuple[ModelConfig, dict[str, TensorEntry]]:
+    """The config and tensor index of an HF dir or a Meta checkpoint dir (no weights are read)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if is_meta_dir(path):
+        return read_meta_checkpoint(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return load_config(path), weight_entries(path)
+    if path.suffix == ".gguf":
+        raise CheckpointError(f"{path}: GGUF import is not available yet; convert it to an HF dir first")
+    raise CheckpointError(f"{path}: not a model dir (expected config.json + weights, or params.json + consolidated.*.pth)")
+
+
+def build_meta_model(config: ModelConfig):
+    from llmasos.models.llama import Transformer
+
+    with torch.device("meta"):
+        return Transformer(config)
+
+
+def check_entries(model: torch.nn.Module, entries: dict[str, TensorEntry], where: Path) -> None:
+    """Missing, unexpected or mis-shaped tensors, each named with its file."""
+    expected = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        entries.pop("lm_head.weight", None)  # some tied checkpoints store it too; the tie wins, as in transformers
+    for name in list(entries):
+        if name.endswith(IGNORED_SUFFIXES):
+            entries.pop(name)
+    missing = [n for n in expected if n not in entries]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: tensor {missing[0]} is missing from the checkpoint{more}")
+    unexpected = [n for n in entries if n not in expected]
+    if unexpected:
+        raise CheckpointError(
+            f"{entries[unexpected[0]].file}: unexpected tensor {unexpected[0]} (not part of a "
+            f"{model.config.architecture} with this config)"
+        )
+    for name, t in expected.items():
+        if tuple(t.shape) != entries[name].shape:
+            raise CheckpointError(
+                f"{entries[name].file}: tensor {name} has shape {list(entries[name].shape)}, "
+                f"the config implies {list(t.shape)}"
+            )
+
+
+def materialize(model, entries: dict[str, TensorEntry], dtype: torch.dtype | None, device, where: Path,
+                progress: bool = False):
+    """Fill a meta-device model from `entries`, tensor by tensor, in `dtype` (default: as stored)."""
+    check_entries(model, entries, where)
+    state = {}
+    items = [(n, t) for n, t in model.state_dict().items() if n in entries]  # a tied lm_head is not
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="loading weights", unit="tensor", leave=False)
+    for name, meta in items:
+        entry = entries[name]
+        want = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
+        state[name] = read_into(entry, torch.empty(meta.shape, dtype=want, device=device), name)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.rotary.reset(device)
+    return model
+
+
+def load_model(path: Path | str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               progress: bool = False):
+    """A `Transformer` with the weights of an HF or Meta dir, in `dtype` (default: as stored), in eval mode."""
+    config, entries = open_checkpoint(path)
+    model = build_meta_model(config)
+    materialize(model, entries, dtype, device, Path(path), progress)
+    return model.eval()

@@ -1,0 +1,171 @@
+"""The local model store, `$LLMASOS_HOME/models/NAME/`: one Hugging Face dir per model.
+
+Everything enters through `pull`, which writes into a temporary dir beside the target and
+renames it into place, so a failed or interrupted pull leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from llmasos.errors import CheckpointError, LLMasOSError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+NAME = re.compile(r"^[A-Za-z0-9][\w.+-]*$")
+HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                "chat_template.jinja", "chat_template.json"]
+
+
+def home() -> Path:
+    return Path(os.environ.get("LLMASOS_HOME", "~/.cache/llmasos")).expanduser()
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def stored_models() -> list[Path]:
+    root = models_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "config.json").exists())
+
+
+def resolve(model: str | Path) -> Path:
+    """A MODEL argument: a path to a model dir, or the name of a stored model."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    stored = models_dir() / str(model)
+    if NAME.match(str(model)) and stored.is_dir():
+        return stored
+    names = ", ".join(p.name for p in stored_models()) or "none yet"
+    raise LLMasOSError(
+        f"no model {str(model)!r}: not a path, and not in the store {models_dir()} (stored: {names}); "
+        f"import one with `llmasos pull SOURCE`"
+    )
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary dir beside `final`; on success it becomes `final`, on failure it is removed."""
+    if final.exists() and not replace:
+        raise LLMasOSError(f"{final} already exists (use --force to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def default_name(source: str) -> str:
+    name = Path(source.rstrip("/")).name if not HUB_ID.match(source) or Path(source).exists() else source.split("/")[-1]
+    return re.sub(r"[^\w.+-]", "-", name).lower() or "model"
+
+
+def download(repo_id: str, dest: Path) -> Path:
+    """A hub checkpoint's config, safetensors and tokenizer files, through `huggingface_hub`."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_dir=dest))
+    except Exception as e:  # offline, unknown repo, gated repo, ...: all end the same way for the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LLMasOSError(
+            f"could not download {repo_id!r} from the Hugging Face Hub ({reason}). Without network access, "
+            f"download the model on another machine and run `llmasos pull /path/to/model-dir`"
+        ) from None
+
+
+def pull(source: str, name: str | None = None, force: bool = False, progress: bool = True) -> Path:
+    """Import a local HF dir, a Meta checkpoint dir, a zoo name or a hub id into the store."""
+    from llmasos.models.zoo import hf_id
+
+    name = name or default_name(source)
+    if not NAME.match(name):
+        raise LLMasOSError(f"invalid model name {name!r}: use letters, digits, '.', '-', '_' or '+'")
+    final = models_dir() / name
+    path = Path(source).expanduser()
+    if not path.exists():
+        repo = hf_id(source) or (source if HUB_ID.match(source) else None)
+        if repo is None:
+            raise LLMasOSError(f"{source}: no such file or directory, and not a hub id (owner/name) or zoo name")
+        with atomic_dir(final, replace=force) as tmp:
+            download(repo, tmp / ".download")
+            import_checkpoint(tmp / ".download", tmp, progress)
+            shutil.rmtree(tmp / ".download")
+        return final
+    with atomic_dir(final, replace=force) as tmp:
+        import_checkpoint(path, tmp, progress)
+    return final
+
+
+def import_checkpoint(src: Path, out: Path, progress: bool = True) -> None:
+    """Write `src` (HF or Meta dir) into `out` as a safetensors HF dir, checking every tensor's shape."""
+    from llmasos.checkpoints.hf import copy_tokenizer_files, write_generation_config
+    from llmasos.checkpoints.load import build_meta_model, check_entries, open_checkpoint
+    from llmasos.checkpoints.meta import is_meta_dir
+    from llmasos.checkpoints.weights import load_tensor, save_safetensors_shards
+
+    config, entries = open_checkpoint(src)
+    check_entries(build_meta_model(config), entries, src)
+    if not is_meta_dir(src) and all(e.tensor is None for e in entries.values()):
+        # Already safetensors: copy the files as they are.
+        for f in sorted(src.glob("*.safetensors")) + sorted(src.glob("*.safetensors.index.json")):
+            shutil.copy2(f, out / f.name)
+        for f in ("config.json", "generation_config.json"):
+            if (src / f).exists():
+                shutil.copy2(src / f, out / f)
+    else:
+        state = {n: e.tensor if e.tensor is not None else load_tensor(e, name=n) for n, e in entries.items()}
+        save_safetensors_shards(state, out)
+        (out / "config.json").write_text(config.to_json() + "\n")
+    if not (out / "generation_config.json").exists():
+        write_generation_config(config, out)
+    tokenizer_src = src if any((src / f).exists() for f in ("tokenizer.json", "tokenizer.model")) else src.parent
+    copy_tokenizer_files(tokenizer_src, out)
+    if is_meta_dir(src) and (out / "tokenizer.model").exists() and not (out / "tokenizer_config.json").exists():
+        write_meta_tokenizer_config(out)
+    if any((out / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        from llmasos.tokenization import Tokenizer
+
+        Tokenizer(out)  # refuse a tokenizer we cannot read now, not at first use
+
+
+def write_meta_tokenizer_config(out: Path) -> None:
+    """Meta dirs ship only `tokenizer.model`; give it the Llama special tokens transformers expects."""
+    import json
+
+    try:
+        import sentencepiece as spm
+
+        spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    except Exception:
+        raise CheckpointError(
+            f"{out / 'tokenizer.model'}: not a SentencePiece model (Llama 3's tiktoken tokenizer is not supported "
+            f"in Meta dirs; pull the Hugging Face version of the model instead)"
+        ) from None
+    cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+           "add_bos_token": True, "add_eos_token": False, "legacy": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
