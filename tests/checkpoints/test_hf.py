@@ -114,3 +114,16 @@ def test_cli_reports_a_bad_file_in_one_line_without_traceback(model_dir):
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and "config.json: not valid JSON" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_memory_mapped_weights_can_be_trained_without_touching_the_file(model_dir):
+    before = (model_dir / "model.safetensors").read_bytes()
+    model = load_model(model_dir)
+    model.train()
+    loss = model(X).logsumexp(-1).mean()
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(p.grad, alpha=-0.1)
+    assert (model_dir / "model.safetensors").read_bytes() == before
+    assert not torch.equal(load_model(model_dir)(X), model.eval()(X))

@@ -12,7 +12,7 @@ import torch
 
 from llmasos.checkpoints.hf import load_config, weight_entries
 from llmasos.checkpoints.meta import is_meta_dir, read_meta_checkpoint
-from llmasos.checkpoints.weights import TensorEntry, read_into
+from llmasos.checkpoints.weights import TensorEntry, load_tensor
 from llmasos.errors import CheckpointError
 from llmasos.models.config import ModelConfig
 
@@ -70,7 +70,9 @@ def check_entries(model: torch.nn.Module, entries: dict[str, TensorEntry], where
 
 def materialize(model, entries: dict[str, TensorEntry], dtype: torch.dtype | None, device, where: Path,
                 progress: bool = False):
-    """Fill a meta-device model from `entries`, tensor by tensor, in `dtype` (default: as stored)."""
+    """Fill a meta-device model from `entries`, tensor by tensor, in `dtype` (default: as stored).
+
+    Tensors already in `dtype` are memory-mapped copy-on-write: training may update them in place."""
     check_entries(model, entries, where)
     state = {}
     items = [(n, t) for n, t in model.state_dict().items() if n in entries]  # a tied lm_head is not
@@ -78,10 +80,11 @@ def materialize(model, entries: dict[str, TensorEntry], dtype: torch.dtype | Non
         from tqdm import tqdm
 
         items = tqdm(items, desc="loading weights", unit="tensor", leave=False)
+    maps = {}  # one copy-on-write mapping per safetensors file, kept alive by the tensors that view it
     for name, meta in items:
         entry = entries[name]
         want = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
-        state[name] = read_into(entry, torch.empty(meta.shape, dtype=want, device=device), name)
+        state[name] = load_tensor(entry, want, name, device, maps)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.rotary.reset(device)

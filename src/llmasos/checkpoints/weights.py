@@ -1,15 +1,16 @@
-"""Reading tensors out of weight files, one at a time, straight into their destination.
+"""Reading tensors out of weight files, one at a time, without ever holding the weights twice.
 
-safetensors files are read with plain `readinto` rather than the `safetensors` library's mmap:
-a memory-mapped tensor keeps its file pages resident until the file is closed, so converting
-a checkpoint's dtype while loading would hold both copies. Reading each tensor into the model's
-own storage keeps the peak at the model plus one tensor. Writing uses the `safetensors` library.
+A safetensors tensor already in the wanted dtype is memory-mapped (copy-on-write): loading costs
+nothing and its pages are shared with the page cache. One that needs converting is read with plain
+`readinto` into a scratch buffer and cast, rather than through the `safetensors` library's mmap,
+whose pages stay resident until the file is closed and would double the peak. Writing uses the
+`safetensors` library.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,8 +106,19 @@ def read_into(entry: TensorEntry, out: torch.Tensor, name: str = "") -> torch.Te
     return out if direct else out.copy_(buf)
 
 
-def load_tensor(entry: TensorEntry, dtype: torch.dtype | None = None, name: str = "") -> torch.Tensor:
-    return read_into(entry, torch.empty(entry.shape, dtype=dtype or entry.dtype), name)
+def load_tensor(entry: TensorEntry, dtype: torch.dtype | None = None, name: str = "",
+                device: torch.device | str = "cpu", maps: dict[Path, mmap.mmap] | None = None) -> torch.Tensor:
+    """The tensor in `dtype` on `device`: memory-mapped when nothing needs converting, else read and cast."""
+    dtype = dtype or entry.dtype
+    nbytes = entry.end - entry.start
+    if (maps is not None and entry.tensor is None and dtype == entry.dtype and torch.device(device).type == "cpu"
+            and nbytes and entry.start % dtype.itemsize == 0):
+        if entry.file not in maps:
+            with open(entry.file, "rb") as f:
+                maps[entry.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(maps[entry.file], dtype=torch.uint8, count=nbytes, offset=entry.start)
+        return flat.view(dtype).view(entry.shape)
+    return read_into(entry, torch.empty(entry.shape, dtype=dtype, device=device), name)
 
 
 def save_safetensors_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = 5 * 2**30,
@@ -139,6 +151,3 @@ def save_safetensors_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max
     (out_dir / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return names
 
-
-def file_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else os.path.getsize(path)

@@ -1,0 +1,1 @@
+"""`make bench`: each benchmark measures us and the reference system in the same run and prints ratios."""

@@ -1,0 +1,58 @@
+"""Helpers shared by the benchmarks: random-weight checkpoints of real shapes, child processes, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CACHE = Path(os.environ.get("LLMASOS_BENCH_CACHE", Path(__file__).resolve().parent.parent / "bench-results" / "cache"))
+
+
+def random_checkpoint(shape: str, dtype: str = "bfloat16") -> Path:
+    """An HF dir with the zoo shape `shape` and random weights (speed and memory do not depend on values)."""
+    out = CACHE / f"{shape}-{dtype}"
+    if (out / "config.json").exists():
+        return out
+    code = f"""
+import torch
+from llmasos.checkpoints.hf import save_model
+from llmasos.checkpoints.store import atomic_dir
+from llmasos.models.llama import Transformer
+from llmasos.models.zoo import zoo_config
+from pathlib import Path
+torch.manual_seed(0)
+with torch.device("meta"):
+    model = Transformer(zoo_config({shape!r}))
+model.to_empty(device="cpu")
+model.to(getattr(torch, {dtype!r}))
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+with atomic_dir(Path({str(out)!r}), replace=True) as tmp:
+    save_model(model, tmp)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return out
+
+
+def run_child(code: str) -> dict:
+    """Run `code` in a fresh interpreter (clean peak-RSS accounting); it prints one JSON line last."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"benchmark child failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for h in header:
+        table.add_column(h)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=160).print(table)

@@ -1,0 +1,21 @@
+"""Run every benchmark (or those named with --only) and print their tables."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = ["load_memory"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these")
+    args = parser.parse_args()
+    for name in args.only or BENCHMARKS:
+        print(f"\n=== {name} ===")
+        importlib.import_module(f"benchmarks.{name}").main()
+
+
+if __name__ == "__main__":
+    main()
