@@ -12,6 +12,7 @@ tricks: a row's padded tail writes slots that are overwritten before they are ev
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -78,26 +79,52 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class KVCache:
-    """Preallocated keys and values, [batch, kv_heads, max_len, head_dim] per layer.
+@dataclass
+class Step:
+    """What every layer needs to know about the tokens of one forward pass, computed once."""
 
-    `update` writes the new keys/values at their positions in place and returns the cache
-    up to `kv_len`, the number of slots the current step may attend to.
+    cos: Tensor
+    sin: Tensor
+    input_pos: Tensor  # [B, S]
+    mask: Tensor | None  # [B, 1, S, kv_len] bool, True = may attend; None: causal, or all visible
+    causal: bool
+    kv_len: int  # cache slots attended to (with a cache)
+    start: int | None  # all rows write positions start..start+S-1 (a slice, not a scatter)
+    cache: "KVCache | None"
+    row0: int  # the batch's first row in the cache
+
+
+class KVCache:
+    """Preallocated keys and values, [rows, kv_heads, max_len, head_dim] per layer.
+
+    Slot p of a row holds position p. A forward pass on B sequences uses rows row0..row0+B-1.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+    def __init__(self, config: ModelConfig, rows: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        shape = (rows, config.num_key_value_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.batch_size, self.max_len = batch_size, max_len
+        self.rows, self.max_len = rows, max_len
 
-    def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        kc, vc = self.k[layer], self.v[layer]
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        kc[rows, :, input_pos] = k.transpose(1, 2)  # advanced indices first: [B, S, H, D]
-        vc[rows, :, input_pos] = v.transpose(1, 2)
-        return kc[: k.shape[0], :, :kv_len], vc[: k.shape[0], :, :kv_len]
+    def update(self, layer: int, step: Step, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new keys/values [B, H, S, D] at their positions; return the slots to attend to."""
+        b, s = k.shape[0], k.shape[2]
+        kc, vc = self.k[layer][step.row0:step.row0 + b], self.v[layer][step.row0:step.row0 + b]
+        if step.start is not None:
+            kc[:, :, step.start:step.start + s] = k
+            vc[:, :, step.start:step.start + s] = v
+        else:
+            rows = torch.arange(b, device=k.device)[:, None]
+            kc[rows, :, step.input_pos] = k.transpose(1, 2)  # advanced indices first: [B, S, H, D]
+            vc[rows, :, step.input_pos] = v.transpose(1, 2)
+        return kc[:, :, :step.kv_len], vc[:, :, :step.kv_len]
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` slots of row `src` into row `dst` (n samples of one prompt, compaction)."""
+        for kc, vc in zip(self.k, self.v):
+            kc[dst, :, :length] = kc[src, :, :length]
+            vc[dst, :, :length] = vc[src, :, :length]
 
 
 class Attention(nn.Module):
@@ -112,16 +139,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.attention_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: KVCache | None, input_pos: Tensor | None, kv_len: int) -> Tensor:
+    def forward(self, x: Tensor, step: Step) -> Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, input_pos, k, v, kv_len)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        if step.cache is not None:
+            k, v = step.cache.update(self.layer, step, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
@@ -148,9 +174,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: KVCache | None, input_pos: Tensor | None, kv_len: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos, kv_len)
+    def forward(self, x: Tensor, step: Step) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -184,9 +209,9 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
         self.tie_weights()
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, rows: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         weight = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len or self.config.max_position_embeddings,
+        return KVCache(self.config, rows, max_len or self.config.max_position_embeddings,
                        dtype or weight.dtype, weight.device)
 
     def _mask(self, input_pos: Tensor, kv_len: int) -> Tensor:
@@ -199,28 +224,35 @@ class Transformer(nn.Module):
         return mask[:, None]
 
     def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
-                logits_at: Tensor | None = None) -> Tensor:
+                logits_at: Tensor | None = None, cache_row: int = 0) -> Tensor:
         """Logits [B, S, vocab] for `input_ids` [B, S].
 
-        input_pos: positions [B, S] or [S] (default 0..S-1); with `cache`, where each token is written.
+        Without `input_pos` the tokens are positions 0..S-1 of fresh sequences (training, scoring, or a
+        prefill into `cache`). With `cache` and `input_pos` ([B, S] or [S]), each token is written at its
+        position in cache rows cache_row.. and attends to every earlier slot of its row.
         logits_at: an index [B] into the sequence; only that position's logits are computed ([B, 1, vocab]).
         """
         b, s = input_ids.shape
-        if input_pos is None:
-            input_pos = torch.arange(s, device=input_ids.device)
-        if input_pos.dim() == 1:
-            input_pos = input_pos.expand(b, s)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(input_pos, x.dtype)
-        if cache is not None:
-            kv_len = int(input_pos.max()) + 1
-            mask = self._mask(input_pos, kv_len)
+        window = self.config.sliding_window
+        if input_pos is None or cache is None:
+            pos = torch.arange(s, device=input_ids.device).expand(b, s) if input_pos is None else input_pos
+            if pos.dim() == 1:
+                pos = pos.expand(b, s)
+            mask = self._mask(pos, s) if window is not None and s > window else None
+            kv_len, start, causal = s, 0, mask is None
         else:
-            kv_len = s
-            window = self.config.sliding_window
-            mask = self._mask(input_pos, s) if window is not None and s > window else None
+            pos = input_pos.expand(b, s) if input_pos.dim() == 1 else input_pos
+            kv_len = int(pos.max()) + 1
+            # One new token per row: a slice write when every row is at the same position.
+            start = kv_len - 1 if s == 1 and (b == 1 or input_pos.dim() == 1) else None
+            all_visible = s == 1 and start is not None and (window is None or kv_len <= window)
+            mask = None if all_visible else self._mask(pos, kv_len)
+            causal = False
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(pos, x.dtype)
+        step = Step(cos, sin, pos, mask, causal, kv_len, start, cache, cache_row)
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache, input_pos, kv_len)
+            x = block(x, step)
         if logits_at is not None:
             x = x[torch.arange(b, device=x.device), logits_at][:, None]
         return self.lm_head(self.model.norm(x))
