@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_hf_model
+from helpers import make_hf_model
 from llmasos.checkpoints.hf import save_model
 from llmasos.checkpoints.load import load_model
 from llmasos.errors import CheckpointError

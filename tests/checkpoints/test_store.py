@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_hf_model, write_bpe_tokenizer
+from helpers import make_hf_model, write_bpe_tokenizer
 from llmasos.checkpoints.load import load_model
 from llmasos.checkpoints.store import models_dir, pull, resolve
 from llmasos.errors import LLMasOSError

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_hf_model
+from helpers import make_hf_model
 from llmasos.checkpoints.hf import save_model
 from llmasos.checkpoints.load import load_model
 

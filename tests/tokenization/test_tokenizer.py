@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import CORPUS, write_bpe_tokenizer
+from helpers import CORPUS, write_bpe_tokenizer
 from llmasos.errors import LLMasOSError
 from llmasos.tokenization import StreamDecoder, Tokenizer
 from llmasos.tokenization.chat import LLAMA2_TEMPLATE

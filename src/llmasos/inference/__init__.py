@@ -1,0 +1,7 @@
+"""The inference engine: KV cache, sampling, continuous batching, streaming; the `LLM` API."""
+
+from llmasos.inference.engine import Completion, Engine, RequestOutput
+from llmasos.inference.llm import LLM
+from llmasos.inference.sampling import SamplingParams
+
+__all__ = ["Completion", "Engine", "LLM", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,329 @@
+"""The generation engine: continuous batching over a preallocated KV cache.
+
+Requests wait in a queue; between decode steps they are admitted while cache rows are free
+(each is prefilled alone, into its own row), and finished or cancelled ones leave. The running
+sequences always occupy rows 0..n-1: when one leaves, the last row is copied into its place, so
+every decode step is a single batched forward on a contiguous slice of the cache.
+
+`generate`, `chat`, `eval` and `serve` all run on this one engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from llmasos.errors import LLMasOSError
+from llmasos.inference.sampling import SamplingParams, apply_penalties, draw, filter_logits
+from llmasos.tokenization import StreamDecoder, Tokenizer
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely alternatives, best first
+
+
+@dataclass
+class Completion:
+    """One of a request's n samples."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[Completion]
+    finished: bool = False
+    arrival: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    # The first sample, for the common n=1 case (`outs[0].text`).
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def num_generated(self) -> int:
+        return sum(len(c.token_ids) for c in self.outputs)
+
+
+@dataclass
+class Delta:
+    """What one step added to one sample: for streaming."""
+
+    request: RequestOutput
+    index: int
+    text: str
+    token_ids: list[int]
+    finished: bool
+
+
+class Sequence:
+    """One sample being generated: its tokens, text, stop checks and (while running) its cache row."""
+
+    def __init__(self, request: "Request", index: int):
+        self.request, self.index = request, index
+        self.completion = request.output.outputs[index]
+        params = request.params
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device="cpu").manual_seed(params.seed + index)
+        self.decoder = StreamDecoder(request.tokenizer)
+        self.full_text = ""  # decoded so far, stop strings included
+        self.emitted = 0  # characters of full_text already handed out
+        self.row = -1
+        if params.logprobs is not None:
+            self.completion.logprobs = []
+
+    @property
+    def pos(self) -> int:
+        """Position of the next token to feed (the last sampled one)."""
+        return len(self.request.prompt_ids) + len(self.completion.token_ids) - 1
+
+    def append(self, token: int, logprob: TokenLogprob | None) -> Delta:
+        """Take a sampled token: check stop tokens, stop strings and length; return the text to emit."""
+        c, params, req = self.completion, self.request.params, self.request
+        c.token_ids.append(token)
+        if logprob is not None:
+            c.logprobs.append(logprob)
+        if token in req.stop_ids:
+            c.finish_reason = "stop"
+        else:
+            self.full_text += self.decoder.push(token)
+        if c.finish_reason is None and (len(c.token_ids) >= req.max_tokens):
+            c.finish_reason = "length"
+        if c.finish_reason is not None:
+            self.full_text += self.decoder.flush()
+        hold = 0
+        if params.stop_strings:
+            longest = max(map(len, params.stop_strings))
+            window = self.full_text[max(0, self.emitted - longest):]
+            hits = [i for i in (window.find(s) for s in params.stop_strings) if i >= 0]
+            if hits:
+                self.full_text = self.full_text[:max(0, self.emitted - longest) + min(hits)]
+                c.finish_reason = "stop"
+            else:
+                hold = longest - 1  # the tail might be the start of a stop string
+        end = len(self.full_text) if c.finish_reason else max(self.emitted, len(self.full_text) - hold)
+        text = self.full_text[self.emitted:end]
+        self.emitted = end
+        c.text = self.full_text[:end]
+        return Delta(req.output, self.index, text, [token], c.finish_reason is not None)
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
+                 max_tokens: int):
+        self.id, self.prompt_ids, self.params, self.tokenizer = request_id, prompt_ids, params, tokenizer
+        self.max_tokens = max_tokens
+        self.stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else tokenizer.stop_ids)
+        self.output = RequestOutput(request_id, prompt_ids, [Completion(i) for i in range(params.n)],
+                                    arrival=time.perf_counter())
+        self.sequences = [Sequence(self, i) for i in range(params.n)]
+        self.prompt_tensor = torch.tensor(prompt_ids)
+
+
+class Engine:
+    """Continuous batching for one model: `add` requests, call `step` until `has_work` is false."""
+
+    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 16, max_seq_len: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        context = model.config.max_position_embeddings
+        self.max_seq_len = min(max_seq_len or context, context)
+        self.max_batch_size = max_batch_size
+        self.cache = None
+        self.waiting: deque[Request] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.device = model.model.embed_tokens.weight.device
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def add(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> RequestOutput:
+        """Queue a request (a string, or token ids); refused before any work if it cannot fit the context."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise LLMasOSError("the prompt is empty (no tokens)")
+        vocab = self.model.config.vocab_size
+        if not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+            raise LLMasOSError(f"prompt token ids must be integers in [0, {vocab})")
+        if params.n > self.max_batch_size:
+            raise LLMasOSError(f"n={params.n} is more than the engine's max batch size {self.max_batch_size}")
+        room = self.max_seq_len - len(ids)
+        if room < 1:
+            raise LLMasOSError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}, "
+                               "leaving no room to generate")
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if max_tokens > room:
+            raise LLMasOSError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                               f"context of {self.max_seq_len} tokens; lower max_tokens to at most {room}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise LLMasOSError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, ids, params, self.tokenizer, max_tokens)
+        self.requests[request_id] = req
+        self.waiting.append(req)
+        return req.output
+
+    @torch.inference_mode()  # the cache holds inference tensors; moving rows must happen in the same mode
+    def abort(self, request_id: str) -> None:
+        """Cancel a request, waiting or running; its rows are free for the next step."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        for seq in req.sequences:
+            if seq.completion.finish_reason is None:
+                seq.completion.finish_reason = "abort"
+        self._release([s for s in self.running if s.request is req])
+        self._finish_request(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Delta]:
+        """Admit what fits, then one decode step for every running sequence."""
+        deltas: list[Delta] = []
+        while self.waiting and len(self.running) + self.waiting[0].params.n <= self.max_batch_size:
+            deltas += self._prefill(self.waiting.popleft())
+        if self.running:
+            deltas += self._decode()
+        return deltas
+
+    def _ensure_cache(self, rows: int) -> None:
+        if self.cache is None or self.cache.rows < rows:
+            old = self.cache
+            self.cache = self.model.new_cache(max(rows, self.max_batch_size if old else rows), self.max_seq_len)
+            if old is not None:
+                for new, prev in zip(self.cache.k + self.cache.v, old.k + old.v):
+                    new[:prev.shape[0]] = prev
+
+    def _prefill(self, req: Request) -> list[Delta]:
+        n = req.params.n
+        row = len(self.running)
+        self._ensure_cache(row + n)
+        ids = req.prompt_tensor.to(self.device)[None]
+        logits = self.model(ids, cache=self.cache, cache_row=row, logits_at=torch.tensor([ids.shape[1] - 1]))
+        for i in range(1, n):
+            self.cache.copy_row(row, row + i, ids.shape[1])
+        for seq in req.sequences:
+            seq.row = len(self.running)
+            self.running.append(seq)
+        req.output.first_token_at = time.perf_counter()
+        return self._sample(logits[:, -1].float().expand(n, -1), req.sequences)
+
+    def _decode(self) -> list[Delta]:
+        seqs = self.running
+        tokens = torch.tensor([[s.completion.token_ids[-1]] for s in seqs], device=self.device)
+        positions = [s.pos for s in seqs]
+        same = all(p == positions[0] for p in positions)
+        pos = torch.tensor([positions[0]] if same else [[p] for p in positions], device=self.device)
+        logits = self.model(tokens, pos, self.cache)
+        return self._sample(logits[:, -1].float(), list(seqs))
+
+    def _sample(self, logits: Tensor, seqs: list[Sequence]) -> list[Delta]:
+        params = [s.request.params for s in seqs]
+        if any(p.penalized for p in params):
+            logits = logits.clone()
+            for i, (s, p) in enumerate(zip(seqs, params)):
+                if p.penalized:
+                    out = torch.tensor(s.completion.token_ids, dtype=torch.long)
+                    apply_penalties(logits[i], p, s.request.prompt_tensor, out)
+        chosen = torch.empty(len(seqs), dtype=torch.long)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if greedy:
+            chosen[greedy] = logits[greedy].argmax(-1).cpu()
+        if sampled:
+            sub = [params[i] for i in sampled]
+            filtered = filter_logits(
+                logits[sampled],
+                torch.tensor([p.temperature for p in sub], device=logits.device),
+                torch.tensor([p.top_k for p in sub], device=logits.device),
+                torch.tensor([p.top_p for p in sub], device=logits.device),
+                torch.tensor([p.min_p for p in sub], device=logits.device))
+            chosen[sampled] = draw(filtered.cpu(), [seqs[i].generator for i in sampled])
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if want:
+            lp = logits[want].log_softmax(-1).cpu()
+            for j, i in enumerate(want):
+                k = params[i].logprobs
+                top = lp[j].topk(k) if k else None
+                alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+                logprobs[i] = TokenLogprob(int(chosen[i]), float(lp[j, chosen[i]]), alts)
+        deltas = [s.append(t, lp) for s, t, lp in zip(seqs, chosen.tolist(), logprobs)]
+        done = [s for s in seqs if s.completion.finish_reason is not None]
+        if done:
+            self._release(done)
+            for req in {s.request for s in done}:
+                if all(c.finish_reason for c in req.output.outputs):
+                    self._finish_request(req)
+        return deltas
+
+    def _release(self, seqs: list[Sequence]) -> None:
+        """Take sequences out of the running set, moving the last rows into the holes they leave."""
+        for seq in sorted((s for s in seqs if s.row >= 0), key=lambda s: -s.row):
+            last = self.running[-1]
+            if last is not seq:
+                self.cache.copy_row(last.row, seq.row, last.pos + 1)
+                self.running[seq.row] = last
+                last.row = seq.row
+            self.running.pop()
+            seq.row = -1
+
+    def _finish_request(self, req: Request) -> None:
+        req.output.finished = True
+        req.output.finished_at = time.perf_counter()
+        self.requests.pop(req.id, None)
+
+    def run(self, outputs: list[RequestOutput], progress: bool = False) -> list[RequestOutput]:
+        """Step until every one of `outputs` is finished (other requests advance too)."""
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(outputs), desc="generating", unit="req", leave=False)
+        while not all(o.finished for o in outputs):
+            self.step()
+            if bar is not None:
+                bar.n = sum(o.finished for o in outputs)
+                bar.refresh()
+        if bar is not None:
+            bar.close()
+        return outputs

@@ -1,0 +1,93 @@
+"""`LLM`: the Python API. A model, its tokenizer and one engine that every call runs on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from llmasos.errors import LLMasOSError
+from llmasos.inference.engine import Engine, RequestOutput
+from llmasos.inference.sampling import SamplingParams
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, stored: str, device: str) -> torch.dtype:
+    """"auto" (or None) keeps the checkpoint's dtype, except fp16 on a CPU, which becomes bf16
+    (this CPU has no fast fp16 matmul)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        dtype = stored
+    if dtype not in DTYPES:
+        raise LLMasOSError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    chosen = DTYPES[dtype]
+    if chosen == torch.float16 and torch.device(device).type == "cpu":
+        chosen = torch.bfloat16
+    return chosen
+
+
+class LLM:
+    """Load once, then `generate`, `stream` or `chat`. `.model` is the nn.Module, `.tokenizer` the tokenizer."""
+
+    def __init__(self, model, tokenizer, path: Path | None = None, max_batch_size: int = 16,
+                 max_seq_len: int | None = None):
+        self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
+             quantize: str | None = None, compile: bool = False, max_batch_size: int = 16,
+             max_seq_len: int | None = None, progress: bool = False) -> "LLM":
+        """A stored model's name or a model dir. quantize: None, "int8" or "int4" (weight-only)."""
+        from llmasos.checkpoints.load import load_model, open_checkpoint
+        from llmasos.checkpoints.store import resolve
+        from llmasos.tokenization import Tokenizer
+
+        path = resolve(name_or_path)
+        config, _ = open_checkpoint(path)
+        model = load_model(path, dtype=resolve_dtype(dtype, config.dtype, device), device=device, progress=progress)
+        if quantize is not None:
+            from llmasos.models.quantize import quantize_model
+
+            quantize_model(model, quantize)
+        if compile:
+            from llmasos.inference.compiled import compile_decode
+
+            compile_decode(model)
+        return cls(model, Tokenizer(path), path, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def generate(self, prompts: str | list[str] | list[list[int]] | list[int],
+                 params: SamplingParams | None = None, progress: bool = False) -> list[RequestOutput]:
+        """One output per prompt, in order. A prompt is a string or a list of token ids."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        outputs = [self.engine.add(p, params) for p in prompts]
+        return self.engine.run(outputs, progress=progress)
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of the (first) sample as they are decoded. Closing the iterator cancels the request."""
+        output = self.engine.add(prompt, params or SamplingParams())
+        try:
+            while not output.finished:
+                for delta in self.engine.step():
+                    if delta.request is output and delta.index == 0 and delta.text:
+                        yield delta.text
+        finally:
+            if not output.finished:
+                self.engine.abort(output.request_id)
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
+        """Answer a conversation rendered with the model's chat template."""
+        return self.generate([self.chat_prompt(messages)], params)[0]
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

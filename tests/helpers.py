@@ -1,0 +1,88 @@
+"""Test helpers: tiny tokenizers and random-weight models built on the spot (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "Once upon a time, in a land far away, there lived a small language model.",
+    "Café, naïve, façade — déjà vu. Ünïcödé and emoji 🦙🔥 and 漢字 and Ελληνικά.",
+    "import os\nimport sys\n\nclass Model:\n    def __init__(self):\n        self.x = 1\n",
+    "Numbers 12345 and symbols !@#$%^&*() [brackets] {braces} <angles>.",
+] * 20
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{ message['content'] | trim }}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+def write_bpe_tokenizer(out: Path, vocab_size: int = 400, chat_template: str | None = CHATML_TEMPLATE) -> Path:
+    """A byte-level BPE `tokenizer.json` like Llama 3's, with its special tokens and a BOS post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+           "eos_token": "<|end_of_text|>", "model_max_length": 256, "clean_up_tokenization_spaces": False}
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def write_sp_tokenizer(out: Path, vocab_size: int = 500) -> Path:
+    """A SentencePiece BPE `tokenizer.model` trained as Llama 2's was (byte fallback, no normalisation)."""
+    import io
+
+    import sentencepiece as spm
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   split_digits=True, allow_whitespace_only_pieces=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+           "add_bos_token": True, "add_eos_token": False, "legacy": False, "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+TINY = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256)
+
+
+def make_hf_model(out: Path, family: str = "llama", seed: int = 0, **overrides):
+    """A random-weight transformers model saved as an HF dir (fp32); returns (dir, model)."""
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[family])
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**TINY, **overrides})).eval()
+    with torch.no_grad():  # transformers zero-initialises some tensors (biases); make every value count
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.1)
+    model.save_pretrained(out)
+    return out, model

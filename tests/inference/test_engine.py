@@ -1,0 +1,153 @@
+"""The engine against transformers' generate, and continuous batching against single runs."""
+
+import pytest
+import torch
+
+from llmasos import LLM, SamplingParams
+from llmasos.errors import LLMasOSError
+
+GREEDY = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+PROMPTS = [[1, 5, 9, 33], [7, 8, 100, 200, 300, 12, 13, 14, 15, 16, 17], [42], [3, 4, 5, 6, 7, 8]]
+
+
+def reference(ref, prompt, n=64, **kw):
+    """transformers' greedy tokens, never stopping early (as ignore_eos=True)."""
+    ref.generation_config.eos_token_id = None
+    out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, **kw)
+    assert out.shape[1] == len(prompt) + n
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_equals_transformers_for_one_prompt(llm, tiny):
+    assert llm.generate([PROMPTS[1]], GREEDY)[0].token_ids == reference(tiny[1], PROMPTS[1])
+
+
+def test_greedy_batch_of_mixed_lengths_equals_transformers(llm, tiny):
+    outs = llm.generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == reference(tiny[1], prompt)
+        assert out.finish_reason == "length" and len(out.token_ids) == 64
+
+
+def test_repetition_penalty_equals_transformers(llm, tiny):
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, repetition_penalty=1.5)
+    assert llm.generate([PROMPTS[0]], params)[0].token_ids == reference(tiny[1], PROMPTS[0], 32,
+                                                                        repetition_penalty=1.5)
+
+
+def test_continuous_batching_requests_arriving_at_different_steps(llm):
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = [[(7 * i + j) % 390 + 5 for j in range(3 + i)] for i in range(10)]
+    alone = [llm.generate([p], params)[0].token_ids for p in prompts]
+    engine = llm.engine
+    outputs, arrivals = [], {0: [0, 1], 2: [2], 3: [3, 4, 5], 7: [6], 11: [7, 8], 20: [9]}
+    step = 0
+    while len(outputs) < len(prompts) or engine.has_work():
+        for i in arrivals.get(step, []):
+            outputs.append(engine.add(prompts[i], params))
+        engine.step()
+        step += 1
+    assert [o.token_ids for o in outputs] == alone
+
+
+def test_abort_frees_the_row_and_leaves_the_others_exact(llm):
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    alone = [llm.generate([p], params)[0].token_ids for p in PROMPTS]
+    outs = [llm.engine.add(p, params) for p in PROMPTS]
+    for _ in range(5):
+        llm.engine.step()
+    llm.engine.abort(outs[1].request_id)
+    assert outs[1].finished and outs[1].finish_reason == "abort" and llm.engine.num_running == 3
+    llm.engine.run([outs[i] for i in (0, 2, 3)])
+    assert [outs[i].token_ids for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
+    assert not llm.engine.has_work()
+
+
+def test_small_batch_capacity_queues_the_rest(tiny):
+    small = LLM.load(tiny[0], max_batch_size=2)
+    outs = [small.engine.add(p, GREEDY) for p in PROMPTS]
+    small.engine.step()
+    assert small.engine.num_running == 2 and small.engine.num_waiting == 2
+    small.engine.run(outs)
+    big = LLM.load(tiny[0]).generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in big]
+
+
+def test_seed_reproduces_and_is_independent_of_the_batch(llm):
+    params = SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=1234)
+    first = llm.generate([PROMPTS[0]], params)[0].token_ids
+    batched = llm.generate([PROMPTS[2], PROMPTS[0], PROMPTS[1]], params)[1].token_ids
+    assert first == batched
+    other = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=30, temperature=1.0, seed=99))[0].token_ids
+    assert other != first
+
+
+def test_n_samples(llm):
+    outs = llm.generate([PROMPTS[0]], SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=7))
+    samples = [c.token_ids for c in outs[0].outputs]
+    assert len(samples) == 3 and len({tuple(s) for s in samples}) > 1
+    greedy = llm.generate([PROMPTS[0]], SamplingParams(n=2, max_tokens=12, temperature=0, ignore_eos=True))
+    assert greedy[0].outputs[0].token_ids == greedy[0].outputs[1].token_ids
+
+
+def test_stop_token_ids_end_the_sample(llm):
+    base = llm.generate([PROMPTS[1]], GREEDY)[0].token_ids
+    stop = base[5]
+    cut = base.index(stop)
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True,
+                                                    stop_token_ids=[stop]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == base[:cut + 1]
+
+
+def test_stop_string_is_cut_from_text_and_stream(llm):
+    prompt = "Once upon a time"
+    base = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0].text
+    stop = base[10:13]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop, "never-there"])
+    out = llm.generate([prompt], params)[0]
+    assert out.finish_reason == "stop" and out.text == base[:base.index(stop)]
+    assert "".join(llm.stream(prompt, params)) == out.text
+
+
+def test_streamed_deltas_concatenate_to_the_final_text(llm):
+    params = SamplingParams(max_tokens=48, temperature=0.9, seed=3)
+    deltas = list(llm.stream("Ünïcödé 🦙 and", params))
+    assert "".join(deltas) == llm.generate(["Ünïcödé 🦙 and"], params)[0].text
+    assert len(deltas) > 1
+
+
+def test_logprobs_of_the_chosen_tokens(llm, tiny):
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=3)
+    out = llm.generate([PROMPTS[0]], params)[0]
+    seq = torch.tensor([PROMPTS[0] + out.token_ids])
+    with torch.no_grad():
+        ref = tiny[1](seq).logits[0, len(PROMPTS[0]) - 1:-1].log_softmax(-1)
+    for step, lp in enumerate(out.outputs[0].logprobs):
+        assert lp.token_id == out.token_ids[step] == lp.top[0][0]
+        assert lp.logprob == pytest.approx(float(ref[step, lp.token_id]), abs=1e-4)
+        assert len(lp.top) == 3 and lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+
+
+def test_prompt_plus_max_tokens_beyond_the_context_is_refused_before_any_work(llm):
+    with pytest.raises(LLMasOSError, match=r"prompt \(100 tokens\) plus max_tokens \(64\) exceeds the context of "
+                                           r"128 tokens; lower max_tokens to at most 28"):
+        llm.generate([[5] * 100], GREEDY)
+    with pytest.raises(LLMasOSError, match="leaving no room"):
+        llm.generate([[5] * 128], GREEDY)
+    assert not llm.engine.has_work()
+
+
+def test_eos_stops_by_default(llm):
+    eos = llm.tokenizer.eos_id
+    base = llm.generate([PROMPTS[3]], GREEDY)[0].token_ids
+    # Make EOS the greedy choice by asking to stop on the first generated token's id as if it were EOS.
+    out = llm.generate([PROMPTS[3]], SamplingParams(max_tokens=64, temperature=0, stop_token_ids=[base[0]]))[0]
+    assert out.token_ids == [base[0]] and out.finish_reason == "stop" and out.text == ""
+    assert eos in llm.tokenizer.stop_ids
+
+
+@pytest.mark.parametrize("field, value", [("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("max_tokens", 0),
+                                          ("n", 0), ("min_p", 2)])
+def test_bad_sampling_params_are_named(field, value):
+    with pytest.raises(LLMasOSError, match=f"SamplingParams.{field}="):
+        SamplingParams(**{field: value})
