@@ -119,6 +119,102 @@ def cmd_info(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def _load_llm(args: argparse.Namespace, max_batch_size: int = 16):
+    from llmasos import LLM
+
+    return LLM.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                    compile=args.compile, max_batch_size=max_batch_size, progress=True)
+
+
+def _sampling(args: argparse.Namespace, **overrides):
+    from llmasos import SamplingParams
+
+    values = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, seed=args.seed, stop=args.stop or None)
+    return SamplingParams(**{**values, **overrides})
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import json
+    import time
+
+    llm = _load_llm(args)
+    params = _sampling(args)
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    t0 = time.perf_counter()
+    if args.json:
+        out = llm.generate([prompt], params)[0]
+        seconds = out.finished_at - out.arrival
+        decode = out.finished_at - out.first_token_at
+        print(json.dumps({
+            "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+            "prompt_tokens": len(out.prompt_token_ids), "generated_tokens": len(out.token_ids),
+            "time_to_first_token_s": round(out.first_token_at - out.arrival, 4), "total_s": round(seconds, 4),
+            "decode_tokens_per_s": round((len(out.token_ids) - 1) / decode, 2) if decode > 0 else None,
+        }, ensure_ascii=False))
+        return
+    output = llm.engine.add(prompt, params)
+    stream = sys.stdout.isatty()
+    while not output.finished:
+        for delta in llm.engine.step():
+            if stream and delta.text:
+                print(delta.text, end="", flush=True)
+    if not stream:
+        print(output.text, end="")
+    print()
+    n = len(output.token_ids)
+    print(f"[{n} tokens, {n / (time.perf_counter() - t0):.1f} tok/s, finish: {output.finish_reason}]",
+          file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    import time
+
+    llm = _load_llm(args)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"Chatting with {args.model}. /reset clears the conversation, /exit quits, Ctrl-C stops an answer.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/exit", "/quit", "/bye"):
+            return
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = llm.chat_prompt(messages)
+        context = llm.engine.max_seq_len - len(prompt)
+        if context < 1:
+            print("(the conversation no longer fits the context: /reset to start again)", file=sys.stderr)
+            messages.pop()
+            continue
+        params = _sampling(args, max_tokens=min(args.max_tokens, context))
+        output = llm.engine.add(prompt, params)
+        t0 = time.perf_counter()
+        try:
+            while not output.finished:
+                for delta in llm.engine.step():
+                    print(delta.text, end="", flush=True)
+        except KeyboardInterrupt:
+            llm.engine.abort(output.request_id)
+            print(" [stopped]", end="")
+        print()
+        messages.append({"role": "assistant", "content": output.text})
+        n = len(output.token_ids)
+        ttft = (output.first_token_at or t0) - output.arrival
+        decode = time.perf_counter() - (output.first_token_at or t0)
+        rate = (n - 1) / decode if n > 1 and decode > 0 else 0.0
+        print(f"[{n} tokens, {rate:.1f} tok/s, first token after {ttft:.2f} s, {len(prompt)} prompt tokens]",
+              file=sys.stderr)
+
+
 # ---- parser ----------------------------------------------------------------------------------------
 
 
@@ -128,6 +224,23 @@ def _verb(sub, name: str, func: Callable, help: str, examples: str) -> argparse.
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=func)
     return p
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a store name or a model dir")
+    p.add_argument("--dtype", default="auto", help="auto (as stored; fp16 becomes bf16 on CPU), float32, bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the linear layers")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
+
+
+def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    p.add_argument("--top-k", type=int, default=-1, help="sample among the k most likely (default off)")
+    p.add_argument("--seed", type=int, help="same seed, same output")
+    p.add_argument("--stop", action="append", help="stop at this string (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(sub, "info", cmd_info, "architecture, shape, parameters, dtype, size and tokenizer of a model",
               "  llmasos info my-model\n  llmasos info ./path/to/model-dir\n  llmasos info llama-3.1-8b   # a zoo shape")
     p.add_argument("model", help="a store name, a model dir, or a zoo shape name")
+
+    p = _verb(sub, "generate", cmd_generate, "complete a prompt (streams on a terminal)",
+              "  llmasos generate my-model -p 'def fibonacci(n):' --max-tokens 64 --temperature 0\n"
+              "  llmasos generate my-model -p 'Once upon a time' --seed 1 --stop '\\n\\n' --json\n"
+              "  llmasos generate my-model -p 'Hello' --quantize int8")
+    _model_options(p)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt ('-' reads it from standard input)")
+    _sampling_options(p, 128)
+    p.add_argument("--json", action="store_true", help="print text, token ids, finish reason and timing as JSON")
+
+    p = _verb(sub, "chat", cmd_chat, "talk with a model, using its chat template, streaming the answers",
+              "  llmasos chat my-model\n  llmasos chat my-model --system 'You are terse.' --temperature 0.7")
+    _model_options(p)
+    p.add_argument("--system", help="a system message at the start of the conversation")
+    _sampling_options(p, 512)
     return parser
 
 

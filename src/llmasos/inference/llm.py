@@ -41,8 +41,10 @@ class LLM:
     @classmethod
     def load(cls, name_or_path: str | Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
              quantize: str | None = None, compile: bool = False, max_batch_size: int = 16,
-             max_seq_len: int | None = None, progress: bool = False) -> "LLM":
-        """A stored model's name or a model dir. quantize: None, "int8" or "int4" (weight-only)."""
+             max_seq_len: int | None = None, progress: bool = False, kernels: bool = True) -> "LLM":
+        """A stored model's name or a model dir. quantize: None, "int8" or "int4" (weight-only).
+
+        kernels: on a CPU, decode one sequence with the hand-written GEMV kernels (`llmasos.kernels`)."""
         from llmasos.checkpoints.load import load_model, open_checkpoint
         from llmasos.checkpoints.store import resolve
         from llmasos.tokenization import Tokenizer
@@ -54,10 +56,12 @@ class LLM:
             from llmasos.models.quantize import quantize_model
 
             quantize_model(model, quantize)
-        if compile:
-            from llmasos.inference.compiled import compile_decode
+        if kernels and torch.device(device).type == "cpu":
+            from llmasos.kernels import use_gemv_kernels
 
-            compile_decode(model)
+            use_gemv_kernels(model)
+        if compile:
+            model.compile_decode()
         return cls(model, Tokenizer(path), path, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
 
     @property
