@@ -11,21 +11,28 @@ from pathlib import Path
 CACHE = Path(os.environ.get("LLMASOS_BENCH_CACHE", Path(__file__).resolve().parent.parent / "bench-results" / "cache"))
 
 
+# The ~110M shape of the reference measurements (not a published model).
+SMALL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+             max_position_embeddings=2048)
+
+
 def random_checkpoint(shape: str, dtype: str = "bfloat16") -> Path:
-    """An HF dir with the zoo shape `shape` and random weights (speed and memory do not depend on values)."""
+    """An HF dir with zoo shape `shape` (or "small") and random weights (speed and memory do not depend on values)."""
     out = CACHE / f"{shape}-{dtype}"
     if (out / "config.json").exists():
         return out
+    config = f"ModelConfig(**{SMALL!r})" if shape == "small" else f"zoo_config({shape!r})"
     code = f"""
 import torch
 from llmasos.checkpoints.hf import save_model
 from llmasos.checkpoints.store import atomic_dir
+from llmasos.models.config import ModelConfig
 from llmasos.models.llama import Transformer
 from llmasos.models.zoo import zoo_config
 from pathlib import Path
 torch.manual_seed(0)
 with torch.device("meta"):
-    model = Transformer(zoo_config({shape!r}))
+    model = Transformer({config})
 model.to_empty(device="cpu")
 model.to(getattr(torch, {dtype!r}))
 with torch.no_grad():
@@ -33,6 +40,15 @@ with torch.no_grad():
         p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
 with atomic_dir(Path({str(out)!r}), replace=True) as tmp:
     save_model(model, tmp)
+    # A word-level tokenizer over the whole vocabulary: decoding costs what a real one costs, roughly.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {{f"w{{i}}": i for i in range(model.config.vocab_size)}}
+    vocab["<s>"], vocab["</s>"] = 1, 2
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    tok.save(str(tmp / "tokenizer.json"))
+    (tmp / "tokenizer_config.json").write_text('{{"bos_token": "<s>", "eos_token": "</s>"}}')
 """
     subprocess.run([sys.executable, "-c", code], check=True)
     return out
