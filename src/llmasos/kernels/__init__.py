@@ -1,5 +1,5 @@
 """Hand-written CPU kernels, compiled on first use with the machine's compiler (cached afterwards),
-and `use_gemv_kernels`, which points a model's linear layers at them for batch-1 decoding.
+and `use_gemv_kernels`, which points a model's linear layers at them for decoding.
 
 `gemv()` returns None where the kernels cannot be had (no AVX2/FMA, no compiler, not x86, or
 LLMASOS_KERNELS=0); everything then runs on stock PyTorch.
@@ -52,10 +52,24 @@ def gemv():
 _EMPTY = torch.empty(0)
 
 
-def single_row_gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor | None:
-    """`x @ weight.T * scale + bias` through the kernel when `x` is one row on the CPU (decoding one
-    sequence, no autograd); None otherwise, and the caller takes its usual path."""
-    if x.numel() != weight.shape[1] or x.device.type != "cpu" or torch.is_grad_enabled():
+@lru_cache(maxsize=None)
+def max_rows(dtype: torch.dtype) -> int:
+    """Up to how many input rows the kernel beats PyTorch's matmul for weights of `dtype`.
+
+    Decoding (a few rows) is memory-bound and the kernel wins. With more rows a matmul is compute-bound:
+    oneDNN wins in fp32, and in bf16 on CPUs with native bf16 dot products (AVX512_BF16, AMX); without
+    them PyTorch emulates bf16 matmuls slowly and the kernel (bf16 widened to fp32 in registers) wins at
+    any size, prefill included."""
+    if dtype == torch.bfloat16 and not ({"avx512_bf16", "amx_bf16"} & _cpu_flags()):
+        return 1 << 30
+    return 16
+
+
+def small_batch_gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor | None:
+    """`x @ weight.T * scale + bias` through the kernel where it is the faster path (CPU, no autograd,
+    few enough rows); None otherwise, and the caller takes its usual path."""
+    rows = x.numel() // weight.shape[1]
+    if x.device.type != "cpu" or torch.is_grad_enabled() or rows > max_rows(weight.dtype):
         return None
     kernel = gemv()
     if kernel is None:
@@ -66,10 +80,10 @@ def single_row_gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tenso
 
 
 class GemvLinear(nn.Linear):
-    """An `nn.Linear` whose single-row products (decoding one sequence) run on the GEMV kernel."""
+    """An `nn.Linear` whose small-batch products (decoding) run on the kernel; see `max_rows`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        y = single_row_gemv(x, self.weight, None, self.bias)
+        y = small_batch_gemv(x, self.weight, None, self.bias)
         return F.linear(x, self.weight, self.bias) if y is None else y
 
 

@@ -1,4 +1,4 @@
-// Batch-1 matrix-vector products for decoding on CPUs with AVX2 + FMA.
+// Small-batch matrix products (decoding 1 to ~16 sequences) on CPUs with AVX2 + FMA.
 //
 // Decode streams every weight once per token, so its speed is memory bandwidth. PyTorch's
 // stock GEMV paths reach about half of it on small matrices (call overhead, packing); these
@@ -38,80 +38,123 @@ inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(float v) { return v; }
 inline float to_float(int8_t v) { return static_cast<float>(v); }
 
-// y[n] = scale[n] * dot(W[n, :], x) + bias[n] for rows [begin, end); four rows at a time share each x load.
-// xs is x in the kernel's order (see kEvenOdd) for the first K16 elements, plain after.
-template <typename W, typename B, typename Y>
-void rows_dot(const W* w, const float* xs, const float* x, int64_t K, int64_t begin, int64_t end,
-              const float* scale, const B* bias, Y* y) {
-  const int64_t K16 = K - K % 16;
-  int64_t n = begin;
-  auto finish = [&](int64_t row, float s) {
-    const W* r = w + row * K;
-    for (int64_t k = K16; k < K; ++k) s += to_float(r[k]) * x[k];
-    y[row] = static_cast<Y>(s * (scale ? scale[row] : 1.0f) + (bias ? static_cast<float>(bias[row]) : 0.0f));
-  };
-  for (; n + 4 <= end; n += 4) {
-    const W* r0 = w + n * K; const W* r1 = r0 + K; const W* r2 = r1 + K; const W* r3 = r2 + K;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    __m256 lo, hi;
-    for (int64_t k = 0; k < K16; k += 16) {
-      __m256 x0 = _mm256_loadu_ps(xs + k), x1 = _mm256_loadu_ps(xs + k + 8);
-      load16(r0 + k, lo, hi); a0 = _mm256_fmadd_ps(lo, x0, a0); b0 = _mm256_fmadd_ps(hi, x1, b0);
-      load16(r1 + k, lo, hi); a1 = _mm256_fmadd_ps(lo, x0, a1); b1 = _mm256_fmadd_ps(hi, x1, b1);
-      load16(r2 + k, lo, hi); a2 = _mm256_fmadd_ps(lo, x0, a2); b2 = _mm256_fmadd_ps(hi, x1, b2);
-      load16(r3 + k, lo, hi); a3 = _mm256_fmadd_ps(lo, x0, a3); b3 = _mm256_fmadd_ps(hi, x1, b3);
+// A block of R weight rows times MX input rows: out[r][m] = dot(W[r, :K16], x[m, :K16]).
+// R * MX * 2 accumulators stay in registers; each converted weight vector serves MX inputs.
+template <int R, int MX, typename W>
+inline void block_dot(const W* w, int64_t K, int64_t K16, const float* xs, int64_t ldx, float out[R][MX]) {
+  __m256 acc[R][MX][2];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K16; k += 16) {
+    __m256 lo[R], hi[R];
+    for (int r = 0; r < R; ++r) load16(w + r * K + k, lo[r], hi[r]);
+    for (int m = 0; m < MX; ++m) {
+      const __m256 x0 = _mm256_loadu_ps(xs + m * ldx + k), x1 = _mm256_loadu_ps(xs + m * ldx + k + 8);
+      for (int r = 0; r < R; ++r) {
+        acc[r][m][0] = _mm256_fmadd_ps(lo[r], x0, acc[r][m][0]);
+        acc[r][m][1] = _mm256_fmadd_ps(hi[r], x1, acc[r][m][1]);
+      }
     }
-    finish(n, hsum(_mm256_add_ps(a0, b0)));
-    finish(n + 1, hsum(_mm256_add_ps(a1, b1)));
-    finish(n + 2, hsum(_mm256_add_ps(a2, b2)));
-    finish(n + 3, hsum(_mm256_add_ps(a3, b3)));
   }
-  for (; n < end; ++n) {
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) out[r][m] = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
+}
+
+// y[m, n] = scale[n] * dot(W[n, :], x[m, :]) + bias[n] for weight rows [begin, end) and all M inputs.
+// xs holds x in the kernel's order (see kEvenOdd) for the first K16 columns; xf holds it plainly.
+template <typename W, typename B, typename Y>
+void rows_dot(const W* w, const float* xs, const float* xf, int64_t M, int64_t K, int64_t begin, int64_t end,
+              const float* scale, const B* bias, Y* y, int64_t N) {
+  const int64_t K16 = K - K % 16;
+  auto store = [&](int64_t n, int64_t m, float s) {
     const W* r = w + n * K;
-    __m256 a = _mm256_setzero_ps(), b = a, lo, hi;
-    for (int64_t k = 0; k < K16; k += 16) {
-      load16(r + k, lo, hi);
-      a = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xs + k), a);
-      b = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xs + k + 8), b);
+    for (int64_t k = K16; k < K; ++k) s += to_float(r[k]) * xf[m * K + k];
+    y[m * N + n] = static_cast<Y>(s * (scale ? scale[n] : 1.0f) + (bias ? static_cast<float>(bias[n]) : 0.0f));
+  };
+  if (M == 1) {  // decoding one sequence: four weight rows share each x load
+    int64_t n = begin;
+    for (; n + 4 <= end; n += 4) {
+      float out[4][1];
+      block_dot<4, 1>(w + n * K, K, K16, xs, K, out);
+      for (int r = 0; r < 4; ++r) store(n + r, 0, out[r][0]);
     }
-    finish(n, hsum(_mm256_add_ps(a, b)));
+    for (; n < end; ++n) {
+      float out[1][1];
+      block_dot<1, 1>(w + n * K, K, K16, xs, K, out);
+      store(n, 0, out[0][0]);
+    }
+    return;
+  }
+  // Several sequences: each pair of weight rows is read from memory once and reused from L1 for every input pair.
+  int64_t n = begin;
+  for (; n < end; n += 2) {
+    const bool two = n + 1 < end;
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) {
+      float out[2][2];
+      if (two) {
+        block_dot<2, 2>(w + n * K, K, K16, xs + m * K, K, out);
+        store(n + 1, m, out[1][0]); store(n + 1, m + 1, out[1][1]);
+      } else {
+        float o[1][2];
+        block_dot<1, 2>(w + n * K, K, K16, xs + m * K, K, o);
+        out[0][0] = o[0][0]; out[0][1] = o[0][1];
+      }
+      store(n, m, out[0][0]); store(n, m + 1, out[0][1]);
+    }
+    if (m < M) {
+      float out[2][1];
+      if (two) {
+        block_dot<2, 1>(w + n * K, K, K16, xs + m * K, K, out);
+        store(n + 1, m, out[1][0]);
+      } else {
+        float o[1][1];
+        block_dot<1, 1>(w + n * K, K, K16, xs + m * K, K, o);
+        out[0][0] = o[0][0];
+      }
+      store(n, m, out[0][0]);
+    }
   }
 }
 
 template <typename W, typename X>
 torch::Tensor gemv_typed(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                          const torch::Tensor& bias) {
-  const int64_t N = w.size(0), K = w.size(1), K16 = K - K % 16;
+  const int64_t N = w.size(0), K = w.size(1), K16 = K - K % 16, M = x.numel() / K;
   const X* xp = x.data_ptr<X>();
-  std::vector<float> xf(K), xs(K);
-  for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(xp[k]);
-  if (kEvenOdd<W>) {
-    for (int64_t c = 0; c < K16; c += 16)
-      for (int i = 0; i < 8; ++i) { xs[c + i] = xf[c + 2 * i]; xs[c + 8 + i] = xf[c + 2 * i + 1]; }
-    for (int64_t k = K16; k < K; ++k) xs[k] = xf[k];
-  } else {
-    xs = xf;
+  std::vector<float> xf(M * K), xs(M * K);
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(xp[i]);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = xf.data() + m * K;
+    float* dst = xs.data() + m * K;
+    if (kEvenOdd<W>) {
+      for (int64_t c = 0; c < K16; c += 16)
+        for (int i = 0; i < 8; ++i) { dst[c + i] = src[c + 2 * i]; dst[c + 8 + i] = src[c + 2 * i + 1]; }
+      for (int64_t k = K16; k < K; ++k) dst[k] = src[k];
+    } else {
+      std::copy(src, src + K, dst);
+    }
   }
-  auto y = torch::empty({N}, x.options());
+  auto y = torch::empty({M, N}, x.options());
   const float* sp = scale.numel() ? scale.data_ptr<float>() : nullptr;
   const X* bp = bias.numel() ? bias.data_ptr<X>() : nullptr;
   const W* wp = w.data_ptr<W>();
   X* yp = y.data_ptr<X>();
-  // Blocks of 64 rows keep both threads streaming; small matrices run on one thread.
-  const int64_t grain = N * K < (1 << 18) ? N : 64;
+  // Blocks of 64 rows keep both threads streaming; small products run on one thread.
+  const int64_t grain = N * K * M < (1 << 18) ? N : 64;
   at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
-    rows_dot<W, X, X>(wp, xs.data(), xf.data(), K, b, e, sp, bp, yp);
+    rows_dot<W, X, X>(wp, xs.data(), xf.data(), M, K, b, e, sp, bp, yp, N);
   });
   return y;
 }
 
 }  // namespace
 
-// x: [K] fp32 or bf16, w: [N, K] bf16/fp32/int8 contiguous, scale: [N] fp32 or empty (int8 only),
-// bias: [N] in x's dtype or empty. Returns [N] in x's dtype.
+// x: [M, K] fp32 or bf16 (a few rows: decoding M sequences), w: [N, K] bf16/fp32/int8 contiguous,
+// scale: [N] fp32 or empty, bias: [N] in x's dtype or empty. Returns [M, N] in x's dtype.
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor bias) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "w must be a contiguous [N, K] matrix");
-  TORCH_CHECK(x.numel() == w.size(1) && x.is_contiguous(), "x must be contiguous with as many elements as w has columns");
+  TORCH_CHECK(x.is_contiguous() && x.numel() % w.size(1) == 0, "x must be contiguous [M, K] with K = w's columns");
   TORCH_CHECK(!scale.numel() || scale.scalar_type() == torch::kFloat32, "scale must be fp32");
   TORCH_CHECK(!bias.numel() || bias.scalar_type() == x.scalar_type(), "bias must have x's dtype");
   const bool bf = x.scalar_type() == torch::kBFloat16;
@@ -128,4 +171,4 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch:
   }
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv", &gemv, "batch-1 GEMV with fp32 accumulation"); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv", &gemv, "small-batch GEMV with fp32 accumulation"); }

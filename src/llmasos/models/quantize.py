@@ -47,9 +47,9 @@ class Int8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        from llmasos.kernels import single_row_gemv
+        from llmasos.kernels import small_batch_gemv
 
-        y = single_row_gemv(x, self.weight, self.scales, self.bias)
+        y = small_batch_gemv(x, self.weight, self.scales, self.bias)
         if y is not None:
             return y
         x2 = x.reshape(-1, self.in_features)
