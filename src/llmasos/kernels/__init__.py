@@ -1,7 +1,7 @@
 """Hand-written CPU kernels, compiled on first use with the machine's compiler (cached afterwards),
 and `use_gemv_kernels`, which points a model's linear layers at them for decoding.
 
-`gemv()` returns None where the kernels cannot be had (no AVX2/FMA, no compiler, not x86, or
+`kernels()` returns None where they cannot be had (no AVX2/FMA, no compiler, not x86, or
 LLMASOS_KERNELS=0); everything then runs on stock PyTorch.
 """
 
@@ -28,8 +28,8 @@ def _cpu_flags() -> set[str]:
 
 
 @lru_cache(maxsize=None)
-def gemv():
-    """The compiled `gemv(x, w, scale, bias)` function, or None."""
+def kernels():
+    """The compiled module (`gemv`, `int8_gemv`, `int4_gemv`), or None."""
     if os.environ.get("LLMASOS_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return None
     if not {"avx2", "fma"} <= _cpu_flags():
@@ -46,7 +46,7 @@ def gemv():
 
         warnings.warn(f"llmasos: CPU kernels unavailable, using stock PyTorch ({type(e).__name__}: {e})")
         return None
-    return module.gemv
+    return module
 
 
 _EMPTY = torch.empty(0)
@@ -71,12 +71,19 @@ def small_batch_gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tens
     rows = x.numel() // weight.shape[1]
     if x.device.type != "cpu" or torch.is_grad_enabled() or rows > max_rows(weight.dtype):
         return None
-    kernel = gemv()
-    if kernel is None:
+    module = kernels()
+    if module is None:
         return None
-    y = kernel(x.contiguous(), weight, _EMPTY if scale is None else scale,
-               _EMPTY if bias is None else bias.to(x.dtype))
+    y = module.gemv(x.contiguous(), weight, _EMPTY if scale is None else scale,
+                    _EMPTY if bias is None else bias.to(x.dtype))
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def quantized_kernel(x: Tensor):
+    """The compiled module when `x` should take the int8/int4 kernels (CPU, no autograd, <= 16 rows)."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or x.numel() // x.shape[-1] > 16:
+        return None
+    return kernels()
 
 
 class GemvLinear(nn.Linear):
@@ -91,7 +98,7 @@ def use_gemv_kernels(model: nn.Module) -> bool:
     """Switch every CPU `nn.Linear` of `model` to `GemvLinear` in place (same parameters, no copy).
 
     Returns False, changing nothing, where the kernels are unavailable."""
-    if gemv() is None:
+    if kernels() is None:
         return False
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype in (

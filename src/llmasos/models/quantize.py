@@ -1,9 +1,10 @@
 """Weight-only quantization: a module swap of `nn.Linear`, not a fork of the model.
 
-int8: one scale per output channel (symmetric), run by `aten._weight_int8pack_mm`.
-int4: groups of `group_size` inputs with a scale and a zero point each (asymmetric), packed for
-`aten._weight_int4pack_mm_for_cpu`. Activations stay in the model's dtype; only weights shrink,
-which is what decode speed on a CPU depends on (it streams every weight once per token).
+int8: one scale per output channel (symmetric). int4: groups of 32 inputs with a scale and an offset
+each (asymmetric), two values a byte. Decoding runs on `llmasos.kernels` (`int8_gemv`, `int4_gemv`);
+elsewhere int8 uses `aten._weight_int8pack_mm` and int4 dequantizes. Activations stay in the model's
+dtype; only weights shrink, which is what decode speed on a CPU depends on (it streams every weight
+once per token).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from llmasos.errors import LLMasOSError
 
 METHODS = ("int8", "int4")
+_EMPTY = torch.empty(0)
 
 
 def int8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -24,17 +26,25 @@ def int8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scales
 
 
-def int4_quantize(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-    """[N, K] float -> values 0..15 as int32 [N, K], and [K / group, N, 2] (scale, zero) with
-    w ~= (q - 8) * scale + zero inside each group."""
+def int4_quantize(w: Tensor, group_size: int = 32) -> tuple[Tensor, Tensor, Tensor]:
+    """[N, K] float -> packed uint8 [N, K/2], scales and offsets [N, K/group] (fp32), with
+    w ~= q * scale + offset inside each group, q in 0..15. Within a group of 32, byte j holds q[j] in
+    its low nibble and q[j + 16] in its high one (the layout `int4_gemv` reads)."""
     n, k = w.shape
     groups = w.float().reshape(n, k // group_size, group_size)
     lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-    scales = (hi - lo).clamp(min=1e-6) / 15
-    zeros = lo + scales * 8
-    q = torch.round((groups - lo) / scales).clamp(0, 15).to(torch.int32).reshape(n, k)
-    qparams = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
-    return q, qparams
+    scales = (hi - lo).clamp(min=1e-8) / 15
+    q = torch.round((groups - lo) / scales).clamp(0, 15).to(torch.uint8)
+    half = group_size // 2
+    packed = (q[..., :half] | (q[..., half:] << 4)).reshape(n, k // 2)
+    return packed.contiguous(), scales[..., 0].contiguous(), lo[..., 0].contiguous()
+
+
+def int4_dequantize(packed: Tensor, scales: Tensor, offsets: Tensor, group_size: int = 32) -> Tensor:
+    n = packed.shape[0]
+    g = packed.view(n, -1, group_size // 2)
+    q = torch.cat([g & 0x0F, g >> 4], dim=-1).float()
+    return (q * scales[..., None] + offsets[..., None]).reshape(n, -1)
 
 
 class Int8Linear(nn.Module):
@@ -47,34 +57,48 @@ class Int8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        from llmasos.kernels import small_batch_gemv
+        from llmasos.kernels import quantized_kernel
 
-        y = small_batch_gemv(x, self.weight, self.scales, self.bias)
-        if y is not None:
-            return y
-        x2 = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(x.dtype))
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        kernel = quantized_kernel(x) if self.in_features % 16 == 0 else None
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        if kernel is not None:
+            y = kernel.int8_gemv(x2, self.weight, self.scales, self.bias if self.bias is not None else _EMPTY)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(x.dtype))
+            y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> Tensor:
-        return self.weight.float() * self.scales.float()[:, None]
+        return self.weight.float() * self.scales[:, None]
 
 
 class Int4Linear(nn.Module):
     def __init__(self, linear: nn.Linear, group_size: int = 32):
         super().__init__()
+        if group_size != 32:
+            raise LLMasOSError(f"int4 group size {group_size} is not supported (32 is)")
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
-        q, qparams = int4_quantize(linear.weight.detach(), group_size)
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        self.register_buffer("qparams", qparams.to(linear.weight.dtype))
+        packed, scales, offsets = int4_quantize(linear.weight.detach(), group_size)
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("offsets", offsets)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.qparams.to(x.dtype))
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        from llmasos.kernels import quantized_kernel
+
+        kernel = quantized_kernel(x)
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        if kernel is not None:
+            y = kernel.int4_gemv(x2, self.weight, self.scales, self.offsets,
+                                 self.bias if self.bias is not None else _EMPTY)
+        else:  # many rows (a prefill) or no kernels: dequantize, then an ordinary matmul
+            w = self.dequantize().to(x.dtype)
+            y = torch.nn.functional.linear(x2, w, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> Tensor:
+        return int4_dequantize(self.weight, self.scales, self.offsets, self.group_size)
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 32, skip: tuple[str, ...] = ()) -> nn.Module:
@@ -107,5 +131,5 @@ def linear_weight_bytes(model: nn.Module) -> int:
         elif isinstance(m, Int8Linear):
             total += m.weight.numel() + m.scales.numel() * 4
         elif isinstance(m, Int4Linear):
-            total += m.weight.numel() * m.weight.element_size() + m.qparams.numel() * m.qparams.element_size()
+            total += m.weight.numel() + (m.scales.numel() + m.offsets.numel()) * 4
     return total
