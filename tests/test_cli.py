@@ -20,3 +20,42 @@ def test_every_verb_has_help_with_examples():
     for verb in VERBS:
         r = subprocess.run([sys.executable, "-m", "llmasos", verb, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "examples:" in r.stdout and f"llmasos {verb}" in r.stdout
+
+
+def _tiny_model(tmp_path):
+    from helpers import make_hf_model, write_bpe_tokenizer
+
+    path, _ = make_hf_model(tmp_path / "tiny", num_key_value_heads=2, max_position_embeddings=64)
+    write_bpe_tokenizer(path)
+    return path
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "llmasos", *args], capture_output=True, text=True, input=stdin)
+
+
+def test_generate_json_is_greedy_and_reproducible(tmp_path):
+    import json
+
+    path = _tiny_model(tmp_path)
+    args = ["generate", str(path), "-p", "Once upon a time", "--max-tokens", "6", "--temperature", "0", "--json"]
+    first, second = run(*args), run(*args)
+    assert first.returncode == 0, first.stderr
+    out = json.loads(first.stdout)
+    assert out == {**json.loads(second.stdout), "time_to_first_token_s": out["time_to_first_token_s"],
+                   "total_s": out["total_s"], "decode_tokens_per_s": out["decode_tokens_per_s"]}
+    assert out["finish_reason"] in ("stop", "length") and 1 <= out["generated_tokens"] <= 6
+    assert out["prompt_tokens"] > 1 and len(out["token_ids"]) == out["generated_tokens"]
+
+
+def test_generate_refuses_a_prompt_beyond_the_context(tmp_path):
+    r = run("generate", str(_tiny_model(tmp_path)), "-p", "word " * 40, "--max-tokens", "60")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "exceeds the context of 64 tokens; lower max_tokens to at most" in r.stderr
+
+
+def test_chat_takes_turns_resets_and_exits(tmp_path):
+    r = run("chat", str(_tiny_model(tmp_path)), "--max-tokens", "4", stdin="hello\n/reset\nhi again\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("tok/s") == 2 and "(conversation cleared)" in r.stderr
+    assert r.stdout.count(">>> ") == 3

@@ -44,7 +44,8 @@ class LLM:
              max_seq_len: int | None = None, progress: bool = False, kernels: bool = True) -> "LLM":
         """A stored model's name or a model dir. quantize: None, "int8" or "int4" (weight-only).
 
-        kernels: on a CPU, decode one sequence with the hand-written GEMV kernels (`llmasos.kernels`)."""
+        kernels: on a CPU, decode with the hand-written kernels (`llmasos.kernels`).
+        compile: torch.compile the model instead (stock PyTorch ops; the first calls compile for minutes)."""
         from llmasos.checkpoints.load import load_model, open_checkpoint
         from llmasos.checkpoints.store import resolve
         from llmasos.tokenization import Tokenizer
@@ -56,7 +57,7 @@ class LLM:
             from llmasos.models.quantize import quantize_model
 
             quantize_model(model, quantize)
-        if kernels and torch.device(device).type == "cpu":
+        if kernels and not compile and torch.device(device).type == "cpu":
             from llmasos.kernels import use_gemv_kernels
 
             use_gemv_kernels(model)

@@ -209,6 +209,10 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
         self.tie_weights()
 
+    def compile_decode(self) -> None:
+        """torch.compile the forward pass, with dynamic shapes (the attended cache grows every step)."""
+        self.forward = torch.compile(self.forward, dynamic=True)
+
     def new_cache(self, rows: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         weight = self.model.embed_tokens.weight
         return KVCache(self.config, rows, max_len or self.config.max_position_embeddings,
