@@ -49,7 +49,7 @@ def test_generate_json_is_greedy_and_reproducible(tmp_path):
 
 
 def test_generate_refuses_a_prompt_beyond_the_context(tmp_path):
-    r = run("generate", str(_tiny_model(tmp_path)), "-p", "word " * 40, "--max-tokens", "60")
+    r = run("generate", str(_tiny_model(tmp_path)), "-p", "hello there, my friend", "--max-tokens", "60")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "exceeds the context of 64 tokens; lower max_tokens to at most" in r.stderr
 
@@ -58,4 +58,4 @@ def test_chat_takes_turns_resets_and_exits(tmp_path):
     r = run("chat", str(_tiny_model(tmp_path)), "--max-tokens", "4", stdin="hello\n/reset\nhi again\n/exit\n")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("tok/s") == 2 and "(conversation cleared)" in r.stderr
-    assert r.stdout.count(">>> ") == 3
+    assert r.stdout.count(">>> ") == 4  # hello, /reset, hi again, /exit
