@@ -74,7 +74,7 @@ pre = {{}}
 if "transformers" in systems and "ours" in systems:
     model = systems["ours"].model
     def ours_prefill(ids):
-        cache = model.new_cache(1, 512)
+        cache = model.new_cache(1, 512, systems["ours"].engine.cache_dtype)
         model(ids, cache=cache, logits_at=torch.tensor([511]))
     pre = {{"ours": statistics.median(prefill(ours_prefill) for _ in range(ROUNDS)),
             "transformers": statistics.median(prefill(lambda ids: hf(ids, logits_to_keep=1)) for _ in range(ROUNDS))}}

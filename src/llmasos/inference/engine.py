@@ -225,10 +225,22 @@ class Engine:
             deltas += self._decode()
         return deltas
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The weights' dtype, except bf16 on a CPU without bf16 arithmetic: there the cache and attention
+        are fp32 (several times faster than emulated bf16, and more precise)."""
+        from llmasos.kernels import native_bf16
+
+        dtype = self.model.model.embed_tokens.weight.dtype
+        if dtype == torch.bfloat16 and self.device.type == "cpu" and not native_bf16():
+            return torch.float32
+        return dtype
+
     def _ensure_cache(self, rows: int) -> None:
         if self.cache is None or self.cache.rows < rows:
             old = self.cache
-            self.cache = self.model.new_cache(max(rows, self.max_batch_size if old else rows), self.max_seq_len)
+            self.cache = self.model.new_cache(max(rows, self.max_batch_size if old else rows), self.max_seq_len,
+                                              self.cache_dtype)
             if old is not None:
                 for new, prev in zip(self.cache.k + self.cache.v, old.k + old.v):
                     new[:prev.shape[0]] = prev
@@ -267,7 +279,9 @@ class Engine:
         chosen = torch.empty(len(seqs), dtype=torch.long)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
-        if greedy:
+        if len(greedy) == len(seqs):
+            chosen = logits.argmax(-1).cpu()
+        elif greedy:
             chosen[greedy] = logits[greedy].argmax(-1).cpu()
         if sampled:
             sub = [params[i] for i in sampled]

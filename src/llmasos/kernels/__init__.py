@@ -52,6 +52,11 @@ def kernels():
 _EMPTY = torch.empty(0)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512_BF16 or AMX); without it PyTorch emulates bf16 slowly."""
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
 @lru_cache(maxsize=None)
 def max_rows(dtype: torch.dtype) -> int:
     """Up to how many input rows the kernel beats PyTorch's matmul for weights of `dtype`.
@@ -60,7 +65,7 @@ def max_rows(dtype: torch.dtype) -> int:
     oneDNN wins in fp32, and in bf16 on CPUs with native bf16 dot products (AVX512_BF16, AMX); without
     them PyTorch emulates bf16 matmuls slowly and the kernel (bf16 widened to fp32 in registers) wins at
     any size, prefill included."""
-    if dtype == torch.bfloat16 and not ({"avx512_bf16", "amx_bf16"} & _cpu_flags()):
+    if dtype == torch.bfloat16 and not native_bf16():
         return 1 << 30
     return 16
 

@@ -116,8 +116,8 @@ class KVCache:
             vc[:, :, step.start:step.start + s] = v
         else:
             rows = torch.arange(b, device=k.device)[:, None]
-            kc[rows, :, step.input_pos] = k.transpose(1, 2)  # advanced indices first: [B, S, H, D]
-            vc[rows, :, step.input_pos] = v.transpose(1, 2)
+            kc[rows, :, step.input_pos] = k.transpose(1, 2).to(kc.dtype)  # advanced indices first: [B, S, H, D]
+            vc[rows, :, step.input_pos] = v.transpose(1, 2).to(vc.dtype)
         return kc[:, :, :step.kv_len], vc[:, :, :step.kv_len]
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
@@ -147,8 +147,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         if step.cache is not None:
             k, v = step.cache.update(self.layer, step, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        # A cache may be kept in a wider dtype than the weights (fp32 for bf16 on CPUs without bf16
+        # arithmetic, where bf16 attention is several times slower); attention then runs in its dtype.
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=step.mask, is_causal=step.causal,
+                                           enable_gqa=self.n_kv != self.n_heads).to(x.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
 
