@@ -215,6 +215,23 @@ def cmd_chat(args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from llmasos.data.sources import SourceStats, iter_documents
+    from llmasos.tokenization import Tokenizer
+    from llmasos.tokenization.train import train_bpe
+
+    stats = SourceStats()
+    docs = (d.text for d in iter_documents(args.inputs, glob=args.glob, text_field=args.text_field,
+                                           on_error=args.on_error, stats=stats))
+    out = train_bpe(docs, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    tok = Tokenizer(out)
+    skipped = f", {stats.skipped} records skipped" if stats.skipped else ""
+    print(f"trained a byte-level BPE of {tok.vocab_size} tokens on {stats.documents} documents from "
+          f"{stats.files} files{skipped}; wrote {out / 'tokenizer.json'} and {out / 'tokenizer_config.json'}")
+    for error in stats.errors:
+        print(f"  skipped {error}", file=sys.stderr)
+
+
 # ---- parser ----------------------------------------------------------------------------------------
 
 
@@ -264,6 +281,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(sub, "info", cmd_info, "architecture, shape, parameters, dtype, size and tokenizer of a model",
               "  llmasos info my-model\n  llmasos info ./path/to/model-dir\n  llmasos info llama-3.1-8b   # a zoo shape")
     p.add_argument("model", help="a store name, a model dir, or a zoo shape name")
+
+    p = _verb(sub, "tokenizer", None, "tokenizers: `llmasos tokenizer train` trains a byte-level BPE",
+              "  llmasos tokenizer train ./corpus --vocab-size 8000 --out ./my-tokenizer\n"
+              "  llmasos tokenizer train data.jsonl --text-field content --vocab-size 32000 --out ./tok")
+    tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer that transformers' AutoTokenizer loads",
+                        description="Train a byte-level BPE (Llama 3 conventions) on text files, directories, "
+                                    "JSONL or Parquet; write tokenizer.json and tokenizer_config.json.")
+    t.set_defaults(func=cmd_tokenizer_train)
+    t.add_argument("inputs", nargs="+", help="text files, directories (recursive), .jsonl or .parquet files")
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, special ones included")
+    t.add_argument("--out", required=True, help="directory to write the tokenizer into")
+    t.add_argument("--glob", default="*", help="which files to take from directories (default: all)")
+    t.add_argument("--text-field", default="text", help="the field (JSONL) or column (Parquet) with the text")
+    t.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
+    t.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                   help="a malformed record stops the run (fail) or is skipped and counted (skip)")
 
     p = _verb(sub, "generate", cmd_generate, "complete a prompt (streams on a terminal)",
               "  llmasos generate my-model -p 'def fibonacci(n):' --max-tokens 64 --temperature 0\n"

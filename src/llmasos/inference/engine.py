@@ -250,7 +250,8 @@ class Engine:
         row = len(self.running)
         self._ensure_cache(row + n)
         ids = req.prompt_tensor.to(self.device)[None]
-        logits = self.model(ids, cache=self.cache, cache_row=row, logits_at=torch.tensor([ids.shape[1] - 1]))
+        last = torch.tensor([ids.shape[1] - 1], device=self.device)
+        logits = self.model(ids, cache=self.cache, cache_row=row, logits_at=last)
         for i in range(1, n):
             self.cache.copy_row(row, row + i, ids.shape[1])
         for seq in req.sequences:
@@ -274,8 +275,8 @@ class Engine:
             logits = logits.clone()
             for i, (s, p) in enumerate(zip(seqs, params)):
                 if p.penalized:
-                    out = torch.tensor(s.completion.token_ids, dtype=torch.long)
-                    apply_penalties(logits[i], p, s.request.prompt_tensor, out)
+                    out = torch.tensor(s.completion.token_ids, dtype=torch.long, device=logits.device)
+                    apply_penalties(logits[i], p, s.request.prompt_tensor.to(logits.device), out)
         chosen = torch.empty(len(seqs), dtype=torch.long)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]

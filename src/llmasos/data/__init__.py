@@ -1,0 +1,1 @@
+"""Data tools: reading corpora (text, directories, JSONL, Parquet) with file:line errors."""
