@@ -232,6 +232,32 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
         print(f"  skipped {error}", file=sys.stderr)
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmasos.data.prepare import prepare
+
+    meta, stats, sources = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                                   workers=args.workers, glob=args.glob, text_field=args.text_field,
+                                   on_error=args.on_error)
+    table = Table(title=f"Prepared {args.out}", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for label, value in [
+        ("files read", sources.files), ("documents read", stats.documents_read),
+        ("skipped (malformed)", stats.skipped), ("empty after cleaning", stats.empty),
+        ("exact duplicates removed", stats.duplicates),
+        ("train documents / tokens", f"{stats.documents['train']:,} / {stats.tokens['train']:,}"),
+        ("val documents / tokens", f"{stats.documents['val']:,} / {stats.tokens['val']:,}"),
+        ("token dtype", meta["dtype"]), ("vocabulary", f"{meta['vocab_size']:,}"),
+    ]:
+        table.add_row(label, str(value))
+    Console().print(table)
+    for error in sources.errors:
+        print(f"  skipped {error}", file=sys.stderr)
+
+
 # ---- parser ----------------------------------------------------------------------------------------
 
 
@@ -281,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(sub, "info", cmd_info, "architecture, shape, parameters, dtype, size and tokenizer of a model",
               "  llmasos info my-model\n  llmasos info ./path/to/model-dir\n  llmasos info llama-3.1-8b   # a zoo shape")
     p.add_argument("model", help="a store name, a model dir, or a zoo shape name")
+
+    p = _verb(sub, "prepare", cmd_prepare, "clean, deduplicate, tokenize and pack a corpus into shards",
+              "  llmasos prepare ./corpus --tokenizer ./my-tokenizer --out ./data\n"
+              "  llmasos prepare a.jsonl b.parquet --text-field content --tokenizer llama2 --out ./data --workers 2")
+    p.add_argument("inputs", nargs="+", help="text files, directories (recursive), .jsonl or .parquet files")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer dir, a model dir or a stored model's name")
+    p.add_argument("--out", required=True, help="the data dir to write (replaced if it exists)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation (0.01)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--glob", default="*", help="which files to take from directories (default: all)")
+    p.add_argument("--text-field", default="text", help="the field (JSONL) or column (Parquet) with the text")
+    p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                   help="a malformed record stops the run (fail) or is skipped and counted (skip)")
 
     p = _verb(sub, "tokenizer", None, "tokenizers: `llmasos tokenizer train` trains a byte-level BPE",
               "  llmasos tokenizer train ./corpus --vocab-size 8000 --out ./my-tokenizer\n"

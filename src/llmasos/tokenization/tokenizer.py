@@ -216,6 +216,7 @@ class Tokenizer:
         """Copy the tokenizer files into a model dir."""
         from llmasos.checkpoints.hf import copy_tokenizer_files
 
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         copy_tokenizer_files(self.dir, Path(out_dir))
 
 
