@@ -258,6 +258,25 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         print(f"  skipped {error}", file=sys.stderr)
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from llmasos.training.config import TrainConfig
+    from llmasos.training.trainer import pretrain
+
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.keys() and v is not None}
+    if args.resume:
+        config = TrainConfig.from_yaml(Path(args.resume) / "config.yaml", {**overrides, "out": args.resume})
+    elif args.config:
+        config = TrainConfig.from_yaml(args.config, overrides)
+    else:
+        config = TrainConfig.from_dict(overrides, where="flags")
+    run = pretrain(config, resume=bool(args.resume))
+    print(f"trained {config.total_steps} steps; the model is in {run / 'final'}; metrics in {run / 'metrics.csv'}, "
+          f"loss curve in {run / 'loss.png'}")
+    print(f"next: llmasos generate {run / 'final'} -p 'Hello'")
+
+
 # ---- parser ----------------------------------------------------------------------------------------
 
 
@@ -320,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="the field (JSONL) or column (Parquet) with the text")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                    help="a malformed record stops the run (fail) or is skipped and counted (skip)")
+
+    p = _verb(sub, "pretrain", cmd_pretrain, "train a model from scratch on prepared data (every YAML key is a flag)",
+              "  llmasos pretrain --config pretrain.yaml\n"
+              "  llmasos pretrain --model tiny-gqa --data ./data --out runs/tiny --max-steps 200 --lr 1e-3\n"
+              "  llmasos pretrain --resume runs/tiny              # continue an interrupted run exactly")
+    p.add_argument("--config", help="a YAML file of the keys below (flags override it)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    from llmasos.training.config import TrainConfig
+
+    for key in TrainConfig.keys():
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=key.upper(), help=f"the YAML key {key}")
 
     p = _verb(sub, "tokenizer", None, "tokenizers: `llmasos tokenizer train` trains a byte-level BPE",
               "  llmasos tokenizer train ./corpus --vocab-size 8000 --out ./my-tokenizer\n"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from llmasos.models.config import ModelConfig
@@ -194,6 +195,7 @@ class Transformer(nn.Module):
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config)
+        self.checkpoint_blocks = False
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -210,6 +212,10 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         self.tie_weights()
+
+    def enable_activation_checkpointing(self) -> None:
+        """In training, recompute each block's activations during the backward pass instead of storing them."""
+        self.checkpoint_blocks = True
 
     def compile_decode(self) -> None:
         """torch.compile the forward pass, with dynamic shapes (the attended cache grows every step)."""
@@ -258,7 +264,10 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(pos, x.dtype)
         step = Step(cos, sin, pos, mask, causal, kv_len, start, cache, cache_row)
         for block in self.model.layers:
-            x = block(x, step)
+            if self.checkpoint_blocks and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, step, use_reentrant=False)
+            else:
+                x = block(x, step)
         if logits_at is not None:
             x = x[torch.arange(b, device=x.device), logits_at][:, None]
         return self.lm_head(self.model.norm(x))

@@ -1,0 +1,1 @@
+"""Training: `TrainConfig` (YAML keys = flags) and the one training loop (`trainer.pretrain`)."""
