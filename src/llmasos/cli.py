@@ -277,6 +277,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"next: llmasos generate {run / 'final'} -p 'Hello'")
 
 
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from llmasos.quickstart import run
+
+    run(minutes=args.minutes, out=args.out, corpus_mb=args.corpus_mb)
+
+
 # ---- parser ----------------------------------------------------------------------------------------
 
 
@@ -350,6 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     for key in TrainConfig.keys():
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=key.upper(), help=f"the YAML key {key}")
+
+    p = _verb(sub, "quickstart", cmd_quickstart,
+              "the whole life cycle offline: train a tokenizer and a small LLaMA on Python's stdlib, evaluate, "
+              "store and sample it",
+              "  llmasos quickstart                 # about 5 minutes on 2 CPU cores\n"
+              "  llmasos quickstart --minutes 20    # train longer: a better model")
+    p.add_argument("--minutes", type=float, default=3.0, help="pretraining time budget (default 3)")
+    p.add_argument("--out", default="runs/quickstart", help="the run dir (default runs/quickstart)")
+    p.add_argument("--corpus-mb", type=float, default=6.0, help="megabytes of stdlib source to use (default 6)")
 
     p = _verb(sub, "tokenizer", None, "tokenizers: `llmasos tokenizer train` trains a byte-level BPE",
               "  llmasos tokenizer train ./corpus --vocab-size 8000 --out ./my-tokenizer\n"
