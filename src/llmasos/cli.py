@@ -360,9 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(sub, "quickstart", cmd_quickstart,
               "the whole life cycle offline: train a tokenizer and a small LLaMA on Python's stdlib, evaluate, "
               "store and sample it",
-              "  llmasos quickstart                 # about 5 minutes on 2 CPU cores\n"
+              "  llmasos quickstart                 # about 4 minutes on 2 CPU cores\n"
               "  llmasos quickstart --minutes 20    # train longer: a better model")
-    p.add_argument("--minutes", type=float, default=3.0, help="pretraining time budget (default 3)")
+    p.add_argument("--minutes", type=float, default=3.5, help="pretraining time budget (default 3.5)")
     p.add_argument("--out", default="runs/quickstart", help="the run dir (default runs/quickstart)")
     p.add_argument("--corpus-mb", type=float, default=6.0, help="megabytes of stdlib source to use (default 6)")
 

@@ -40,7 +40,7 @@ def stdlib_files(max_bytes: int) -> list[Path]:
     return files
 
 
-def run(minutes: float = 3.0, out: Path | str = "runs/quickstart", corpus_mb: float = 6.0, store: bool = True,
+def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: float = 6.0, store: bool = True,
         console: Console | None = None) -> dict:
     import torch
 
