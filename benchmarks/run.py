@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ["load_memory", "decode"]
+BENCHMARKS = ["load_memory", "decode", "train"]
 
 
 def main() -> None:
