@@ -311,6 +311,13 @@ def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--stop", action="append", help="stop at this string (repeatable)")
 
 
+def _corpus_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--glob", default="*", help="which files to take from directories (default: all)")
+    p.add_argument("--text-field", default="text", help="the field (JSONL) or column (Parquet) with the text")
+    p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                   help="a malformed record stops the run (fail) or is skipped and counted (skip)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmasos",
@@ -341,10 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the data dir to write (replaced if it exists)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation (0.01)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
-    p.add_argument("--glob", default="*", help="which files to take from directories (default: all)")
-    p.add_argument("--text-field", default="text", help="the field (JSONL) or column (Parquet) with the text")
-    p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                   help="a malformed record stops the run (fail) or is skipped and counted (skip)")
+    _corpus_options(p)
 
     p = _verb(sub, "pretrain", cmd_pretrain, "train a model from scratch on prepared data (every YAML key is a flag)",
               "  llmasos pretrain --config pretrain.yaml\n"
@@ -377,11 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("inputs", nargs="+", help="text files, directories (recursive), .jsonl or .parquet files")
     t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, special ones included")
     t.add_argument("--out", required=True, help="directory to write the tokenizer into")
-    t.add_argument("--glob", default="*", help="which files to take from directories (default: all)")
-    t.add_argument("--text-field", default="text", help="the field (JSONL) or column (Parquet) with the text")
     t.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
-    t.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                   help="a malformed record stops the run (fail) or is skipped and counted (skip)")
+    _corpus_options(t)
 
     p = _verb(sub, "generate", cmd_generate, "complete a prompt (streams on a terminal)",
               "  llmasos generate my-model -p 'def fibonacci(n):' --max-tokens 64 --temperature 0\n"
