@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -37,6 +38,10 @@ def kernels():
     try:
         from torch.utils.cpp_extension import load
 
+        # torch looks for `ninja` on PATH; the one pip installed beside this interpreter counts too.
+        bindir = str(Path(sys.executable).parent)
+        if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
         # Built into torch's extension cache (TORCH_EXTENSIONS_DIR); rebuilt only when the source changes.
         module = load(name="llmasos_gemv", sources=[str(Path(__file__).with_name("gemv.cpp"))],
                       extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
