@@ -46,6 +46,12 @@ def test_loss_falls_and_the_run_leaves_a_loadable_model(data, tmp_path):
     curve = [float(loss) for _, loss in losses(run)]
     assert curve[-1] < curve[0] - 1.0
     assert (run / "loss.png").stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 31))
+    assert len(events.Scalars("val/perplexity")) == 4  # steps 8, 16, 24 and the last
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000028", "step-0000030"]
     llm = LLM.load(run / "final")
     assert len(llm.generate(["The quick"], SamplingParams(max_tokens=5, temperature=0))[0].token_ids) >= 1

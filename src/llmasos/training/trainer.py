@@ -178,6 +178,9 @@ def pretrain(config: TrainConfig, resume: bool = False, progress: bool = True) -
         rows = metrics_file.read_text().splitlines()
         metrics_file.write_text("\n".join([rows[0]] + [r for r in rows[1:] if int(r.split(",")[0]) <= start]) + "\n")
 
+    from torch.utils.tensorboard import SummaryWriter
+
+    board = SummaryWriter(str(run / "tensorboard"), purge_step=start + 1 if resume else None)
     total = config.total_steps
     tokens_per_step = config.global_batch_size * config.seq_len
     bar = None
@@ -207,6 +210,12 @@ def pretrain(config: TrainConfig, resume: bool = False, progress: bool = True) -
             val_loss = None
             if len(val_data) > config.seq_len + 1 and (step % config.eval_every == 0 or step == total):
                 val_loss = evaluate(model, val_data, config)
+            board.add_scalar("train/loss", loss_sum, step)
+            board.add_scalar("train/lr", lr, step)
+            board.add_scalar("train/tokens_per_s", rate, step)
+            if val_loss is not None:
+                board.add_scalar("val/loss", val_loss, step)
+                board.add_scalar("val/perplexity", math.exp(val_loss), step)
             if step % config.log_every == 0 or val_loss is not None or step == total:
                 with open(metrics_file, "a") as f:
                     f.write(f"{step},{loss_sum:.6f},{lr:.6g},{rate:.1f},"
@@ -222,6 +231,7 @@ def pretrain(config: TrainConfig, resume: bool = False, progress: bool = True) -
             save_checkpoint(run, model, optimizer, step, config.keep_checkpoints)
         raise LLMasOSError(f"interrupted at step {step}; continue with `llmasos pretrain --resume {run}`") from None
     finally:
+        board.close()
         if bar is not None:
             bar.close()
         if metrics_file.exists():
