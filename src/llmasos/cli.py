@@ -74,11 +74,13 @@ def cmd_info(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from pathlib import Path
+
     from llmasos.checkpoints.store import dir_size, resolve
     from llmasos.models.zoo import ZOO, zoo_config
 
     rows: list[tuple[str, str]] = []
-    if args.model in ZOO and not __import__("pathlib").Path(args.model).exists():
+    if args.model in ZOO and not Path(args.model).exists():
         config, path = zoo_config(args.model), None
         rows.append(("source", f"zoo shape (Hugging Face id {ZOO[args.model].get('hf_id', '-')})"))
     else:

@@ -115,8 +115,8 @@ def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: fl
     before = math.exp(evaluate(untrained, val, config))
     del untrained
     trainer.pretrain(config, resume=resume)
-    llm = LLM.load(run_dir / "final", kernels=True)
-    after = math.exp(evaluate(llm.model.train(False), val, config))
+    llm = LLM.load(run_dir / "final")
+    after = math.exp(evaluate(llm.model, val, config))
 
     console.print("[bold]5. Evaluation[/bold]")
     table = Table(show_header=True)

@@ -6,6 +6,7 @@ Saving writes what transformers loads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -96,8 +97,7 @@ def save_model(model, out_dir: Path | str, max_shard_bytes: int = 5 * 2**30, dty
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     stored = next(iter(state.values())).dtype
-    config = model.config
-    config.dtype = str(stored).removeprefix("torch.")
+    config = dataclasses.replace(model.config, dtype=str(stored).removeprefix("torch."))  # the live model's is untouched
     save_safetensors_shards(state, out_dir, max_shard_bytes)
     (out_dir / "config.json").write_text(config.to_json() + "\n")
     write_generation_config(config, out_dir, generation_config)

@@ -54,7 +54,7 @@ def kernels():
     return module
 
 
-_EMPTY = torch.empty(0)
+EMPTY = torch.empty(0)  # "no scale" / "no bias" for the kernels
 
 
 def native_bf16() -> bool:
@@ -84,8 +84,8 @@ def small_batch_gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tens
     module = kernels()
     if module is None:
         return None
-    y = module.gemv(x.contiguous(), weight, _EMPTY if scale is None else scale,
-                    _EMPTY if bias is None else bias.to(x.dtype))
+    y = module.gemv(x.contiguous(), weight, EMPTY if scale is None else scale,
+                    EMPTY if bias is None else bias.to(x.dtype))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

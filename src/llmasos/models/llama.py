@@ -91,6 +91,7 @@ class Step:
     causal: bool
     kv_len: int  # cache slots attended to (with a cache)
     start: int | None  # all rows write positions start..start+S-1 (a slice, not a scatter)
+    rows: Tensor | None  # [B, 1] row index for the scatter when start is None
     cache: "KVCache | None"
     row0: int  # the batch's first row in the cache
 
@@ -116,9 +117,8 @@ class KVCache:
             kc[:, :, step.start:step.start + s] = k
             vc[:, :, step.start:step.start + s] = v
         else:
-            rows = torch.arange(b, device=k.device)[:, None]
-            kc[rows, :, step.input_pos] = k.transpose(1, 2).to(kc.dtype)  # advanced indices first: [B, S, H, D]
-            vc[rows, :, step.input_pos] = v.transpose(1, 2).to(vc.dtype)
+            kc[step.rows, :, step.input_pos] = k.transpose(1, 2).to(kc.dtype)  # advanced indices first: [B, S, H, D]
+            vc[step.rows, :, step.input_pos] = v.transpose(1, 2).to(vc.dtype)
         return kc[:, :, :step.kv_len], vc[:, :, :step.kv_len]
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
@@ -262,7 +262,8 @@ class Transformer(nn.Module):
             causal = False
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(pos, x.dtype)
-        step = Step(cos, sin, pos, mask, causal, kv_len, start, cache, cache_row)
+        rows = torch.arange(b, device=input_ids.device)[:, None] if cache is not None and start is None else None
+        step = Step(cos, sin, pos, mask, causal, kv_len, start, rows, cache, cache_row)
         for block in self.model.layers:
             if self.checkpoint_blocks and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, step, use_reentrant=False)

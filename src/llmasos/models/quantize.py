@@ -13,9 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from llmasos.errors import LLMasOSError
+from llmasos.kernels import EMPTY as _EMPTY
+from llmasos.kernels import quantized_kernel
 
 METHODS = ("int8", "int4")
-_EMPTY = torch.empty(0)
 
 
 def int8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,8 +58,6 @@ class Int8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        from llmasos.kernels import quantized_kernel
-
         kernel = quantized_kernel(x) if self.in_features % 16 == 0 else None
         x2 = x.reshape(-1, self.in_features).contiguous()
         if kernel is not None:
@@ -85,8 +84,6 @@ class Int4Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        from llmasos.kernels import quantized_kernel
-
         kernel = quantized_kernel(x)
         x2 = x.reshape(-1, self.in_features).contiguous()
         if kernel is not None:

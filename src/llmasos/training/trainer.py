@@ -68,10 +68,12 @@ def loss_of(model, x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Te
 
 @torch.no_grad()
 def evaluate(model, data, config: TrainConfig) -> float:
+    """Mean validation loss over `eval_batches` fixed batches; the model's train/eval mode is left as it was."""
+    was_training = model.training
     model.eval()
     losses = [loss_of(model, *batch_at(data, config, i, 0, split_seed=1), config.precision).item()
               for i in range(config.eval_batches)]
-    model.train()
+    model.train(was_training)
     return sum(losses) / len(losses)
 
 
