@@ -279,6 +279,36 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"next: llmasos generate {run / 'final'} -p 'Hello'")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from llmasos.training.config import TrainConfig
+    from llmasos.training.finetune import finetune
+
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.keys() and v is not None}
+    if args.resume:
+        config = TrainConfig.from_yaml(Path(args.resume) / "config.yaml", {**overrides, "out": args.resume})
+    else:
+        if not args.model:
+            raise LLMasOSError("finetune: name the model to start from (llmasos finetune MODEL --data FILE ...)")
+        method = overrides.get("method", "full")
+        defaults = {"out": "runs/finetune", "lr": 2e-5 if method == "full" else 2e-4, "min_lr": 0.0, "warmup_steps": 10,
+                    "weight_decay": 0.0, "seq_len": 512, "micro_batch_size": 4, "global_batch_size": 8,
+                    "eval_every": 50, "checkpoint_every": 100}
+        if args.config:
+            config = TrainConfig.from_yaml(args.config, {**overrides, "model": args.model}, defaults)
+        else:
+            if not any(k in overrides for k in ("max_steps", "max_tokens", "epochs")):
+                defaults["epochs"] = 1.0
+            config = TrainConfig.from_dict({**defaults, **overrides, "model": args.model}, where="flags")
+    run = finetune(config, resume=bool(args.resume))
+    print(f"fine-tuned {config.total_steps} steps; metrics in {run / 'metrics.csv'}, loss curve in {run / 'loss.png'}")
+    for name, what in (("adapter", "the LoRA adapter (PEFT format)"), ("final", "the fine-tuned model (HF dir)")):
+        if (run / name).exists():
+            print(f"  {what}: {run / name}")
+    print(f"next: llmasos chat {run / ('final' if (run / 'final').exists() else 'adapter')}")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from llmasos.quickstart import run
 
@@ -311,6 +341,17 @@ def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--top-k", type=int, default=-1, help="sample among the k most likely (default off)")
     p.add_argument("--seed", type=int, help="same seed, same output")
     p.add_argument("--stop", action="append", help="stop at this string (repeatable)")
+
+
+def _train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Every TrainConfig key as a flag (`--max-steps 100`); a yes/no key also works bare (`--merge`)."""
+    from llmasos.training.config import TrainConfig
+
+    for key, hint in TrainConfig.keys().items():
+        if key in skip:
+            continue
+        extra = {"nargs": "?", "const": "true"} if hint is bool else {}
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=key.upper(), help=f"the YAML key {key}", **extra)
 
 
 def _corpus_options(p: argparse.ArgumentParser) -> None:
@@ -358,10 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
               "  llmasos pretrain --resume runs/tiny              # continue an interrupted run exactly")
     p.add_argument("--config", help="a YAML file of the keys below (flags override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    from llmasos.training.config import TrainConfig
+    _train_options(p)
 
-    for key in TrainConfig.keys():
-        p.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=key.upper(), help=f"the YAML key {key}")
+    p = _verb(sub, "finetune", cmd_finetune,
+              "fine-tune a model (full, LoRA or QLoRA) on instruction data or a prepared corpus (every YAML key is a flag)",
+              "  llmasos finetune my-model --data alpaca.jsonl --method lora --out runs/ft --epochs 2\n"
+              "  llmasos finetune my-model --data chats.jsonl --method qlora --quantize int4 --merge --out runs/ft\n"
+              "  llmasos finetune my-model --data train.jsonl --method full --max-steps 200 --lr 1e-5\n"
+              "  torchrun --nproc-per-node 2 -m llmasos finetune my-model --data a.jsonl --strategy fsdp --out runs/ft\n"
+              "  llmasos finetune --resume runs/ft")
+    p.add_argument("model", nargs="?", help="the model to start from: a store name or a model dir")
+    p.add_argument("--config", help="a YAML file of the keys below (flags override it)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    _train_options(p, skip=("model",))
 
     p = _verb(sub, "quickstart", cmd_quickstart,
               "the whole life cycle offline: train a tokenizer and a small LLaMA on Python's stdlib, evaluate, "

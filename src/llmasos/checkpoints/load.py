@@ -15,6 +15,7 @@ from llmasos.checkpoints.meta import is_meta_dir, read_meta_checkpoint
 from llmasos.checkpoints.weights import TensorEntry, load_tensor
 from llmasos.errors import CheckpointError
 from llmasos.models.config import ModelConfig
+from llmasos.models.lora import ADAPTER_CONFIG
 
 # Buffers some checkpoints carry that the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -25,6 +26,8 @@ def open_checkpoint(path: Path | str) -> tuple[ModelConfig, dict[str, TensorEntr
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    if (path / ADAPTER_CONFIG).exists():  # a PEFT LoRA adapter: its base model's config and weights
+        return open_checkpoint(adapter_base(path))
     if is_meta_dir(path):
         return read_meta_checkpoint(path)
     if path.is_dir() and (path / "config.json").exists():
@@ -32,6 +35,19 @@ def open_checkpoint(path: Path | str) -> tuple[ModelConfig, dict[str, TensorEntr
     if path.suffix == ".gguf":
         raise CheckpointError(f"{path}: GGUF import is not available yet; convert it to an HF dir first")
     raise CheckpointError(f"{path}: not a model dir (expected config.json + weights, or params.json + consolidated.*.pth)")
+
+
+def adapter_base(adapter_dir: Path) -> Path:
+    """The base model of a PEFT adapter dir (`base_model_name_or_path`: a model dir or a stored name)."""
+    import json
+
+    from llmasos.checkpoints.store import resolve
+
+    try:
+        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: no readable base_model_name_or_path ({e})") from None
+    return resolve(base)
 
 
 def build_meta_model(config: ModelConfig):
@@ -97,4 +113,8 @@ def load_model(path: Path | str, dtype: torch.dtype | None = None, device: str |
     config, entries = open_checkpoint(path)
     model = build_meta_model(config)
     materialize(model, entries, dtype, device, Path(path), progress)
+    if (Path(path) / ADAPTER_CONFIG).exists():  # fold the adapter in: inference then costs what the base does
+        from llmasos.models.lora import load_adapter, merge_lora
+
+        model = merge_lora(load_adapter(model, Path(path)))
     return model.eval()

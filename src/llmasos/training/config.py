@@ -38,10 +38,27 @@ class TrainConfig:
     precision: str = "bf16-mixed"  # or "fp32"
     activation_checkpointing: bool = False
     seed: int = 0
+    strategy: str = "ddp"  # under torchrun: ddp (a replica per process) or fsdp (FSDP2: weights sharded)
+    # Fine-tuning (`llmasos finetune`): `model` is then the model to start from, `data` an instruction
+    # file (Alpaca, chat or prompt/completion JSON/JSONL) or a prepared dir.
+    method: str = "full"  # full | lora | qlora
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,v_proj"  # comma-separated projection names, or all-linear
+    quantize: str = "int4"  # qlora's frozen base: int8 or int4
+    epochs: float | None = None  # alternative to max_steps for instruction data
+    val_fraction: float = 0.05  # of the instruction examples, held out for validation
+    merge: bool = False  # lora/qlora: also write the base with the adapter folded in
+    task: str | None = None  # a task (name or YAML) whose examples are the training data
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "bf16-mixed"):
-            raise ConfigError(f"precision: {self.precision!r} is not one of fp32, bf16-mixed")
+        for key, allowed in (("precision", ("fp32", "bf16-mixed")), ("strategy", ("ddp", "fsdp")),
+                             ("method", ("full", "lora", "qlora")), ("quantize", ("int8", "int4"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
         for name in ("seq_len", "micro_batch_size", "global_batch_size", "eval_every", "eval_batches",
                      "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
@@ -49,17 +66,15 @@ class TrainConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
                               f"{self.micro_batch_size}")
-        if self.max_steps is None and self.max_tokens is None:
-            raise ConfigError("set max_steps or max_tokens")
-
-    @property
-    def accumulation(self) -> int:
-        return self.global_batch_size // self.micro_batch_size
+        if self.max_steps is None and self.max_tokens is None and self.epochs is None:
+            raise ConfigError("set max_steps, max_tokens or epochs")
 
     @property
     def total_steps(self) -> int:
         if self.max_steps is not None:
             return self.max_steps
+        if self.max_tokens is None:
+            raise ConfigError("epochs needs a data set of examples; set max_steps or max_tokens")
         return max(1, self.max_tokens // (self.global_batch_size * self.seq_len))
 
     @classmethod
@@ -76,7 +91,8 @@ class TrainConfig:
         return cls(**{k: _coerce(k, v, keys[k], where) for k, v in values.items()})
 
     @classmethod
-    def from_yaml(cls, path: Path | str, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+    def from_yaml(cls, path: Path | str, overrides: dict[str, Any] | None = None,
+                  defaults: dict[str, Any] | None = None) -> "TrainConfig":
         import yaml
 
         path = Path(path)
@@ -88,7 +104,7 @@ class TrainConfig:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values")
-        return cls.from_dict({**values, **(overrides or {})}, where=str(path))
+        return cls.from_dict({**(defaults or {}), **values, **(overrides or {})}, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.keys()}

@@ -1,9 +1,12 @@
-"""The training loop: one loop for pretraining (and, later, fine-tuning).
+"""The training loop: one loop for pretraining and fine-tuning (full, LoRA, QLoRA), on one process
+or many under torchrun (DDP or FSDP2).
 
-Exact resume: the batches of step s are drawn from a generator seeded by (seed, s), so a run
-resumed from a checkpoint (model, optimizer, step, RNG state) sees the same data and takes the
-same steps as one never interrupted. Checkpoints are written to a temporary dir and renamed, so
-a kill at any moment leaves the last one loadable.
+Exact resume: the batches of step s are a pure function of (seed, s), so a run resumed from a
+checkpoint (weights, optimizer, step, RNG state) sees the same data and takes the same steps as one
+never interrupted. Checkpoints are written to a temporary dir and renamed, so a kill at any moment
+leaves the last one loadable. Under torchrun each rank takes its share of a step's micro-batches and
+the loss is normalised by the target tokens of the whole global batch, so N processes follow the
+single-process loss curve.
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from llmasos.errors import ConfigError, LLMasOSError
+from llmasos.training import distributed
 from llmasos.training.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -60,34 +67,52 @@ def batch_at(data, config: TrainConfig, step: int, micro: int, split_seed: int =
     return windows[:, :-1], windows[:, 1:]
 
 
-def loss_of(model, x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+def loss_sum(model, x: Tensor, y: Tensor, precision: str) -> tuple[Tensor, int]:
+    """Summed cross-entropy over the labelled tokens (label -100 is not trained), and their count."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         logits = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"), \
+        int((y != -100).sum())
 
 
 @torch.no_grad()
-def evaluate(model, data, config: TrainConfig) -> float:
-    """Mean validation loss over `eval_batches` fixed batches; the model's train/eval mode is left as it was."""
+def mean_loss(model, batches: list[tuple[Tensor, Tensor]], precision: str) -> float:
+    """Mean per-token loss of each batch, averaged; the model's train/eval mode is left as it was."""
     was_training = model.training
     model.eval()
-    losses = [loss_of(model, *batch_at(data, config, i, 0, split_seed=1), config.precision).item()
-              for i in range(config.eval_batches)]
+    losses = []
+    for x, y in batches:
+        total, count = loss_sum(model, x, y, precision)
+        losses.append(total.item() / max(1, count))
     model.train(was_training)
     return sum(losses) / len(losses)
 
 
-def save_checkpoint(run: Path, model, optimizer, step: int, keep: int) -> Path:
-    from llmasos.checkpoints.store import atomic_dir
+def evaluate(model, data, config: TrainConfig) -> float:
+    """Validation loss of a model on `eval_batches` fixed windows of prepared data."""
+    return mean_loss(model, [batch_at(data, config, i, 0, split_seed=1) for i in range(config.eval_batches)],
+                     config.precision)
+
+
+@dataclass
+class Job:
+    """What a run trains and on what; `train` is the same loop for every kind of job."""
+    model: nn.Module  # fp32 master weights on the device, not yet wrapped for DDP/FSDP
+    batch: Callable[[int, int], tuple[Tensor, Tensor]]  # (step, micro-batch of the global batch) -> (inputs, labels)
+    val_batches: Callable[[], list[tuple[Tensor, Tensor]]] | None  # the fixed validation set, if any
+    save_final: Callable[[dict[str, Tensor], Path], None]  # rank 0: write the result from the full weights
+    trainable_only: bool = False  # checkpoints hold only trained weights (LoRA: the base stays as loaded)
+
+
+def save_checkpoint(run: Path, state: dict[str, Tensor], optimizer_state: dict, step: int, keep: int) -> Path:
     from safetensors.torch import save_file
+
+    from llmasos.checkpoints.store import atomic_dir
 
     final = run / CHECKPOINTS / f"step-{step:07d}"
     with atomic_dir(final, replace=True) as tmp:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
         save_file(state, tmp / "model.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer_state, "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps({"step": step}) + "\n")
     for old in sorted((run / CHECKPOINTS).glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -126,122 +151,191 @@ def plot_losses(run: Path) -> Path | None:
     return run / "loss.png"
 
 
-def pretrain(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train; returns the run dir, whose `final/` is an HF model dir with its tokenizer."""
-    import yaml
+def _weights_to_save(model: nn.Module, trainable_only: bool) -> set[str]:
+    """Names a checkpoint holds: the trained weights, or all of them but a tied LM head."""
+    if trainable_only:
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+    names = set(model.state_dict())
+    if getattr(model.config, "tie_word_embeddings", False):
+        names.discard("lm_head.weight")
+    return names
 
-    from llmasos.checkpoints.hf import save_model
-    from llmasos.checkpoints.load import build_meta_model, materialize
-    from llmasos.checkpoints.weights import read_safetensors_header
-    from llmasos.data.prepare import PackedData
+
+def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: bool, progress: bool,
+          command: str = "pretrain") -> Path:
+    """The loop: returns the run dir. Every rank runs it; rank 0 alone writes files."""
+    import yaml
+    from safetensors.torch import load_file
 
     run = Path(config.out)
-    if not config.data:
-        raise ConfigError("data: the prepared data dir (`llmasos prepare ... --out DIR`) is required")
-    train_data, val_data = PackedData(config.data, "train"), PackedData(config.data, "val")
-    model_config = build_model_config(config, train_data.metadata)
-    torch.manual_seed(config.seed)
-    start = 0
     ckpt = latest_checkpoint(run) if resume else None
     if resume and ckpt is None:
         raise LLMasOSError(f"{run}: no checkpoint to resume from")
     if not resume and latest_checkpoint(run) is not None:
         raise LLMasOSError(f"{run} already holds checkpoints: resume it with --resume {run}, or choose another --out")
-    if ckpt is not None:
-        model = build_meta_model(model_config)
-        materialize(model, read_safetensors_header(ckpt / "model.safetensors"), torch.float32, "cpu", ckpt)
-        model = model.train()
-        # The memory-mapped weights are copy-on-write; give the optimizer tensors of its own.
-        for p in model.parameters():
-            p.data = p.data.clone()
-        start = json.loads((ckpt / "trainer.json").read_text())["step"]
-    else:
-        from llmasos.models.llama import Transformer
-
-        model = Transformer(model_config)
-        model.init_weights(generator=torch.Generator().manual_seed(config.seed))
-        model.train()
+    per_step = config.micro_batch_size * cluster.world
+    if config.global_batch_size % per_step:
+        raise ConfigError(f"global_batch_size {config.global_batch_size} is not a multiple of micro_batch_size "
+                          f"{config.micro_batch_size} x {cluster.world} processes")
+    accumulation = config.global_batch_size // per_step
+    model = job.model
+    saved_names = _weights_to_save(model, job.trainable_only)
     if config.activation_checkpointing:
         model.enable_activation_checkpointing()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
+    model.train()
+    wrapped = distributed.wrap(model, config.strategy, cluster)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
+         {"params": [p for n, p in trainable if p.dim() < 2], "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.95))
+    start = 0
     if ckpt is not None:
-        state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    metrics_file = run / "metrics.csv"
-    if not resume or not metrics_file.exists():
-        metrics_file.write_text("step,loss,lr,tokens_per_s,val_loss,val_ppl\n")
-    else:  # drop rows logged after the checkpoint we resume from: they will be logged again
-        rows = metrics_file.read_text().splitlines()
-        metrics_file.write_text("\n".join([rows[0]] + [r for r in rows[1:] if int(r.split(",")[0]) <= start]) + "\n")
+        state = load_file(str(ckpt / "model.safetensors"))
+        if set(state) != saved_names:
+            raise LLMasOSError(f"{ckpt}: its weights do not fit this model (missing "
+                               f"{sorted(saved_names - set(state))[:3]}, unexpected {sorted(set(state) - saved_names)[:3]})")
+        saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        distributed.load_full_state(wrapped, optimizer, state, saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        start = json.loads((ckpt / "trainer.json").read_text())["step"]
 
-    from torch.utils.tensorboard import SummaryWriter
+    def checkpoint(step: int) -> None:
+        state = distributed.full_state(wrapped, job.trainable_only, cluster)
+        optimizer_state = distributed.full_optimizer_state(wrapped, optimizer, cluster)
+        if cluster.main:
+            save_checkpoint(run, {k: v for k, v in state.items() if k in saved_names}, optimizer_state, step,
+                            config.keep_checkpoints)
 
-    board = SummaryWriter(str(run / "tensorboard"), purge_step=start + 1 if resume else None)
-    total = config.total_steps
-    tokens_per_step = config.global_batch_size * config.seq_len
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    metrics_file, board, bar = run / "metrics.csv", None, None
+    if cluster.main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if not resume or not metrics_file.exists():
+            metrics_file.write_text("step,loss,lr,tokens_per_s,val_loss,val_ppl\n")
+        else:  # drop rows logged after the checkpoint we resume from: they will be logged again
+            rows = metrics_file.read_text().splitlines()
+            metrics_file.write_text("\n".join([rows[0]] + [r for r in rows[1:] if int(r.split(",")[0]) <= start]) + "\n")
+        from torch.utils.tensorboard import SummaryWriter
 
-        bar = tqdm(total=total, initial=start, desc="training", unit="step")
-    step = start
+        board = SummaryWriter(str(run / "tensorboard"), purge_step=start + 1 if resume else None)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=config.total_steps, initial=start, desc=command, unit="step")
+    val_batches = job.val_batches() if job.val_batches is not None else []
+    total, step = config.total_steps, start
     try:
         while step < total:
             t0 = time.perf_counter()
             lr = lr_at(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(config.accumulation):
-                x, y = batch_at(train_data, config, step, micro)
-                loss = loss_of(model, x, y, config.precision) / config.accumulation
-                loss.backward()
-                loss_sum += loss.item()
+            first = cluster.rank * accumulation
+            micro_batches = [job.batch(step, first + m) for m in range(accumulation)]
+            local_tokens = sum(int((y != -100).sum()) for _, y in micro_batches)
+            # Gradients are averaged over ranks, so scaling by world/targets gives the global per-token mean.
+            targets = max(1.0, distributed.all_sum(local_tokens, cluster))
+            loss_total = 0.0
+            for m, (x, y) in enumerate(micro_batches):
+                with distributed.no_sync(wrapped, last_micro=m == accumulation - 1):
+                    summed, _ = loss_sum(wrapped, x.to(cluster.device), y.to(cluster.device), config.precision)
+                    (summed * (cluster.world / targets)).backward()
+                loss_total += summed.item()
             if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_([p for _, p in trainable], config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            rate = tokens_per_step / (time.perf_counter() - t0)
+            loss = distributed.all_sum(loss_total, cluster) / targets
+            rate = targets / (time.perf_counter() - t0)
             val_loss = None
-            if len(val_data) > config.seq_len + 1 and (step % config.eval_every == 0 or step == total):
-                val_loss = evaluate(model, val_data, config)
-            board.add_scalar("train/loss", loss_sum, step)
-            board.add_scalar("train/lr", lr, step)
-            board.add_scalar("train/tokens_per_s", rate, step)
-            if val_loss is not None:
-                board.add_scalar("val/loss", val_loss, step)
-                board.add_scalar("val/perplexity", math.exp(val_loss), step)
-            if step % config.log_every == 0 or val_loss is not None or step == total:
-                with open(metrics_file, "a") as f:
-                    f.write(f"{step},{loss_sum:.6f},{lr:.6g},{rate:.1f},"
-                            f"{'' if val_loss is None else f'{val_loss:.6f}'},"
-                            f"{'' if val_loss is None else f'{math.exp(val_loss):.4f}'}\n")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+            if val_batches and (step % config.eval_every == 0 or step == total):
+                val_loss = mean_loss(wrapped, [(x.to(cluster.device), y.to(cluster.device)) for x, y in val_batches],
+                                     config.precision)
+            if cluster.main:
+                _log(board, metrics_file, config, step, total, loss, lr, rate, val_loss)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
             if step % config.checkpoint_every == 0 or step == total:
-                save_checkpoint(run, model, optimizer, step, config.keep_checkpoints)
+                checkpoint(step)
     except KeyboardInterrupt:
         if step > start:
-            save_checkpoint(run, model, optimizer, step, config.keep_checkpoints)
-        raise LLMasOSError(f"interrupted at step {step}; continue with `llmasos pretrain --resume {run}`") from None
+            checkpoint(step)
+        raise LLMasOSError(f"interrupted at step {step}; continue with `llmasos {command} --resume {run}`") from None
     finally:
-        board.close()
+        if board is not None:
+            board.close()
         if bar is not None:
             bar.close()
-        if metrics_file.exists():
+        if cluster.main and metrics_file.exists():
             plot_losses(run)
     model.eval()
-    tokenizer_dir = Path(config.data) / "tokenizer"
-    from llmasos.checkpoints.store import atomic_dir
-
-    with atomic_dir(run / "final", replace=True) as tmp:
-        save_model(model, tmp, tokenizer_dir=tokenizer_dir if tokenizer_dir.exists() else None)
+    state = distributed.full_state(wrapped, False, cluster)
+    if cluster.main:
+        job.save_final(state, run)
     return run
+
+
+def _log(board, metrics_file: Path, config: TrainConfig, step: int, total: int, loss: float, lr: float, rate: float,
+         val_loss: float | None) -> None:
+    board.add_scalar("train/loss", loss, step)
+    board.add_scalar("train/lr", lr, step)
+    board.add_scalar("train/tokens_per_s", rate, step)
+    if val_loss is not None:
+        board.add_scalar("val/loss", val_loss, step)
+        board.add_scalar("val/perplexity", math.exp(val_loss), step)
+    if step % config.log_every == 0 or val_loss is not None or step == total:
+        with open(metrics_file, "a") as f:
+            f.write(f"{step},{loss:.6f},{lr:.6g},{rate:.1f},"
+                    f"{'' if val_loss is None else f'{val_loss:.6f}'},"
+                    f"{'' if val_loss is None else f'{math.exp(val_loss):.4f}'}\n")
+
+
+def _save_full_model(config, tokenizer_dir: Path | None) -> Callable[[dict[str, Tensor], Path], None]:
+    """`Job.save_final` for a whole model: `run/final` as an HF dir with the tokenizer."""
+    def save(state: dict[str, Tensor], run: Path) -> None:
+        from llmasos.checkpoints.hf import save_model
+        from llmasos.checkpoints.load import build_meta_model
+        from llmasos.checkpoints.store import atomic_dir
+
+        model = build_meta_model(config)
+        model.load_state_dict(state, assign=True, strict=False)
+        model.tie_weights()
+        with atomic_dir(run / "final", replace=True) as tmp:
+            save_model(model, tmp, tokenizer_dir=tokenizer_dir)
+    return save
+
+
+def packed_job(model: nn.Module, config: TrainConfig, data_dir: Path, device: torch.device,
+               save_final: Callable[[dict[str, Tensor], Path], None]) -> Job:
+    """Training on prepared shards: random windows of seq_len + 1 tokens."""
+    from llmasos.data.prepare import PackedData
+
+    train_data, val_data = PackedData(data_dir, "train"), PackedData(data_dir, "val")
+    has_val = len(val_data) > config.seq_len + 1
+    return Job(model.to(device), lambda step, micro: batch_at(train_data, config, step, micro),
+               (lambda: [batch_at(val_data, config, i, 0, split_seed=1) for i in range(config.eval_batches)])
+               if has_val else None, save_final)
+
+
+def pretrain(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train a new model on prepared data; returns the run dir, whose `final/` is an HF model dir."""
+    from llmasos.data.prepare import PackedData
+    from llmasos.models.llama import Transformer
+
+    if not config.data:
+        raise ConfigError("data: the prepared data dir (`llmasos prepare ... --out DIR`) is required")
+    cluster = distributed.init_cluster()
+    try:
+        model_config = build_model_config(config, PackedData(config.data, "train").metadata)
+        torch.manual_seed(config.seed)
+        model = Transformer(model_config)
+        model.init_weights(generator=torch.Generator().manual_seed(config.seed))
+        tokenizer_dir = Path(config.data) / "tokenizer"
+        job = packed_job(model, config, Path(config.data), cluster.device,
+                         _save_full_model(model_config, tokenizer_dir if tokenizer_dir.exists() else None))
+        return train(config, job, cluster, resume, progress)
+    finally:
+        distributed.close_cluster(cluster)

@@ -1,0 +1,152 @@
+"""Fine-tuning a model: full, LoRA, or QLoRA (LoRA over a frozen int8/int4 base), on instruction
+data or a prepared corpus, through the same loop as pretraining.
+
+A run dir holds the usual checkpoints, metrics and loss curve, and:
+- `final/`: the fine-tuned model as an HF dir (full; or lora/qlora with `merge`, the adapter folded
+  into the original full-precision base);
+- `adapter/`: lora/qlora, the adapter alone in PEFT's format (plus the tokenizer files), which
+  `LLM.load`, `llmasos generate` and `peft.PeftModel.from_pretrained` all take.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from llmasos.data.instruct import IGNORE, Example
+from llmasos.errors import ConfigError, LLMasOSError
+from llmasos.training import distributed
+from llmasos.training.config import TrainConfig
+from llmasos.training.trainer import Job, _save_full_model, packed_job, train
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist())
+
+
+def collate(examples: list[Example], seq_len: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """(inputs, labels) right-padded to the longest example (at most seq_len + 1 tokens); labels shifted by one."""
+    length = min(seq_len + 1, max(len(e.input_ids) for e in examples))
+    x = torch.full((len(examples), length - 1), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), length - 1), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids, labels = e.input_ids[:length], e.labels[:length]
+        x[row, : len(ids) - 1] = torch.tensor(ids[:-1])
+        y[row, : len(ids) - 1] = torch.tensor(labels[1:])
+    return x, y
+
+
+def example_batch(examples: list[Example], config: TrainConfig, step: int, micro: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Micro-batch `micro` of step `step`: examples in a fresh seeded order each epoch, a pure function of the step."""
+    first = step * config.global_batch_size + micro * config.micro_batch_size
+    picks = []
+    for p in range(first, first + config.micro_batch_size):
+        epoch, i = divmod(p, len(examples))
+        picks.append(examples[_epoch_order(len(examples), config.seed, epoch)[i]])
+    return collate(picks, config.seq_len, pad_id)
+
+
+def split_examples(examples: list[Example], config: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """(train, validation): a seeded `val_fraction` held out."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    n_val = int(len(examples) * config.val_fraction)
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def training_examples(config: TrainConfig, tokenizer) -> list[Example]:
+    """The examples of `data` (an instruction file) or of `task` (a task's prompts and answers)."""
+    from llmasos.data.instruct import load_examples, tokenize_completion
+
+    if config.task:
+        from llmasos.evaluation.tasks import load_task
+
+        return [tokenize_completion(tokenizer, prompt, answer) for prompt, answer in load_task(config.task).training_examples()]
+    return load_examples(config.data, tokenizer)
+
+
+def _load_base(path: Path, config: TrainConfig, device: torch.device):
+    """The starting model in fp32 with weights of its own, frozen and quantized and given adapters as the method asks."""
+    from llmasos.checkpoints.load import load_model
+    from llmasos.models.lora import LoRAConfig, apply_lora
+
+    model = load_model(path, dtype=torch.float32)
+    for p in model.parameters():  # memory-mapped weights are read-only pages; training needs its own
+        p.data = p.data.clone()
+    if config.method == "full":
+        return model.to(device), None
+    if config.method == "qlora":
+        from llmasos.models.quantize import quantize_model
+
+        if device.type != "cpu":
+            raise ConfigError("qlora's quantized base runs on the CPU kernels; use lora on GPUs")
+        quantize_model(model, config.quantize, skip=("lm_head",))
+    lora = LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout,
+                      [t.strip() for t in config.lora_targets.split(",") if t.strip()])
+    return apply_lora(model.to(device), lora), lora
+
+
+def _save_adapter(base: Path, lora, config: TrainConfig):
+    """`Job.save_final` for lora/qlora: the PEFT adapter, and with `merge` the merged model in `final/`."""
+    def save(state: dict[str, Tensor], run: Path) -> None:
+        from llmasos.checkpoints.hf import copy_tokenizer_files, save_model
+        from llmasos.checkpoints.load import load_model
+        from llmasos.checkpoints.store import atomic_dir
+        from llmasos.models.lora import apply_lora, merge_lora, save_adapter
+
+        adapter = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+        with atomic_dir(run / "adapter", replace=True) as tmp:
+            save_adapter(lora, adapter, tmp, str(base))
+            copy_tokenizer_files(base, tmp)
+        if config.merge:
+            model = apply_lora(load_model(base), lora)  # the original weights, in their stored dtype
+            model.load_state_dict(adapter, strict=False)
+            with atomic_dir(run / "final", replace=True) as tmp:
+                save_model(merge_lora(model), tmp, tokenizer_dir=base)
+    return save
+
+
+def finetune(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Fine-tune `config.model` on `config.data` or `config.task`; returns the run dir."""
+    from llmasos.checkpoints.store import resolve
+    from llmasos.tokenization.tokenizer import Tokenizer
+
+    if not isinstance(config.model, str):
+        raise ConfigError("model: finetune starts from a stored model's name or a model dir")
+    if not config.data and not config.task:
+        raise ConfigError("data: an instruction file (JSON/JSONL) or a prepared dir is required (or a task)")
+    base = resolve(config.model)
+    cluster = distributed.init_cluster()
+    try:
+        torch.manual_seed(config.seed)
+        model, lora = _load_base(base, config, cluster.device)
+        save_final = _save_adapter(base, lora, config) if lora else _save_full_model(model.config, base)
+        if config.data and (Path(config.data) / "metadata.json").exists():
+            if config.max_steps is None and config.max_tokens is None:
+                raise ConfigError("a prepared dir: set max_steps or max_tokens")
+            job = packed_job(model, config, Path(config.data), cluster.device, save_final)
+        else:
+            tokenizer = Tokenizer(base)
+            examples, val = split_examples(training_examples(config, tokenizer), config)
+            if not examples:
+                raise LLMasOSError(f"{config.data or config.task}: no training examples left after the validation split")
+            longer = sum(len(e.input_ids) > config.seq_len + 1 for e in examples)
+            if longer and cluster.main:
+                print(f"note: {longer} of {len(examples)} examples are longer than seq_len {config.seq_len} and are cut")
+            if config.max_steps is None and config.max_tokens is None:
+                config.max_steps = max(1, math.ceil((config.epochs or 1.0) * len(examples) / config.global_batch_size))
+            pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+            mbs = config.micro_batch_size
+            val_batches = [collate(val[i:i + mbs], config.seq_len, pad) for i in range(0, len(val), mbs)]
+            job = Job(model, lambda step, micro: example_batch(examples, config, step, micro, pad),
+                      (lambda: val_batches[: config.eval_batches]) if val_batches else None, save_final,
+                      trainable_only=lora is not None)
+        if lora is not None:
+            job.trainable_only = True
+        return train(config, job, cluster, resume, progress, command="finetune")
+    finally:
+        distributed.close_cluster(cluster)
