@@ -1,0 +1,81 @@
+"""torchrun with 2 processes on the gloo backend: DDP and FSDP2 follow the single-process loss curve
+with the same global batch, and checkpoints move between strategies and process counts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import CORPUS, make_hf_model, write_bpe_tokenizer
+from llmasos.data.prepare import prepare
+
+pytestmark = pytest.mark.slow
+
+FLAGS = ["--model", "tiny-gqa", "--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3",
+         "--warmup-steps", "2", "--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "3", "--log-every", "1",
+         "--precision", "fp32", "--eval-batches", "2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, bpe_dir):
+    root = tmp_path_factory.mktemp("dist")
+    with open(root / "c.jsonl", "w") as f:
+        for i in range(200):
+            f.write(json.dumps({"text": f"{CORPUS[i % 6]} number {i}"}) + "\n")
+    prepare([root / "c.jsonl"], bpe_dir, root / "data", val_fraction=0.1, progress=False)
+    return root / "data"
+
+
+def llmasos(args, procs=1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"] \
+        if procs > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launcher + ["-m", "llmasos", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def curve(run):
+    rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines()[1:]]
+    return [float(r[1]) for r in rows], [float(r[4]) for r in rows if r[4]]
+
+
+def assert_same_curve(a, b):
+    assert len(a[0]) == len(b[0]) and len(a[1]) == len(b[1])
+    assert a[0] == pytest.approx(b[0], rel=1e-4, abs=1e-5)
+    assert a[1] == pytest.approx(b[1], rel=1e-4, abs=1e-5)
+
+
+def test_ddp_and_fsdp_follow_the_single_process_curve_and_checkpoints_cross_strategies(data, tmp_path):
+    llmasos(["pretrain", "--data", data, "--out", tmp_path / "one", *FLAGS])
+    one = curve(tmp_path / "one")
+    assert one[0][-1] < one[0][0]
+    for strategy in ("ddp", "fsdp"):
+        run = tmp_path / strategy
+        llmasos(["pretrain", "--data", data, "--out", run, "--strategy", strategy, *FLAGS], procs=2)
+        assert_same_curve(curve(run), one)
+        assert (run / "final" / "config.json").exists()
+
+    # 2 FSDP processes stop at step 3; one process resumes that checkpoint and ends on the same curve.
+    cut = tmp_path / "cut"
+    llmasos(["pretrain", "--data", data, "--out", cut, "--strategy", "fsdp", *FLAGS, "--max-steps", "3"], procs=2)
+    assert (cut / "checkpoints" / "step-0000003").exists()
+    llmasos(["pretrain", "--resume", cut, "--max-steps", "6"])
+    assert_same_curve(curve(cut), one)
+
+
+def test_lora_finetune_under_ddp_equals_one_process(tmp_path):
+    base, _ = make_hf_model(tmp_path / "base", num_key_value_heads=2)
+    write_bpe_tokenizer(base)
+    records = [{"instruction": f"Add {a} and {b}.", "output": f"{a + b}"} for a in range(4) for b in range(4)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    flags = ["finetune", base, "--data", tmp_path / "a.jsonl", "--method", "lora", "--max-steps", "4",
+             "--micro-batch-size", "2", "--global-batch-size", "8", "--precision", "fp32", "--lr", "1e-2",
+             "--val-fraction", "0", "--log-every", "1"]
+    llmasos([*flags, "--out", tmp_path / "one"])
+    llmasos([*flags, "--out", tmp_path / "two", "--strategy", "ddp"], procs=2)
+    assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "one"))
+    assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").exists()
