@@ -19,7 +19,7 @@ import torch.nn.functional as F
 torch.set_num_threads(2)
 from llmasos.models.config import ModelConfig
 from llmasos.models.llama import Transformer
-from llmasos.training.trainer import loss_of
+from llmasos.training.trainer import loss_sum
 SHAPE, PRECISION, STEPS = {shape!r}, {precision!r}, {steps}
 torch.manual_seed(0)
 ours = Transformer(ModelConfig(**SHAPE)); ours.init_weights(); ours.train()
@@ -43,7 +43,7 @@ def hf_forward(model, x, y):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=PRECISION == "bf16-mixed"):
         logits = model(input_ids=x).logits
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-steps = {{"llmasos": make_step(ours, lambda m, x, y: loss_of(m, x, y, PRECISION)), "transformers": make_step(hf, hf_forward)}}
+steps = {{"llmasos": make_step(ours, lambda m, x, y: loss_sum(m, x, y, PRECISION)[0] / y.numel()), "transformers": make_step(hf, hf_forward)}}
 g = torch.Generator().manual_seed(0)
 batches = [torch.randint(0, SHAPE["vocab_size"], (8, 257), generator=g) for _ in range(STEPS + 1)]
 rates = {{k: [] for k in steps}}
