@@ -107,6 +107,9 @@ class GemvLinear(nn.Linear):
 def use_gemv_kernels(model: nn.Module) -> bool:
     """Switch every CPU `nn.Linear` of `model` to `GemvLinear` in place (same parameters, no copy).
 
+    A bf16 model on a CPU without bf16 arithmetic then computes its activations in fp32, as llama.cpp
+    does: the weights stay bf16 and are widened in the kernels' registers, while norms, rotary and
+    attention run in fp32 instead of emulated bf16 (several times faster, and more precise).
     Returns False, changing nothing, where the kernels are unavailable."""
     if kernels() is None:
         return False
@@ -114,4 +117,8 @@ def use_gemv_kernels(model: nn.Module) -> bool:
         if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype in (
                 torch.float32, torch.bfloat16):
             module.__class__ = GemvLinear
+    if hasattr(model, "activation_dtype"):  # a Transformer
+        embed = model.model.embed_tokens.weight
+        if embed.dtype == torch.bfloat16 and embed.device.type == "cpu" and not native_bf16():
+            model.activation_dtype = torch.float32
     return True

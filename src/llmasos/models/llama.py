@@ -196,6 +196,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config)
         self.checkpoint_blocks = False
+        # Activations in another dtype than the weights: fp32 over bf16 weights where the CPU has no
+        # bf16 arithmetic (set by `use_gemv_kernels`, whose kernels widen bf16 weights in registers).
+        self.activation_dtype: torch.dtype | None = None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -261,6 +264,8 @@ class Transformer(nn.Module):
             mask = None if all_visible else self._mask(pos, kv_len)
             causal = False
         x = self.model.embed_tokens(input_ids)
+        if self.activation_dtype is not None:
+            x = x.to(self.activation_dtype)
         cos, sin = self.rotary(pos, x.dtype)
         rows = torch.arange(b, device=input_ids.device)[:, None] if cache is not None and start is None else None
         step = Step(cos, sin, pos, mask, causal, kv_len, start, rows, cache, cache_row)

@@ -61,10 +61,10 @@ class Int8Linear(nn.Module):
         kernel = quantized_kernel(x) if self.in_features % 16 == 0 else None
         x2 = x.reshape(-1, self.in_features).contiguous()
         if kernel is not None:
-            y = kernel.int8_gemv(x2, self.weight, self.scales, self.bias if self.bias is not None else _EMPTY)
+            y = kernel.int8_gemv(x2, self.weight, self.scales, _EMPTY if self.bias is None else self.bias.to(x.dtype))
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(x.dtype))
-            y = y if self.bias is None else y + self.bias
+            y = y if self.bias is None else y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> Tensor:
@@ -88,7 +88,7 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).contiguous()
         if kernel is not None:
             y = kernel.int4_gemv(x2, self.weight, self.scales, self.offsets,
-                                 self.bias if self.bias is not None else _EMPTY)
+                                 _EMPTY if self.bias is None else self.bias.to(x.dtype))
         else:  # many rows (a prefill) or no kernels: dequantize, then an ordinary matmul
             w = self.dequantize().to(x.dtype)
             y = torch.nn.functional.linear(x2, w, self.bias)

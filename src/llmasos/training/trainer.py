@@ -151,6 +151,14 @@ def plot_losses(run: Path) -> Path | None:
     return run / "loss.png"
 
 
+def make_optimizer(params: list[nn.Parameter], config: TrainConfig, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW, decaying matrices only (not norms or biases). The fused kernel (one pass over each
+    tensor for all of Adam's updates) where the parameters are plain tensors, i.e. not FSDP's DTensors."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=config.lr, betas=(0.9, 0.95), fused=fused)
+
+
 def _weights_to_save(model: nn.Module, trainable_only: bool) -> set[str]:
     """Names a checkpoint holds: the trained weights, or all of them but a tied LM head."""
     if trainable_only:
@@ -184,11 +192,8 @@ def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: b
         model.enable_activation_checkpointing()
     model.train()
     wrapped = distributed.wrap(model, config.strategy, cluster)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
-         {"params": [p for n, p in trainable if p.dim() < 2], "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.95))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, config, fused=config.strategy != "fsdp" or cluster.world == 1)
     start = 0
     if ckpt is not None:
         state = load_file(str(ckpt / "model.safetensors"))
@@ -243,7 +248,7 @@ def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: b
                     (summed * (cluster.world / targets)).backward()
                 loss_total += summed.item()
             if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for _, p in trainable], config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
