@@ -158,14 +158,13 @@ def check_tasks(names: list[str], include_path: str | None = None):
     return manager
 
 
-def run_lm_eval(llm, names: list[str], config, model_name: str) -> list:
+def run_lm_eval(llm, names: list[str], manager, config, model_name: str) -> list:
     """lm-eval tasks on an already loaded LLM, as `Result` rows (metric "acc", "exact_match", ...)."""
     import lm_eval
 
     from llmasos.evaluation.runner import Result
 
     t0 = time.perf_counter()
-    manager = check_tasks(names, config.include_path)
     out = lm_eval.simple_evaluate(model=LLMasOSLM(llm=llm, batch_size=config.batch_size), tasks=names,
                                   task_manager=manager, limit=config.limit, num_fewshot=config.num_fewshot,
                                   log_samples=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from llmasos.errors import LLMasOSError
 from llmasos.evaluation import metrics
-from llmasos.evaluation.task import Task, load_task
+from llmasos.evaluation.task import Task, TaskError, load_task
 
 LM_EVAL_PREFIX = "lm_eval:"
 
@@ -54,6 +54,7 @@ class Plan:
 
     tasks: list[Task]
     lm_eval_tasks: list[str]
+    lm_eval_manager: object | None = None  # lm-eval's TaskManager that knows lm_eval_tasks
 
 
 def plan(config: EvalConfig) -> Plan:
@@ -63,25 +64,26 @@ def plan(config: EvalConfig) -> Plan:
     if config.num_fewshot is not None:
         for task in ours:
             task.fewshot_prefix(config.num_fewshot)  # refuses more shots than the task has
+    manager = None
     if theirs:
         from llmasos.evaluation.harness import check_tasks
 
-        check_tasks(theirs, config.include_path)
+        manager = check_tasks(theirs, config.include_path)
     if config.perplexity and not Path(config.perplexity).exists():
         raise LLMasOSError(f"{config.perplexity}: no such text file or prepared data dir")
-    return Plan(ours, theirs)
+    return Plan(ours, theirs, manager)
 
 
-def evaluate(llm, config: EvalConfig, model_name: str, progress: bool = True) -> list[Result]:
-    """Every task of `config` on `llm`; rows in task order, then the perplexity row."""
-    work = plan(config)
+def evaluate(llm, config: EvalConfig, model_name: str, work: Plan | None = None, progress: bool = True) -> list[Result]:
+    """Every task of `config` on `llm` (as planned by `plan`); rows in task order, then the perplexity row."""
+    work = work or plan(config)
     rows: list[Result] = []
     for task in work.tasks:
         rows += run_task(llm, task, config, model_name, progress)
     if work.lm_eval_tasks:
         from llmasos.evaluation.harness import run_lm_eval
 
-        rows += run_lm_eval(llm, work.lm_eval_tasks, config, model_name)
+        rows += run_lm_eval(llm, work.lm_eval_tasks, work.lm_eval_manager, config, model_name)
     if config.perplexity:
         rows.append(run_perplexity(llm, config, model_name, progress))
     return rows
@@ -111,7 +113,14 @@ def run_task(llm, task: Task, config: EvalConfig, model_name: str, progress: boo
         from llmasos import SamplingParams
 
         params = SamplingParams(**{"max_tokens": 32, "temperature": 0.0, **task.generation})
-        outputs = llm.generate([prefix + e.prompt for e in examples], params, progress=progress)
+        prompts = [llm.tokenizer.encode(prefix + e.prompt) for e in examples]
+        context = llm.engine.max_seq_len
+        for i, ids in enumerate(prompts):
+            if len(ids) + (params.max_tokens or 1) > context:
+                raise TaskError(f"{task.name}: example {i + 1} has a prompt of {len(ids)} tokens; with max_tokens "
+                                f"{params.max_tokens} it exceeds the model's context of {context} tokens (use fewer "
+                                "few-shot examples: --num-fewshot)")
+        outputs = llm.generate(prompts, params, progress=progress)
         predictions = [o.text.strip() for o in outputs]
         references = [e.references for e in examples]
         scores = metrics.generative_scores(task.metrics, predictions, references)
@@ -173,7 +182,8 @@ def results_table(rows: list[Result]):
 
     table = Table(title=f"Evaluation of {rows[0].model}" if rows else "Evaluation", title_justify="left")
     for col in ("task", "metric", "value", "± stderr", "samples", "seconds", "config"):
-        table.add_column(col, justify="left" if col in ("task", "metric", "config") else "right")
+        table.add_column(col, justify="left" if col in ("task", "metric", "config") else "right",
+                         no_wrap=col in ("task", "metric"))
     for r in rows:
         table.add_row(r.task, r.metric, _fmt(r.value), _fmt(r.stderr), str(r.samples), f"{r.seconds:.1f}",
                       r.config_hash)
