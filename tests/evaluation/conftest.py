@@ -21,14 +21,14 @@ def tiny(tmp_path_factory):
 def llm(tiny):
     from llmasos import LLM
 
-    return LLM.load(tiny[0], max_batch_size=8)
+    return LLM.load(tiny[0], max_batch_size=8, kernels=False)  # scoring runs no decode kernels; skip their build
 
 
 MC_RECORDS = [
     {"question": "Which letter comes after A?", "choices": [" A", " B", " C"], "answer": 1},
     {"question": "Pick the second letter.", "choices": [" B", " C", " A"], "answer": 0},
     {"question": "Which one is B?", "choices": [" C", " A", " B"], "answer": 2},
-    {"question": "Say B.", "choices": [" A", " C", " B"], "answer": 2},
+    {"question": "Say A.", "choices": [" A", " C", " B"], "answer": 0},
 ]
 
 
