@@ -15,6 +15,8 @@ and `llmasos eval MODEL --tasks lm_eval:TASK [--include-path DIR]` runs lm-eval 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Any
 
@@ -32,19 +34,20 @@ except ImportError:
 class LLMasOSLM(TemplateLM):
     """An LLMasOS model in lm-eval: log-likelihoods by batched forward passes, generation on the engine.
 
-    model_args: pretrained (a store name or model dir), dtype, device, batch_size, max_length;
-    or pass an already loaded `LLM` as llm=."""
+    model_args: pretrained (a store name or model dir), dtype, device, batch_size, max_length, kernels
+    (as `LLM.load`); or pass an already loaded `LLM` as llm=."""
 
     def __init__(self, pretrained: str | None = None, llm=None, dtype: str = "auto", device: str | None = None,
-                 batch_size: int | str | None = 16, max_length: int | None = None, **_ignored: Any):
+                 batch_size: int | str | None = 16, max_length: int | None = None, kernels: bool = True,
+                 **_ignored: Any):
         super().__init__()
         from llmasos import LLM
 
         if llm is None:
             if pretrained is None:
                 raise LLMasOSError("the llmasos lm-eval model needs pretrained=MODEL (a store name or model dir)")
-            llm = LLM.load(pretrained, dtype=dtype, device=device or "cpu",
-                           max_batch_size=_batch_size(batch_size))
+            llm = LLM.load(pretrained, dtype=dtype, device=device or "cpu", max_batch_size=_batch_size(batch_size),
+                           kernels=kernels)
         self.llm, self.name = llm, str(pretrained or llm.path)
         self.tokenizer = llm.tokenizer
         self._batch_size = _batch_size(batch_size)
@@ -172,17 +175,17 @@ def run_lm_eval(llm, names: list[str], manager, config, model_name: str) -> list
     rows = []
     for task, values in out["results"].items():
         samples = out.get("n-samples", {}).get(task, {}).get("effective", 0)
-        digest = str(out.get("task_hashes", {}).get(task, ""))[:12] or "-"
+        settings = [out.get("configs", {}).get(task), config.limit, config.num_fewshot]
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
         for key, value in values.items():
-            metric, _, filt = key.partition(",")
-            if metric.endswith("_stderr") or not isinstance(value, (int, float)) or metric == "alias":
+            metric, _, filt = key.partition(",")  # lm-eval names scores "metric,filter"
+            if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             stderr = values.get(f"{metric}_stderr,{filt}")
-            rows.append(Result(model_name, f"lm_eval:{task}", metric if filt in ("none", "") else f"{metric},{filt}",
+            rows.append(Result(model_name, f"lm_eval:{task}", metric if filt == "none" else f"{metric},{filt}",
                                float(value), float(stderr) if isinstance(stderr, (int, float)) else None,
                                int(samples), digest, seconds))
     return rows
-
 
 if __name__ == "__main__":
     from lm_eval.__main__ import cli_evaluate
