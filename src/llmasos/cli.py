@@ -308,7 +308,7 @@ def cmd_tasks(args: argparse.Namespace) -> None:
 
     table = Table(title="Built-in evaluation tasks (llmasos eval MODEL --tasks NAME)", title_justify="left")
     for col in ("name", "kind", "samples", "metrics", "description"):
-        table.add_column(col, justify="right" if col == "samples" else "left")
+        table.add_column(col, justify="right" if col == "samples" else "left", no_wrap=col in ("name", "kind"))
     for name in builtin_tasks():
         task = load_task(name)
         table.add_row(name, task.kind, str(len(task.records)), ", ".join(task.metrics), task.description)
