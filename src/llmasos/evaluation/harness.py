@@ -41,12 +41,16 @@ class LLMasOSLM(TemplateLM):
                  batch_size: int | str | None = 16, max_length: int | None = None, kernels: bool = True,
                  **_ignored: Any):
         super().__init__()
+        import torch
+
         from llmasos import LLM
 
+        if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI asks for cuda by default
         if llm is None:
             if pretrained is None:
                 raise LLMasOSError("the llmasos lm-eval model needs pretrained=MODEL (a store name or model dir)")
-            llm = LLM.load(pretrained, dtype=dtype, device=device or "cpu", max_batch_size=_batch_size(batch_size),
+            llm = LLM.load(pretrained, dtype=dtype, device=device, max_batch_size=_batch_size(batch_size),
                            kernels=kernels)
         self.llm, self.name = llm, str(pretrained or llm.path)
         self.tokenizer = llm.tokenizer
@@ -187,7 +191,12 @@ def run_lm_eval(llm, names: list[str], manager, config, model_name: str) -> list
                                int(samples), digest, seconds))
     return rows
 
-if __name__ == "__main__":
+def main() -> None:
+    """lm-eval's own command line, with the `llmasos` model registered."""
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
