@@ -97,7 +97,7 @@ def run_task(llm, task: Task, config: EvalConfig, model_name: str, progress: boo
     prefix = task.fewshot_prefix(shots)
     examples = task.examples(config.limit)
     score = dict(batch_size=config.batch_size, progress=progress)
-    scores: dict[str, metrics.Score] = {}
+    scores: dict[str, metrics.Score]
     if task.kind == "multiple_choice":
         pairs = [encode_pair(llm.tokenizer, prefix + e.prompt, task.target_delimiter + c)
                  for e in examples for c in e.choices]
@@ -138,6 +138,8 @@ def run_task(llm, task: Task, config: EvalConfig, model_name: str, progress: boo
 def run_perplexity(llm, config: EvalConfig, model_name: str, progress: bool = True) -> Result:
     import hashlib
 
+    import numpy as np
+
     from llmasos.evaluation.scoring import perplexity_tokens, sliding_perplexity
 
     t0 = time.perf_counter()
@@ -145,7 +147,8 @@ def run_perplexity(llm, config: EvalConfig, model_name: str, progress: bool = Tr
     window = llm.config.max_position_embeddings
     result = sliding_perplexity(llm.model, ids, max_length=window, stride=config.stride,
                                 batch_size=config.batch_size, progress=progress)
-    digest = hashlib.sha256(json.dumps([ids, window, config.stride]).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps([window, config.stride]).encode() + np.asarray(ids, np.int64).tobytes())
+    digest = digest.hexdigest()[:12]
     return Result(model_name, f"perplexity:{Path(config.perplexity).name}", "perplexity", result.perplexity,
                   None, result.tokens, digest, time.perf_counter() - t0)
 
@@ -204,7 +207,7 @@ def compare_table(files: list[str | Path]):
     table.add_column("task")
     table.add_column("metric")
     for path, rows in runs:
-        table.add_column(rows[0].model if rows else path.name, justify="right")
+        table.add_column(f"{rows[0].model}\n{path.name}" if rows else path.name, justify="right")
     for task, metric in keys:
         found = [next((r for r in rows if (r.task, r.metric) == (task, metric)), None) for _, rows in runs]
         hashes = {r.config_hash for r in found if r is not None}

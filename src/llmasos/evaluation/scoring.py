@@ -137,7 +137,9 @@ def perplexity_tokens(source: str | Path, tokenizer, vocab_size: int) -> list[in
         if data.metadata.get("vocab_size", 0) > vocab_size:
             raise LLMasOSError(f"{path}: prepared with a vocabulary of {data.metadata['vocab_size']} tokens; "
                                f"the model has {vocab_size}")
-        return [int(t) for t in data.tokens(0, len(data))]
+        if len(data) < 2:
+            raise LLMasOSError(f"{path}: the val split has {len(data)} tokens (prepare with --val-fraction above 0)")
+        return data.tokens(0, len(data)).tolist()
     if not path.is_file():
         raise LLMasOSError(f"{path}: no such text file or prepared data dir")
     try:

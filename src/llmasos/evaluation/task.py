@@ -196,7 +196,8 @@ class Task:
     def training_examples(self) -> list[tuple[str, str]]:
         """(prompt, target) pairs for fine-tuning: prompt + target is the whole text, the loss goes on target.
 
-        The target starts with `target_delimiter`, so the pair tokenizes as the evaluation scores it."""
+        The target (the first accepted answer; the right option of a multiple-choice item) starts with
+        `target_delimiter`, so the pair tokenizes as the evaluation scores it. No few-shot preamble."""
         return [(e.prompt, self.target_delimiter + e.references[0]) for e in self.examples()]
 
     def config_hash(self, **settings: Any) -> str:
@@ -269,7 +270,7 @@ def builtin_tasks() -> dict[str, Path]:
 def load_task(name_or_path: str | Path) -> Task:
     """A built-in task by name, or a task YAML file; checked completely before it is returned."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise TaskError(f"{path}: no such task file")
         return Task.from_yaml(path)
