@@ -91,7 +91,7 @@ def test_simple_evaluate_by_registered_name_on_local_tasks(llm, tiny, harness, l
     from lm_eval.tasks import TaskManager
 
     from llmasos.evaluation.runner import EvalConfig, run_task
-    from llmasos.evaluation.task import load_task
+    from llmasos.evaluation.tasks import load_task
 
     tasks_dir, tmp = local_tasks
     out = lm_eval.simple_evaluate(model="llmasos", model_args=f"pretrained={tiny[0]},dtype=float32,kernels=False",

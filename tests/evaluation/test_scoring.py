@@ -7,7 +7,7 @@ from conftest import MC_RECORDS, write_jsonl
 from helpers import CORPUS
 from llmasos.evaluation.runner import EvalConfig, run_perplexity, run_task
 from llmasos.evaluation.scoring import encode_pair, loglikelihoods, perplexity_tokens, sliding_perplexity
-from llmasos.evaluation.task import load_task
+from llmasos.evaluation.tasks import load_task
 
 
 def reference_loglikelihood(ref, context: list[int], continuation: list[int]) -> tuple[float, bool]:

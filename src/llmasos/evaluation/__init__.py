@@ -1,8 +1,8 @@
 """Evaluation: YAML tasks with library metrics, sliding-window perplexity, the lm-eval adapter.
 
-Tasks (`llmasos.evaluation.task`) also drive fine-tuning::
+Tasks (`llmasos.evaluation.tasks`) also drive fine-tuning::
 
-    from llmasos.evaluation import load_task
+    from llmasos.evaluation.tasks import load_task     # also exported by llmasos.evaluation
     task = load_task("capitals_qa")          # a built-in name, or the path of a task YAML
     pairs = task.training_examples()         # [(prompt, target), ...]: prompt rendered through the
                                              # task's template; target starts with the task's
@@ -19,6 +19,6 @@ one `Result` per task and metric; `sliding_perplexity(model, ids, max_length, st
 (needs lm-eval) registers the `llmasos` model with lm-eval.
 """
 
-from llmasos.evaluation.task import Task, TaskError, builtin_tasks, load_task
+from llmasos.evaluation.tasks import Task, TaskError, builtin_tasks, load_task
 
 __all__ = ["Task", "TaskError", "builtin_tasks", "load_task"]

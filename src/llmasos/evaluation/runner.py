@@ -10,7 +10,7 @@ from pathlib import Path
 
 from llmasos.errors import LLMasOSError
 from llmasos.evaluation import metrics
-from llmasos.evaluation.task import Task, TaskError, load_task
+from llmasos.evaluation.tasks import Task, TaskError, load_task
 
 LM_EVAL_PREFIX = "lm_eval:"
 

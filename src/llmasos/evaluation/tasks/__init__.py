@@ -1,4 +1,5 @@
-"""`Task`: one evaluation (and fine-tuning) task described by a YAML file.
+"""`Task`: one evaluation (and fine-tuning) task described by a YAML file; the built-in task files
+live beside this module.
 
 A task names its data (a local .jsonl/.json/.csv file next to the YAML, or `hub:NAME` for a
 Hugging Face dataset), Jinja templates over the data's fields, optional few-shot examples, the
@@ -20,7 +21,7 @@ import yaml
 
 from llmasos.errors import LLMasOSError
 
-BUILTIN_DIR = Path(__file__).parent / "tasks"
+BUILTIN_DIR = Path(__file__).parent
 KINDS = ("generation", "translation", "qa", "multiple_choice")
 GENERATIVE_METRICS = ("perplexity", "exact_match", "f1", "bleu", "chrf")
 METRICS = {  # kind -> (allowed metrics, default metrics)
