@@ -2,7 +2,6 @@ import json
 import os
 
 import pytest
-
 from helpers import make_hf_model, write_bpe_tokenizer
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

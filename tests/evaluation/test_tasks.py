@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import MC_RECORDS, write_jsonl
+
 from llmasos.evaluation import TaskError, builtin_tasks, load_task
 
 

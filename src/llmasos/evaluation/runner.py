@@ -96,7 +96,7 @@ def run_task(llm, task: Task, config: EvalConfig, model_name: str, progress: boo
     shots = task.num_fewshot if config.num_fewshot is None else config.num_fewshot
     prefix = task.fewshot_prefix(shots)
     examples = task.examples(config.limit)
-    score = dict(batch_size=config.batch_size, progress=progress)
+    score = {"batch_size": config.batch_size, "progress": progress}
     scores: dict[str, metrics.Score]
     if task.kind == "multiple_choice":
         pairs = [encode_pair(llm.tokenizer, prefix + e.prompt, task.target_delimiter + c)

@@ -82,7 +82,7 @@ class Task:
                                 f"use {', '.join(allowed)}")
         unknown = set(self.generation) - set(GENERATION_KEYS)
         if unknown:
-            raise TaskError(f"{where}: generation key {sorted(unknown)[0]!r} is unknown; "
+            raise TaskError(f"{where}: generation key {min(unknown)!r} is unknown; "
                             f"use {', '.join(GENERATION_KEYS)}")
         if self.kind == "multiple_choice" and not self.choices:
             raise TaskError(f"{where}: a multiple_choice task needs `choices` (a list field or a list of templates)")
@@ -92,7 +92,7 @@ class Task:
     # ---- loading ------------------------------------------------------------------------------------
 
     @classmethod
-    def from_yaml(cls, path: Path | str) -> "Task":
+    def from_yaml(cls, path: Path | str) -> Task:
         path = Path(path)
         try:
             spec = yaml.safe_load(path.read_text(encoding="utf-8"))
