@@ -309,6 +309,42 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     print(f"next: llmasos chat {run / ('final' if (run / 'final').exists() else 'adapter')}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from llmasos.evaluation.runner import EvalConfig, compare_table, evaluate, plan, results_table, write_results
+
+    if args.model == "compare":
+        Console().print(compare_table(args.results))
+        return
+    if args.results:
+        raise LLMasOSError(f"unexpected arguments {' '.join(args.results)} (only `llmasos eval compare` takes files)")
+    config = EvalConfig(tasks=[t for t in (args.tasks or "").split(",") if t], limit=args.limit,
+                        batch_size=args.batch_size, num_fewshot=args.num_fewshot, include_path=args.include_path,
+                        perplexity=args.perplexity, stride=args.stride)
+    work = plan(config)  # a bad task or path is reported before the model is loaded
+    llm = _load_llm(args, max_batch_size=args.batch_size)
+    rows = evaluate(llm, config, args.model, work)
+    Console().print(results_table(rows))
+    if args.out:
+        print(f"wrote {write_results(rows, args.out, args.model)}")
+
+
+def cmd_tasks(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmasos.evaluation import builtin_tasks, load_task
+
+    table = Table(title="Built-in evaluation tasks (llmasos eval MODEL --tasks NAME)", title_justify="left")
+    for col in ("name", "kind", "samples", "metrics", "description"):
+        table.add_column(col, justify="right" if col == "samples" else "left", no_wrap=col in ("name", "kind"))
+    for name in builtin_tasks():
+        task = load_task(name)
+        table.add_row(name, task.kind, str(len(task.records)), ", ".join(task.metrics), task.description)
+    Console().print(table)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from llmasos.quickstart import run
 
@@ -450,6 +486,28 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--system", help="a system message at the start of the conversation")
     _sampling_options(p, 512)
+
+    p = _verb(sub, "eval", cmd_eval, "evaluate a model: built-in or YAML tasks, lm-eval tasks, perplexity; compare runs",
+              "  llmasos eval my-model --tasks arithmetic_qa,science_mc --limit 20 --out results.json\n"
+              "  llmasos eval my-model --tasks ./my_task.yaml --num-fewshot 0\n"
+              "  llmasos eval my-model --perplexity ./text.txt --stride 256   # or a prepared data dir (val split)\n"
+              "  llmasos eval my-model --tasks lm_eval:hellaswag --limit 100\n"
+              "  llmasos eval my-model --tasks lm_eval:my_task --include-path ./lm_eval_tasks\n"
+              "  llmasos eval compare base.json tuned.json")
+    _model_options(p)
+    p.add_argument("results", nargs="*", metavar="RESULTS.json", help="with `compare` as MODEL: results files")
+    p.add_argument("--tasks", help="comma-separated: built-in names (`llmasos tasks`), task YAMLs, lm_eval:TASK")
+    p.add_argument("--limit", type=int, help="the first N examples of each task")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    p.add_argument("--include-path", help="a directory of lm-eval task YAMLs (for lm_eval:TASK)")
+    p.add_argument("--perplexity", metavar="FILE_OR_DATA_DIR", help="sliding-window perplexity of a text file "
+                   "or of a prepared data dir's val split")
+    p.add_argument("--stride", type=int, help="perplexity window stride in tokens (default half the context)")
+    p.add_argument("--out", help="write the results as JSON here")
+
+    _verb(sub, "tasks", cmd_tasks, "list the built-in evaluation tasks (name, kind, samples, metrics)",
+          "  llmasos tasks")
     return parser
 
 
