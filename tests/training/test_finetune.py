@@ -199,3 +199,17 @@ def test_bad_finetune_configs_are_named(base, tmp_path):
     with pytest.raises(ConfigError, match="lora_targets: unknown module.*qkv"):
         ft.finetune(config(base[0], write_jsonl(tmp_path / "a.jsonl", ALPACA), tmp_path / "r", method="lora",
                            lora_targets="qkv"), progress=False)
+
+
+def test_a_task_drives_finetuning_through_its_template(base, tmp_path):
+    from llmasos.evaluation import load_task
+
+    task = load_task("arithmetic_qa")
+    examples = ft.training_examples(config(base[0], "", tmp_path / "r", task="arithmetic_qa"), Tokenizer(base[0]))
+    prompt, answer = task.training_examples()[0]
+    tok = Tokenizer(base[0])
+    assert examples[0].input_ids[: len(tok.encode(prompt))] == tok.encode(prompt)
+    assert tok.decode([t for t in examples[0].labels if t != IGNORE]) == answer
+    run = ft.finetune(config(base[0], "", tmp_path / "run", task="arithmetic_qa", method="lora", max_steps=2),
+                      progress=False)
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
