@@ -118,7 +118,8 @@ def export_onnx(model_path: Path | str, out_dir: Path, *, dtype: str = "float32"
     batch, seq, past = 2, 3, 4
     sample = (torch.randint(0, config.vocab_size, (batch, seq)), torch.ones(batch, past + seq, dtype=torch.int64),
               torch.arange(past, past + seq).expand(batch, seq),
-              *[torch.zeros(batch, config.num_key_value_heads, past, config.head_dim, dtype=DTYPES[dtype])] * (2 * n))
+              *(torch.zeros(batch, config.num_key_value_heads, past, config.head_dim, dtype=DTYPES[dtype])
+                for _ in range(2 * n)))  # distinct tensors: torch.export would merge inputs that alias
     b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     shapes = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: torch.export.Dim.AUTO}, "position_ids": {0: b, 1: s},
               "past": tuple({0: b, 2: p} for _ in range(2 * n))}
