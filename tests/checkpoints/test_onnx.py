@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -111,6 +112,21 @@ def test_greedy_loop_on_onnxruntime_gives_our_engines_tokens(llama):
         ids = logits[:, -1].argmax(-1, keepdim=True)
         got.append(int(ids))
     assert got == want
+
+
+def test_readme_example_decodes_our_engines_greedy_tokens(llama, tmp_path, monkeypatch, capsys):
+    from llmasos import LLM, SamplingParams
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    code = readme.split("### ONNX export")[1].split("```python\n")[1].split("```")[0]
+    (tmp_path / "llama-onnx").symlink_to(llama.out)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(code, scope)
+    llm = LLM.load(llama.stored, kernels=False)
+    want = llm.generate("Once upon a time", SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0]
+    assert scope["out"] == want.token_ids
+    assert capsys.readouterr().out == scope["tok"].decode(want.token_ids) + "\n"
 
 
 def test_left_padded_batch_matches_each_prompt_alone(llama):
