@@ -79,6 +79,7 @@ def test_export_is_a_self_contained_dir_with_the_optimum_layout(llama):
     assert {"model.onnx", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()}
     assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
+    genai = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
     n = model.config.num_hidden_layers
     inputs = {i.name: i.shape for i in session.get_inputs()}
     assert list(inputs)[:3] == ["input_ids", "attention_mask", "position_ids"]
@@ -87,6 +88,9 @@ def test_export_is_a_self_contained_dir_with_the_optimum_layout(llama):
     outputs = {o.name: o.shape for o in session.get_outputs()}
     assert list(outputs) == ["logits"] + [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
     assert outputs["logits"] == ["batch", "seq", 400]
+    for names, pattern in [(inputs, genai["inputs"]["past_value_names"]), (outputs, genai["outputs"]["present_key_names"])]:
+        assert all(pattern % i in names for i in range(n))
+    assert genai["num_key_value_heads"] == 2 and genai["head_size"] == 16
 
 
 def test_prefill_and_decode_logits_match_ours(llama):
@@ -147,7 +151,7 @@ def test_left_padded_batch_matches_each_prompt_alone(llama):
 
 def test_export_refuses_a_dir_with_files_in_it(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(LLMasOSError, match="not empty"):
+    with pytest.raises(LLMasOSError, match="not an empty dir"):
         export_onnx(tmp_path / "model", tmp_path)
 
 

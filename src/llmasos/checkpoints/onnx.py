@@ -2,7 +2,8 @@
 
 The graph has the layout optimum and onnxruntime-genai use: `input_ids`, `attention_mask`
 [batch, past + seq], `position_ids` and `past_key_values.{i}.key/value` [batch, kv_heads, past,
-head_dim] in; `logits` and `present.{i}.key/value` (past and new keys together) out.
+head_dim] in; `logits` and `present.{i}.key/value` (past and new keys together) out. A
+`genai_config.json` describes it to onnxruntime-genai.
 
 Our `Transformer` writes a preallocated cache in place, which a graph cannot express. The export
 runs the same modules and weights (`Block`, `Attention`, rotary) with a cache that concatenates
@@ -15,16 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import shutil
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from llmasos.errors import LLMasOSError
+from llmasos.models.config import MODEL_TYPES, ModelConfig
 
 DTYPES = {"float32": torch.float32, "f32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "f16": torch.float16, "fp16": torch.float16}
@@ -82,6 +85,38 @@ class OnnxDecoder(nn.Module):
         return (model.lm_head(model.model.norm(x)), *cache.present)
 
 
+def genai_config(config: ModelConfig) -> dict[str, Any]:
+    """onnxruntime-genai's description of the graph. The cache is not a shared buffer: each
+    `present` is its `past` with the new tokens appended (past_present_share_buffer false)."""
+    eos = config.eos_token_ids
+    return {
+        "model": {
+            "type": MODEL_TYPES[config.architecture],
+            "vocab_size": config.vocab_size,
+            "context_length": config.max_position_embeddings,
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": config.pad_token_id if config.pad_token_id is not None else (eos or [0])[0],
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": config.head_dim,
+                "hidden_size": config.hidden_size,
+                "num_attention_heads": config.num_attention_heads,
+                "num_hidden_layers": config.num_hidden_layers,
+                "num_key_value_heads": config.num_key_value_heads,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": config.max_position_embeddings,
+                   "min_length": 0, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0,
+                   "past_present_share_buffer": False},
+    }
+
+
 @contextlib.contextmanager
 def quiet_exporter() -> Iterator[None]:
     """Silence the exporter's warnings and log lines: they concern its internals, nothing a user can act on."""
@@ -97,19 +132,23 @@ def quiet_exporter() -> Iterator[None]:
 
 
 def export_onnx(model_path: Path | str, out_dir: Path, *, dtype: str = "float32") -> Path:
-    """Write `model.onnx` (weights as external data above 2 GB), config, generation config and
-    tokenizer files into `out_dir`, which must be new or empty; returns the path of `model.onnx`.
+    """Write `model.onnx` (weights in `model.onnx.data` above 2 GB), `genai_config.json`, the model's config,
+    generation config and tokenizer files into `out_dir`, which must be new or empty; returns `model.onnx`'s path.
 
     MODEL is a store name or a model dir. dtype: float32 or float16 (onnxruntime runs few bf16 ops)."""
     from llmasos.checkpoints.hf import copy_tokenizer_files, write_generation_config
     from llmasos.checkpoints.load import load_model
     from llmasos.checkpoints.store import atomic_dir, resolve
 
+    try:
+        from onnxscript import ir
+    except ImportError:
+        raise LLMasOSError("ONNX export needs onnx and onnxscript: pip install 'llmasos[onnx]'") from None
     if dtype not in DTYPES:
         raise LLMasOSError(f"ONNX export: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise LLMasOSError(f"{out_dir} already exists and is not empty; choose a new --out dir")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise LLMasOSError(f"{out_dir} already exists and is not an empty dir; choose a new --out dir")
     path = resolve(model_path)
     model = load_model(path, dtype=DTYPES[dtype])
     config = model.config
@@ -127,11 +166,12 @@ def export_onnx(model_path: Path | str, out_dir: Path, *, dtype: str = "float32"
         program = torch.onnx.export(OnnxDecoder(model).eval(), sample, input_names=input_names(n),
                                     output_names=output_names(n), dynamic_shapes=shapes, dynamo=True, verbose=False)
     mask = program.model.graph.inputs[1]  # its length is past + seq, which torch.export cannot be told
-    mask.shape = type(mask.shape)(["batch", "past + seq"])
+    mask.shape = ir.Shape(["batch", "past + seq"])
     with atomic_dir(out_dir, replace=True) as tmp:
         program.save(tmp / "model.onnx")
         stored = dataclasses.replace(config, dtype=str(DTYPES[dtype]).removeprefix("torch."))
         (tmp / "config.json").write_text(stored.to_json() + "\n")
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(config), indent=2) + "\n")
         if (path / "generation_config.json").exists():
             shutil.copy2(path / "generation_config.json", tmp)
         else:
