@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -14,13 +15,11 @@ from llmasos.checkpoints.load import load_model
 from llmasos.checkpoints.onnx import export_onnx
 from llmasos.errors import LLMasOSError
 
-ort = pytest.importorskip("onnxruntime")
-
 # GQA, tied embeddings, biases and Llama 3.1 rope scaling in one model; Mistral's sliding window in the other.
-LLAMA = dict(num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True,
-             rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
-MISTRAL = dict(num_key_value_heads=1, sliding_window=4)
+LLAMA = {"num_key_value_heads": 2, "tie_word_embeddings": True, "attention_bias": True,
+         "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}
+MISTRAL = {"num_key_value_heads": 1, "sliding_window": 4}
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,16 @@ import json
 import logging
 import shutil
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from llmasos.errors import LLMasOSError
 from llmasos.models.config import MODEL_TYPES, ModelConfig
+from llmasos.models.llama import Step, Transformer
 
 DTYPES = {"float32": torch.float32, "f32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "f16": torch.float16, "fp16": torch.float16}
@@ -50,7 +52,7 @@ class ConcatCache:
         self.past = past
         self.present: list[Tensor] = []
 
-    def update(self, layer: int, step, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, step: Step, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         k = torch.cat((self.past[2 * layer], k), dim=2)
         v = torch.cat((self.past[2 * layer + 1], v), dim=2)
         self.present += [k, v]
@@ -60,13 +62,11 @@ class ConcatCache:
 class OnnxDecoder(nn.Module):
     """A `Transformer`'s forward pass with the cache passed in and out: what is exported."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: Transformer):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
-        from llmasos.models.llama import Step
-
         model = self.model
         s, total = input_ids.shape[1], attention_mask.shape[1]
         keys = torch.arange(total, device=input_ids.device)
@@ -79,7 +79,8 @@ class OnnxDecoder(nn.Module):
         x = model.model.embed_tokens(input_ids)
         cos, sin = model.rotary(position_ids, x.dtype)
         cache = ConcatCache(past)
-        step = Step(cos, sin, position_ids, mask[:, None], False, total, None, None, cache, 0)
+        step = Step(cos=cos, sin=sin, input_pos=position_ids, mask=mask[:, None], causal=False, kv_len=total,
+                    start=None, rows=None, cache=cache, row0=0)
         for block in model.model.layers:
             x = block(x, step)
         return (model.lm_head(model.model.norm(x)), *cache.present)
@@ -155,7 +156,7 @@ def export_onnx(model_path: Path | str, out_dir: Path, *, dtype: str = "float32"
     n = config.num_hidden_layers
     # Sample sizes all differ and exceed 1, so that torch.export keeps every axis symbolic.
     batch, seq, past = 2, 3, 4
-    sample = (torch.randint(0, config.vocab_size, (batch, seq)), torch.ones(batch, past + seq, dtype=torch.int64),
+    sample = (torch.zeros(batch, seq, dtype=torch.int64), torch.ones(batch, past + seq, dtype=torch.int64),
               torch.arange(past, past + seq).expand(batch, seq),
               *(torch.zeros(batch, config.num_key_value_heads, past, config.head_dim, dtype=DTYPES[dtype])
                 for _ in range(2 * n)))  # distinct tensors: torch.export would merge inputs that alias
