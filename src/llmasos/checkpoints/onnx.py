@@ -133,7 +133,7 @@ def quiet_exporter() -> Iterator[None]:
 
 
 def export_onnx(model_path: Path | str, out_dir: Path, *, dtype: str = "float32") -> Path:
-    """Write `model.onnx` (weights in `model.onnx.data` above 2 GB), `genai_config.json`, the model's config,
+    """Write `model.onnx` (weights in `model.onnx.data` above 1.5 GB), `genai_config.json`, the model's config,
     generation config and tokenizer files into `out_dir`, which must be new or empty; returns `model.onnx`'s path.
 
     MODEL is a store name or a model dir. dtype: float32 or float16 (onnxruntime runs few bf16 ops)."""
