@@ -136,7 +136,7 @@ def export_onnx(model_path: Path | str, out_dir: Path, *, dtype: str = "float32"
     """Write `model.onnx` (weights in `model.onnx.data` above 1.5 GB), `genai_config.json`, the model's config,
     generation config and tokenizer files into `out_dir`, which must be new or empty; returns `model.onnx`'s path.
 
-    MODEL is a store name or a model dir. dtype: float32 or float16 (onnxruntime runs few bf16 ops)."""
+    model_path: a store name or a model dir. dtype: float32 or float16 (onnxruntime has few bf16 kernels)."""
     from llmasos.checkpoints.hf import copy_tokenizer_files, write_generation_config
     from llmasos.checkpoints.load import load_model
     from llmasos.checkpoints.store import atomic_dir, resolve
