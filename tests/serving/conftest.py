@@ -45,6 +45,18 @@ def live_server(llm, **options) -> Iterator[str]:
         thread.join(30)
 
 
+@pytest.fixture(scope="package", autouse=True)
+def one_thread() -> Iterator[None]:
+    """A tiny model decodes several times faster on one thread than on two busy ones (shared test machines);
+    the engine threads the servers start take this setting too."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="package")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random GQA Llama with a byte-level BPE tokenizer and a chat template; 1024 tokens of context
