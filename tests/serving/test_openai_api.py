@@ -163,3 +163,21 @@ def test_raw_stream_ends_with_done(http):
     assert events[-1] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events)
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+@torch.inference_mode()
+def test_lm_eval_local_completions_reads_our_loglikelihoods(http, llm):
+    """lm-eval's own parser over the request its `local-completions` model sends for a log-likelihood task."""
+    api = pytest.importorskip("lm_eval.models.openai_completions").LocalCompletionsAPI
+    info = http.get("/tokenizer_info").json()  # what its remote tokenizer backend reads
+    assert info["eos_token"] == "<|end_of_text|>" and info["model_max_length"] == 1024
+    context, continuation = [1, 50, 60, 70], [80, 90]
+    tokens = context + continuation
+    payload = {"model": "tiny", "prompt": [tokens], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+               "echo": True}
+    (loglikelihood, greedy), = api.parse_logprobs(http.post("/v1/completions", json=payload).json(), [tokens],
+                                                  [len(context)])
+    logprobs = llm.model(torch.tensor([tokens]))[0].float().log_softmax(-1)
+    expected = sum(logprobs[i - 1, tokens[i]].item() for i in range(len(context), len(tokens)))
+    assert loglikelihood == pytest.approx(expected, abs=1e-4)
+    assert greedy == all(logprobs[i - 1].argmax().item() == tokens[i] for i in range(len(context), len(tokens)))

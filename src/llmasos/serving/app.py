@@ -14,9 +14,10 @@ import hmac
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,8 +37,9 @@ from llmasos.serving.metrics import Metrics
 MAX_BODY_BYTES = 8 * 2**20
 ROLES = ("system", "user", "assistant", "developer")  # "developer" is OpenAI's newer name for "system"
 ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
-          "/detokenize"}
-PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # what --api-key guards; the page, /health, /metrics stay open
+          "/detokenize", "/tokenizer_info"}
+# What --api-key guards; the page, /health and /metrics stay open.
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
@@ -414,6 +416,12 @@ class Service:
             raise APIError(400, f"token ids must be in [0, {vocab}); got {bad[:5]}", param="tokens")
         return {"prompt": self.tokenizer.decode(body.tokens)}
 
+    async def tokenizer_info(self) -> dict[str, Any]:
+        """vLLM's route, which lm-eval's `tokenizer_backend=remote` reads (with /tokenize and /detokenize)."""
+        tok = self.tokenizer
+        return {"eos_token": tok.eos_token, "bos_token": tok.bos_token, "pad_token": tok.pad_token,
+                "model_max_length": self.llm.engine.max_seq_len, "chat_template": tok.chat_template}
+
     async def health(self) -> Response:
         if not self.worker.alive:
             return APIError(503, "the engine thread has stopped").response()
@@ -479,6 +487,7 @@ def create_app(llm: LLM, served_model_name: str = "llmasos", api_key: str | None
     app.post("/v1/chat/completions")(service.chat)
     app.post("/tokenize")(service.tokenize)
     app.post("/detokenize")(service.detokenize)
+    app.get("/tokenizer_info")(service.tokenizer_info)
 
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     app.add_middleware(CountRequests, metrics=metrics)

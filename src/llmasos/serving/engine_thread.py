@@ -14,8 +14,9 @@ import queue
 import threading
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, TypeVar
 
 from llmasos.inference.engine import Delta, Engine, RequestOutput
 from llmasos.inference.sampling import SamplingParams
@@ -45,7 +46,7 @@ class Stream:
     Iterate it once; `cancel` (always call it, e.g. in a `finally`) aborts whatever has not finished,
     which is how a client that goes away frees its rows."""
 
-    def __init__(self, worker: "EngineThread", outputs: list[RequestOutput], inbox: asyncio.Queue):
+    def __init__(self, worker: EngineThread, outputs: list[RequestOutput], inbox: asyncio.Queue):
         self.worker, self.outputs, self._inbox = worker, outputs, inbox
         self._open = {o.request_id for o in outputs}
 
@@ -167,7 +168,7 @@ class EngineThread:
             elif future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn(self.engine))
-                except BaseException as e:
+                except Exception as e:
                     future.set_exception(e)
             try:
                 command = self._commands.get_nowait()

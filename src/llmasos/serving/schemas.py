@@ -36,7 +36,6 @@ class SamplingFields(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
 
 
 class CompletionRequest(SamplingFields):
