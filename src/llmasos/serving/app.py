@@ -228,14 +228,6 @@ class Service:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def submit(self, prompts: list[list[int]], params: SamplingParams, aliases: dict[str, str]) -> Stream:
-        """Queue the requests; engine errors name the request's own field (e.g. messages, not prompt)."""
-        try:
-            return await self.worker.submit(prompts, params)
-        except InvalidRequestError as e:
-            e.param = aliases.get(e.param, e.param)
-            raise
-
     # ---- /v1/completions ----
 
     async def completions(self, body: s.CompletionRequest, request: Request) -> Response:
@@ -260,7 +252,7 @@ class Service:
             outputs = [RequestOutput(f"score-{i}", p, [Completion(j, finish_reason="length") for j in range(body.n)],
                                      True, start, end, end) for i, p in enumerate(prompts)]
             return JSONResponse(self.completion_response(body, outputs, texts, scored).model_dump())
-        stream = await self.submit(prompts, params, {})
+        stream = await self.worker.submit(prompts, params)
         if body.stream:
             return self.streaming(stream, self.completion_chunks(body, stream, texts, scored))
         if not await self.run_to_end(stream, request):
@@ -339,16 +331,16 @@ class Service:
         prompt = self.chat_prompt(body.messages)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        uses_new_name = body.max_completion_tokens is not None
-        max_name = "max_completion_tokens" if uses_new_name else "max_tokens"
-        aliases = {"prompt": "messages", "max_tokens": max_name, "logprobs": "top_logprobs"}
+        new_name = body.max_completion_tokens is not None
         try:
-            params = self.sampling(body, body.max_completion_tokens if uses_new_name else body.max_tokens,
+            params = self.sampling(body, body.max_completion_tokens if new_name else body.max_tokens,
                                    (body.top_logprobs or 0) if body.logprobs else None)
-        except InvalidRequestError as e:
-            e.param = aliases.get(e.param, e.param)
+            stream = await self.worker.submit([prompt], params)
+        except InvalidRequestError as e:  # name the field this request used, not the engine's
+            fields = {"prompt": "messages", "logprobs": "top_logprobs",
+                      "max_tokens": "max_completion_tokens" if new_name else "max_tokens"}
+            e.param = fields.get(e.param, e.param)
             raise
-        stream = await self.submit([prompt], params, aliases)
         if body.stream:
             return self.streaming(stream, self.chat_chunks(body, stream))
         if not await self.run_to_end(stream, request):
