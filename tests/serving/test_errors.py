@@ -147,3 +147,48 @@ def test_a_full_queue_answers_503_and_the_server_serves_on(tiny_dir):
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "hello", "max_tokens": 2})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         assert 'llmasos_requests_total{route="/v1/completions",status="503"} 1.0' in httpx.get(f"{base}/metrics").text
+
+
+def test_an_engine_failure_ends_the_stream_with_an_error_and_the_server_serves_on(tiny_dir):
+    from llmasos import LLM
+
+    llm = LLM.load(tiny_dir, max_batch_size=4)
+    real_step, failures = llm.engine.step, [RuntimeError("out of memory (simulated)")] * 2
+
+    def step():
+        if failures:
+            raise failures.pop()
+        return real_step()
+
+    llm.engine.step = step
+    with live_server(llm) as base:
+        body = {"prompt": "hello", "max_tokens": 5, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200 and events[-1] == "data: [DONE]"
+        assert "out of memory (simulated)" in json.loads(events[-2][6:])["error"]["message"]
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "hello", "max_tokens": 5}, timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "hello", "max_tokens": 5, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        assert metric(base, "llmasos_num_sequences_running") == 0
+
+
+def test_cors_preflight_needs_no_key_and_a_chunked_body_is_still_limited(llm):
+    from fastapi.testclient import TestClient
+
+    from llmasos.serving import create_app
+
+    origin = "http://localhost:3000"
+    app = create_app(llm, api_key=API_KEY, cors_origins=[origin], max_body_bytes=1000)
+    http = TestClient(app)  # no lifespan: the engine thread is not started, and nothing here needs it
+    preflight = http.options("/v1/chat/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
+    refused = http.post("/v1/chat/completions", json={"messages": []}, headers={"Origin": origin})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin
+    assert http.options("/v1/models", headers={"Origin": "http://evil.example",
+                                               "Access-Control-Request-Method": "GET"}).status_code == 400
+    chunked = http.post("/v1/completions", content=iter([b'{"prompt": "', b"x" * 2000, b'"}']),
+                        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
