@@ -116,6 +116,10 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(http, llm):
             assert lp["token_logprobs"][1:len(prompt)] == pytest.approx(expected.tolist(), abs=1e-4)
             if max_tokens:  # lm-eval's is_greedy: the generated token's logprob is the top one at temperature 0
                 assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())
+    streamed = http.post("/v1/completions", json={"prompt": prompts[0], "echo": True, "logprobs": 1, "max_tokens": 0,
+                                                  "stream": True}).text.split("\n\n")
+    assert streamed[-2:] == ["data: [DONE]", ""]
+    assert len(json.loads(streamed[0][6:])["choices"][0]["logprobs"]["tokens"]) == len(prompts[0])
 
 
 def test_tokenize_and_detokenize_round_trip(http):

@@ -251,7 +251,11 @@ class Service:
             end = time.perf_counter()
             outputs = [RequestOutput(f"score-{i}", p, [Completion(j, finish_reason="length") for j in range(body.n)],
                                      True, start, end, end) for i, p in enumerate(prompts)]
-            return JSONResponse(self.completion_response(body, outputs, texts, scored).model_dump())
+            scores = self.completion_response(body, outputs, texts, scored)
+            if body.stream:  # one chunk holds it all
+                return StreamingResponse(iter([_sse(scores.model_dump_json()), _sse("[DONE]")]),
+                                         media_type="text/event-stream")
+            return JSONResponse(scores.model_dump())
         stream = await self.worker.submit(prompts, params)
         if body.stream:
             return self.streaming(stream, self.completion_chunks(body, stream, texts, scored))
