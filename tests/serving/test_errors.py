@@ -133,7 +133,7 @@ def test_a_full_queue_answers_503_and_the_server_serves_on(tiny_dir):
     from llmasos import LLM
 
     with live_server(LLM.load(tiny_dir, max_batch_size=1), max_queue=1) as base:
-        running, waiting = LongStream(base, tokens=300, key=None), LongStream(base, tokens=300, key=None)
+        running, waiting = LongStream(base, tokens=600, key=None), LongStream(base, tokens=600, key=None)
         running.start()
         assert running.started.wait(30)
         waiting.start()
@@ -143,7 +143,7 @@ def test_a_full_queue_answers_503_and_the_server_serves_on(tiny_dir):
         assert r.json()["error"]["code"] == "queue_full"
         running.join(60)
         waiting.join(60)
-        assert running.usage()["completion_tokens"] == waiting.usage()["completion_tokens"] == 300
+        assert running.usage()["completion_tokens"] == waiting.usage()["completion_tokens"] == 600
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "hello", "max_tokens": 2})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         assert 'llmasos_requests_total{route="/v1/completions",status="503"} 1.0' in httpx.get(f"{base}/metrics").text
