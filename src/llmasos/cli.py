@@ -217,6 +217,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from llmasos.serving import serve
+
+    if args.max_running < 1 or args.max_queue < 0:
+        raise LLMasOSError("--max-running must be at least 1 and --max-queue at least 0")
+    llm = _load_llm(args, max_batch_size=args.max_running)
+    print(f"serving {args.model} at http://{args.host}:{args.port} (web chat at /, API at /v1)", file=sys.stderr)
+    serve(llm, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, api_key=args.api_key,
+          served_model_name=args.served_model_name or args.model, max_queue=args.max_queue,
+          cors_origins=args.cors_origin)
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from llmasos.data.sources import SourceStats, iter_documents
     from llmasos.tokenization import Tokenizer
@@ -508,6 +520,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     _verb(sub, "tasks", cmd_tasks, "list the built-in evaluation tasks (name, kind, samples, metrics)",
           "  llmasos tasks")
+    p = _verb(sub, "serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API, with a web chat page",
+              "  llmasos serve my-model                       # http://127.0.0.1:8000, chat page at /\n"
+              "  llmasos serve my-model --port 8080 --api-key sk-local --served-model-name llama\n"
+              "  llmasos serve ./model-dir --host 0.0.0.0 --max-running 32 --quantize int8")
+    _model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize")
+    p.add_argument("--served-model-name", help="the model id clients send and see (default: MODEL as given)")
+    p.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="sequences that may wait for a slot; beyond that requests get 503 (default 256)")
+    p.add_argument("--cors-origin", action="append", help="a browser origin allowed to call the API (repeatable)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running requests get to finish (default 30)")
     return parser
 
 

@@ -14,3 +14,15 @@ class CheckpointError(LLMasOSError):
 
 class ConfigError(LLMasOSError):
     """A configuration with an unknown key, a wrong type or an unsupported setting."""
+
+
+class InvalidRequestError(LLMasOSError):
+    """A generation request with a value out of range; `param` names the field, so the server can report it."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(InvalidRequestError):
+    """A prompt, or a prompt plus the tokens asked for, that does not fit the model's context."""

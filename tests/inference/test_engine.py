@@ -151,3 +151,26 @@ def test_eos_stops_by_default(llm):
 def test_bad_sampling_params_are_named(field, value):
     with pytest.raises(LLMasOSError, match=f"SamplingParams.{field}="):
         SamplingParams(**{field: value})
+
+
+def test_prompt_logprobs_equal_transformers(llm, tiny):
+    prompt = PROMPTS[1]
+    with torch.no_grad():
+        ref = tiny[1](torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)
+    scored = llm.engine.prompt_logprobs(prompt, top=3)
+    assert [s.token_id for s in scored] == prompt[1:]
+    assert torch.allclose(torch.tensor([s.logprob for s in scored]), ref.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0],
+                          atol=1e-4)
+    assert [[i for i, _ in s.top] for s in scored] == ref.topk(3).indices.tolist()
+    assert llm.engine.prompt_logprobs(prompt)[0].top == []
+
+
+def test_context_errors_name_the_parameter(llm):
+    from llmasos.errors import ContextLengthError
+
+    with pytest.raises(ContextLengthError) as e:
+        llm.engine.add([5] * 100, SamplingParams(max_tokens=50))
+    assert e.value.param == "max_tokens"
+    with pytest.raises(ContextLengthError) as e:
+        llm.engine.prompt_logprobs([5] * 129)
+    assert e.value.param == "prompt"

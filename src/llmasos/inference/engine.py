@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from llmasos.errors import LLMasOSError
+from llmasos.errors import ContextLengthError, InvalidRequestError, LLMasOSError
 from llmasos.inference.sampling import SamplingParams, apply_penalties, draw, filter_logits
 from llmasos.tokenization import StreamDecoder, Tokenizer
 
@@ -164,22 +164,19 @@ class Engine:
 
     def add(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> RequestOutput:
         """Queue a request (a string, or token ids); refused before any work if it cannot fit the context."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise LLMasOSError("the prompt is empty (no tokens)")
-        vocab = self.model.config.vocab_size
-        if not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
-            raise LLMasOSError(f"prompt token ids must be integers in [0, {vocab})")
+        ids = self._prompt_ids(prompt)
         if params.n > self.max_batch_size:
-            raise LLMasOSError(f"n={params.n} is more than the engine's max batch size {self.max_batch_size}")
+            raise InvalidRequestError(f"n={params.n} is more than the engine's max batch size {self.max_batch_size}",
+                                      param="n")
         room = self.max_seq_len - len(ids)
         if room < 1:
-            raise LLMasOSError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}, "
-                               "leaving no room to generate")
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}, "
+                                     "leaving no room to generate", param="prompt")
         max_tokens = room if params.max_tokens is None else params.max_tokens
         if max_tokens > room:
-            raise LLMasOSError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                               f"context of {self.max_seq_len} tokens; lower max_tokens to at most {room}")
+            raise ContextLengthError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                                     f"the context of {self.max_seq_len} tokens; lower max_tokens to at most {room}",
+                                     param="max_tokens")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise LLMasOSError(f"request id {request_id!r} is already in use")
@@ -187,6 +184,30 @@ class Engine:
         self.requests[request_id] = req
         self.waiting.append(req)
         return req.output
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty (no tokens)", param="prompt")
+        vocab = self.model.config.vocab_size
+        if not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        return ids
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt: str | list[int], top: int = 0) -> list[TokenLogprob]:
+        """How likely each prompt token is after the ones before it (one forward, no cache): an entry per
+        token from the second on, with its `top` likeliest alternatives. For scoring (lm-eval's log-likelihood)."""
+        ids = self._prompt_ids(prompt)
+        if len(ids) > self.max_seq_len:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}",
+                                     param="prompt")
+        tokens = torch.tensor(ids, device=self.device)
+        logprobs = self.model(tokens[None])[0, :-1].float().log_softmax(-1)
+        chosen = logprobs.gather(1, tokens[1:, None])[:, 0].tolist()
+        alts = logprobs.topk(top, dim=-1) if top else None
+        top_ids, top_lps = (alts.indices.tolist(), alts.values.tolist()) if alts else ([[]] * len(chosen),) * 2
+        return [TokenLogprob(t, lp, list(zip(i, v))) for t, lp, i, v in zip(ids[1:], chosen, top_ids, top_lps)]
 
     @torch.inference_mode()  # the cache holds inference tensors; moving rows must happen in the same mode
     def abort(self, request_id: str) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from llmasos.errors import LLMasOSError
+from llmasos.errors import InvalidRequestError
 
 
 @dataclass
@@ -36,7 +36,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> None:
-            raise LLMasOSError(f"SamplingParams.{name}={getattr(self, name)!r}: {rule}")
+            raise InvalidRequestError(f"SamplingParams.{name}={getattr(self, name)!r}: {rule}", param=name)
 
         if self.max_tokens is not None and self.max_tokens < 1:
             bad("max_tokens", "must be at least 1")

@@ -1,0 +1,505 @@
+"""The OpenAI-compatible server: `create_app(llm)` builds the FastAPI app, `serve` runs it with uvicorn.
+
+One model, many clients: every request goes to the continuous-batching engine, which one background
+thread owns (`engine_thread`). Handlers validate, tokenize and format; the engine thread computes.
+Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and a client mistake is
+always a 4xx that leaves the server serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from llmasos.errors import ContextLengthError, InvalidRequestError, LLMasOSError
+from llmasos.inference import LLM, SamplingParams
+from llmasos.inference.engine import Completion, RequestOutput, TokenLogprob
+from llmasos.serving import schemas as s
+from llmasos.serving.engine_thread import EngineFailure, EngineThread, QueueFullError, Stream
+from llmasos.serving.metrics import Metrics
+
+MAX_BODY_BYTES = 8 * 2**20
+ROLES = ("system", "user", "assistant", "developer")  # "developer" is OpenAI's newer name for "system"
+ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
+          "/detokenize", "/tokenizer_info"}
+# What --api-key guards; the page, /health and /metrics stay open.
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+               503: "server_overloaded"}
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def response(self) -> JSONResponse:
+        info = s.ErrorInfo(message=self.message, type=ERROR_TYPES.get(self.status, "server_error"),
+                           param=self.param, code=self.code)
+        return JSONResponse(s.ErrorResponse(error=info).model_dump(), self.status, headers=self.headers)
+
+
+# ---- middleware (plain ASGI: no buffering of streamed responses) ------------------------------------
+
+
+class Guard:
+    """The API key and the body-size limit, checked before any routing or parsing."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    def authorized(self, headers: dict[str, str]) -> bool:
+        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if (self.api_key and scope["method"] != "OPTIONS" and scope["path"].startswith(PROTECTED)
+                and not self.authorized(headers)):
+            error = APIError(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'",
+                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return await error.response()(scope, receive, send)
+        too_large = f"the request body is larger than {self.max_body_bytes} bytes"
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await APIError(413, too_large, code=HTTP_CODES[413]).response()(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:  # a chunked body that declared no length
+                raise HTTPException(413, too_large)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class CountRequests:
+    """Counts answers by route and status for /metrics (499: the client left before the answer)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+
+        async def counted_send(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted_send)
+
+
+# ---- the routes --------------------------------------------------------------------------------------
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _usage(outputs: list[RequestOutput]) -> s.Usage:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(o.num_generated for o in outputs)
+    return s.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _timings(outputs: list[RequestOutput]) -> s.Timings | None:
+    if any(o.first_token_at is None or o.finished_at is None for o in outputs):
+        return None  # aborted before its first token
+    first = max(o.first_token_at for o in outputs)
+    prompt_s, predicted_s = first - min(o.arrival for o in outputs), max(o.finished_at for o in outputs) - first
+    prompt_n = sum(len(o.prompt_token_ids) for o in outputs)
+    predicted_n = sum(o.num_generated for o in outputs)
+    after_first = predicted_n - sum(len(o.outputs) for o in outputs)
+    return s.Timings(prompt_n=prompt_n, prompt_ms=prompt_s * 1e3,
+                     prompt_per_second=prompt_n / prompt_s if prompt_s > 0 else None,
+                     predicted_n=predicted_n, predicted_ms=predicted_s * 1e3,
+                     predicted_per_second=after_first / predicted_s if predicted_s > 0 and after_first > 0 else None)
+
+
+def _sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+class Service:
+    """The handlers, over one model and the thread that runs its engine."""
+
+    def __init__(self, llm: LLM, worker: EngineThread, metrics: Metrics, model_name: str):
+        self.llm, self.worker, self.metrics, self.model_name = llm, worker, metrics, model_name
+        self.tokenizer = llm.tokenizer
+        self.created = int(time.time())
+        self.piece = functools.lru_cache(maxsize=1 << 16)(
+            lambda token: self.tokenizer.decode([token], skip_special_tokens=False))
+
+    # ---- shared steps ----
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    @staticmethod
+    def sampling(body: s.SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos,
+            logprobs=logprobs, n=body.n)
+
+    def chat_prompt(self, messages: list[s.ChatMessage]) -> list[int]:
+        if not messages:
+            raise APIError(400, "messages is empty: send at least one message", param="messages")
+        for i, m in enumerate(messages):
+            if m.role not in ROLES:
+                raise APIError(400, f"messages[{i}].role is {m.role!r}; use one of {', '.join(ROLES)}",
+                               param=f"messages[{i}].role")
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        try:
+            return self.llm.chat_prompt(turns)
+        except LLMasOSError as e:  # the template refused the conversation (e.g. roles that do not alternate)
+            raise APIError(400, str(e), param="messages") from None
+
+    async def run_to_end(self, stream: Stream, request: Request) -> bool:
+        """Wait for every request of `stream`; False (and everything aborted) if the client leaves first."""
+
+        async def drain() -> None:
+            async for _ in stream:
+                pass
+
+        done, gone = asyncio.ensure_future(drain()), asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not done.done():
+                return False
+            done.result()  # an engine failure raises here
+            return True
+        finally:
+            done.cancel()
+            gone.cancel()
+            stream.cancel()
+            self.metrics.record(stream.outputs)
+
+    def streaming(self, stream: Stream, chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
+        """Server-sent events ending with `data: [DONE]`; an engine failure is sent as an error event first."""
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for chunk in chunks:
+                    yield _sse(chunk.model_dump_json())
+            except EngineFailure as e:
+                info = s.ErrorInfo(message=f"generation failed: {e}", type="server_error")
+                yield _sse(s.ErrorResponse(error=info).model_dump_json())
+            finally:  # also when the client disconnects: this is what frees its rows at once
+                stream.cancel()
+                self.metrics.record(stream.outputs)
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # ---- /v1/completions ----
+
+    async def completions(self, body: s.CompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        prompt = body.prompt
+        if not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        texts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt[0], str) else None
+        if texts is not None:
+            prompts = [self.tokenizer.encode(t) for t in texts]
+        else:
+            prompts = [prompt] if isinstance(prompt[0], int) else prompt
+            texts = [self.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
+        score_only = body.echo and body.max_tokens == 0  # lm-eval's log-likelihood: the prompt's logprobs only
+        params = self.sampling(body, 1 if score_only else body.max_tokens, body.logprobs)
+        scored: list[list[TokenLogprob]] | None = None
+        start = time.perf_counter()
+        if body.echo and body.logprobs is not None:
+            scored = await self.worker.call(lambda engine: [engine.prompt_logprobs(p, body.logprobs) for p in prompts])
+        if score_only:
+            end = time.perf_counter()
+            outputs = [RequestOutput(f"score-{i}", p, [Completion(j, finish_reason="length") for j in range(body.n)],
+                                     True, start, end, end) for i, p in enumerate(prompts)]
+            scores = self.completion_response(body, outputs, texts, scored)
+            if body.stream:  # one chunk holds it all
+                return StreamingResponse(iter([_sse(scores.model_dump_json()), _sse("[DONE]")]),
+                                         media_type="text/event-stream")
+            return JSONResponse(scores.model_dump())
+        stream = await self.worker.submit(prompts, params)
+        if body.stream:
+            return self.streaming(stream, self.completion_chunks(body, stream, texts, scored))
+        if not await self.run_to_end(stream, request):
+            return Response(status_code=499)
+        return JSONResponse(self.completion_response(body, stream.outputs, texts, scored).model_dump())
+
+    def completion_logprobs(self, tokens: list[int], entries: list[TokenLogprob | None],
+                            into: s.CompletionLogprobs) -> None:
+        offset = into.text_offset[-1] + len(into.tokens[-1]) if into.tokens else 0
+        for token, entry in zip(tokens, entries):
+            piece = self.piece(token)
+            into.tokens.append(piece)
+            into.text_offset.append(offset)
+            offset += len(piece)
+            into.token_logprobs.append(entry.logprob if entry else None)
+            into.top_logprobs.append({self.piece(t): lp for t, lp in entry.top} if entry else None)
+
+    def echoed(self, body: s.CompletionRequest, i: int, texts: list[str],
+               scored: list[list[TokenLogprob]] | None, prompt_ids: list[int]) -> tuple[str, s.CompletionLogprobs | None]:
+        """The start of choice text for prompt i: the prompt itself when echoing, with its logprobs."""
+        logprobs = s.CompletionLogprobs() if body.logprobs is not None else None
+        if not body.echo:
+            return "", logprobs
+        if logprobs is not None:
+            self.completion_logprobs(prompt_ids, [None, *scored[i]], logprobs)
+        return texts[i], logprobs
+
+    def completion_response(self, body: s.CompletionRequest, outputs: list[RequestOutput], texts: list[str],
+                            scored: list[list[TokenLogprob]] | None) -> s.CompletionResponse:
+        choices = []
+        for i, out in enumerate(outputs):
+            for c in out.outputs:
+                text, logprobs = self.echoed(body, i, texts, scored, out.prompt_token_ids)
+                if logprobs is not None:
+                    self.completion_logprobs(c.token_ids, c.logprobs or [], logprobs)
+                choices.append(s.CompletionChoice(index=i * body.n + c.index, text=text + c.text, logprobs=logprobs,
+                                                  finish_reason=c.finish_reason))
+        return s.CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
+                                    choices=choices, usage=_usage(outputs), timings=_timings(outputs))
+
+    async def completion_chunks(self, body: s.CompletionRequest, stream: Stream, texts: list[str],
+                                scored: list[list[TokenLogprob]] | None) -> AsyncIterator[s.CompletionResponse]:
+        rid, created, outputs = f"cmpl-{uuid.uuid4().hex}", int(time.time()), stream.outputs
+        index = {o.request_id: i for i, o in enumerate(outputs)}
+        seen = [[0] * body.n for _ in outputs]  # tokens already sent, per choice
+        left = len(outputs) * body.n
+
+        def chunk(choices: list[s.CompletionChoice], last: bool = False) -> s.CompletionResponse:
+            return s.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
+                                        timings=_timings(outputs) if last else None)
+
+        if body.echo:
+            yield chunk([s.CompletionChoice(index=i * body.n + j, text=text, logprobs=logprobs)
+                         for i, out in enumerate(outputs) for j in range(body.n)
+                         for text, logprobs in [self.echoed(body, i, texts, scored, out.prompt_token_ids)]])
+        async for d in stream:
+            i = index[d.request.request_id]
+            c = d.request.outputs[d.index]
+            logprobs = None
+            if body.logprobs is not None:
+                start, seen[i][d.index] = seen[i][d.index], seen[i][d.index] + len(d.token_ids)
+                logprobs = s.CompletionLogprobs()
+                self.completion_logprobs(d.token_ids, c.logprobs[start:start + len(d.token_ids)], logprobs)
+            if d.text or d.finished or logprobs is not None:
+                left -= d.finished
+                yield chunk([s.CompletionChoice(index=i * body.n + d.index, text=d.text, logprobs=logprobs,
+                                                finish_reason=c.finish_reason if d.finished else None)], left == 0)
+        if body.stream_options and body.stream_options.include_usage:
+            yield s.CompletionResponse(id=rid, created=created, model=self.model_name, choices=[],
+                                       usage=_usage(outputs), timings=_timings(outputs))
+
+    # ---- /v1/chat/completions ----
+
+    async def chat(self, body: s.ChatCompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        prompt = self.chat_prompt(body.messages)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        new_name = body.max_completion_tokens is not None
+        try:
+            params = self.sampling(body, body.max_completion_tokens if new_name else body.max_tokens,
+                                   (body.top_logprobs or 0) if body.logprobs else None)
+            stream = await self.worker.submit([prompt], params)
+        except InvalidRequestError as e:  # name the field this request used, not the engine's
+            fields = {"prompt": "messages", "logprobs": "top_logprobs",
+                      "max_tokens": "max_completion_tokens" if new_name else "max_tokens"}
+            e.param = fields.get(e.param, e.param)
+            raise
+        if body.stream:
+            return self.streaming(stream, self.chat_chunks(body, stream))
+        if not await self.run_to_end(stream, request):
+            return Response(status_code=499)
+        out = stream.outputs[0]
+        choices = [s.ChatChoice(index=c.index, message=s.AssistantMessage(content=c.text),
+                                logprobs=self.chat_logprobs(c.logprobs) if body.logprobs else None,
+                                finish_reason=c.finish_reason) for c in out.outputs]
+        return JSONResponse(s.ChatCompletionResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name, choices=choices,
+            usage=_usage([out]), timings=_timings([out])).model_dump())
+
+    def chat_logprobs(self, entries: list[TokenLogprob]) -> s.ChatLogprobs:
+        def top(token: int, logprob: float) -> s.TopLogprob:
+            piece = self.piece(token)
+            return s.TopLogprob(token=piece, logprob=logprob, bytes=list(piece.encode()))
+
+        return s.ChatLogprobs(content=[s.TokenLogprobEntry(**top(e.token_id, e.logprob).model_dump(),
+                                                           top_logprobs=[top(t, lp) for t, lp in e.top])
+                                       for e in entries])
+
+    async def chat_chunks(self, body: s.ChatCompletionRequest, stream: Stream) -> AsyncIterator[s.ChatCompletionChunk]:
+        rid, created, outputs = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), stream.outputs
+        seen, left = [0] * body.n, body.n
+
+        def chunk(choices: list[s.ChatChunkChoice], **extra: Any) -> s.ChatCompletionChunk:
+            return s.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices, **extra)
+
+        yield chunk([s.ChatChunkChoice(index=j, delta=s.ChatDelta(role="assistant", content="")) for j in range(body.n)])
+        async for d in stream:
+            c = d.request.outputs[d.index]
+            logprobs = None
+            if body.logprobs:
+                start, seen[d.index] = seen[d.index], seen[d.index] + len(d.token_ids)
+                logprobs = self.chat_logprobs(c.logprobs[start:start + len(d.token_ids)])
+            if d.text or d.finished or logprobs is not None:
+                left -= d.finished
+                yield chunk([s.ChatChunkChoice(index=d.index, delta=s.ChatDelta(content=d.text), logprobs=logprobs,
+                                               finish_reason=c.finish_reason if d.finished else None)],
+                            timings=_timings(outputs) if left == 0 else None)
+        if body.stream_options and body.stream_options.include_usage:
+            yield chunk([], usage=_usage(outputs), timings=_timings(outputs))
+
+    # ---- the small routes ----
+
+    async def models(self) -> s.ModelList:
+        return s.ModelList(data=[s.ModelCard(id=self.model_name, created=self.created,
+                                             max_model_len=self.llm.engine.max_seq_len)])
+
+    async def tokenize(self, body: s.TokenizeRequest) -> dict[str, Any]:
+        self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send either prompt or messages", param="prompt")
+        if body.messages is not None:
+            tokens = self.chat_prompt(body.messages)
+        else:
+            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.llm.engine.max_seq_len}
+
+    async def detokenize(self, body: s.DetokenizeRequest) -> dict[str, Any]:
+        self.check_model(body.model)
+        vocab = self.llm.config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids must be in [0, {vocab}); got {bad[:5]}", param="tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        """vLLM's route, which lm-eval's `tokenizer_backend=remote` reads (with /tokenize and /detokenize)."""
+        tok = self.tokenizer
+        return {"eos_token": tok.eos_token, "bos_token": tok.bos_token, "pad_token": tok.pad_token,
+                "model_max_length": self.llm.engine.max_seq_len, "chat_template": tok.chat_template}
+
+    async def health(self) -> Response:
+        if not self.worker.alive:
+            return APIError(503, "the engine thread has stopped").response()
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_text(self) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(resources.files("llmasos.serving").joinpath("static/index.html").read_text("utf-8"))
+
+
+# ---- the app ---------------------------------------------------------------------------------------
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 for a body that is not JSON or has a field of the wrong type, naming the field."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return APIError(422, f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}",
+                        code="json_invalid").response()
+    param = ".".join(loc) or None
+    return APIError(422, f"{param or 'body'}: {err['msg']}", param=param, code=err.get("type")).response()
+
+
+def create_app(llm: LLM, served_model_name: str = "llmasos", api_key: str | None = None, max_queue: int = 256,
+               cors_origins: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The app for one loaded model. Its engine thread starts and stops with the app's lifespan.
+
+    max_queue: sequences that may wait for a free row (the running batch is the engine's max_batch_size);
+    beyond that a request gets 503 at once. cors_origins: browser origins allowed to call the API."""
+    worker = EngineThread(llm.engine, max_queue)
+    metrics = Metrics(worker)
+    service = Service(llm, worker, metrics, served_model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="LLMasOS", summary="OpenAI-compatible server", lifespan=lifespan)
+    app.state.service = service
+    app.add_exception_handler(APIError, lambda request, e: e.response())
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, lambda request, e: APIError(
+        e.status_code, str(e.detail), code=HTTP_CODES.get(e.status_code), headers=e.headers).response())
+    app.add_exception_handler(ContextLengthError, lambda request, e: APIError(
+        400, str(e), param=e.param, code="context_length_exceeded").response())
+    app.add_exception_handler(LLMasOSError, lambda request, e: APIError(
+        400, str(e), param=getattr(e, "param", None)).response())
+    app.add_exception_handler(QueueFullError, lambda request, e: APIError(
+        503, f"{e}; retry later", code="queue_full", headers={"Retry-After": "1"}).response())
+    app.add_exception_handler(Exception, lambda request, e: APIError(
+        500, f"internal error: {type(e).__name__}: {e}").response())
+
+    app.get("/", include_in_schema=False)(service.page)
+    app.get("/health")(service.health)
+    app.get("/metrics")(service.metrics_text)
+    app.get("/v1/models")(service.models)
+    app.post("/v1/completions")(service.completions)
+    app.post("/v1/chat/completions")(service.chat)
+    app.post("/tokenize")(service.tokenize)
+    app.post("/detokenize")(service.detokenize)
+    app.get("/tokenizer_info")(service.tokenizer_info)
+
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics)
+    if cors_origins:  # outermost: answers preflights itself and labels every answer, errors included
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+    return app
+
+
+def serve(llm: LLM, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
+          log_level: str = "info", **options: Any) -> None:
+    """Serve until SIGINT or SIGTERM. On SIGTERM: stop accepting, let running requests finish for up to
+    `shutdown_timeout` seconds (then abort them), and return (the process exits 0)."""
+    import uvicorn
+
+    app = create_app(llm, **options)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+    # uvicorn re-raises the signal once it has drained; a drained server is a success, not a kill.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.Server(config).run()

@@ -1,0 +1,210 @@
+"""The one thread that owns the engine.
+
+The engine is synchronous and not thread-safe, so every call into it (adding, aborting, stepping,
+scoring) runs on this thread. Async handlers hand it work through a thread-safe queue of commands and
+get each request's deltas back on their own asyncio queue (`loop.call_soon_threadsafe`). When there is
+nothing to step, the thread sleeps on the command queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from llmasos.inference.engine import Delta, Engine, RequestOutput
+from llmasos.inference.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class QueueFullError(Exception):
+    """Every running slot is taken and the waiting queue is full: the client should retry later."""
+
+
+class EngineFailure(Exception):
+    """The engine raised while stepping; the requests it was running are lost."""
+
+
+class _End:
+    """Sent after a request's last delta (or when it was aborted)."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+
+
+class Stream:
+    """The requests of one API call: their outputs, and their deltas in the order the engine made them.
+
+    Iterate it once; `cancel` (always call it, e.g. in a `finally`) aborts whatever has not finished,
+    which is how a client that goes away frees its rows."""
+
+    def __init__(self, worker: EngineThread, outputs: list[RequestOutput], inbox: asyncio.Queue):
+        self.worker, self.outputs, self._inbox = worker, outputs, inbox
+        self._open = {o.request_id for o in outputs}
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        while self._open:
+            item = await self._inbox.get()
+            if isinstance(item, _End):
+                self._open.discard(item.request_id)
+            elif isinstance(item, BaseException):
+                raise EngineFailure(str(item)) from item
+            else:
+                for delta in item:
+                    yield delta
+
+    def cancel(self) -> None:
+        for request_id in self._open:
+            self.worker.abort(request_id)
+        self._open.clear()
+
+
+class EngineThread:
+    """Runs `engine` on a background thread. `max_queue`: sequences that may wait for a free row."""
+
+    def __init__(self, engine: Engine, max_queue: int = 256):
+        self.engine, self.max_queue = engine, max_queue
+        self._commands: queue.SimpleQueue[tuple[Callable[[Engine], Any], Future | None]] = queue.SimpleQueue()
+        self._sinks: dict[str, Callable[[Any], None]] = {}  # request id -> thread-safe put into its Stream
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llmasos-engine", daemon=True)
+        self.num_running = 0  # snapshots for /metrics, refreshed by the thread after every step
+        self.num_waiting = 0
+
+    # ---- from the event loop -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort what is left (its clients get finish_reason "abort") and end the thread."""
+        if self._thread.is_alive():
+            self._commands.put((self._shutdown, None))
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run `fn(engine)` on the engine thread, between two steps, and return its result."""
+        future: Future = Future()
+        self._commands.put((fn, future))
+        return await asyncio.wrap_future(future)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put((lambda engine: self._abort(engine, request_id), None))
+
+    async def submit(self, prompts: list[list[int]], params: SamplingParams) -> Stream:
+        """Queue one request per prompt (all or none). Raises the engine's errors (context length, bad ids)
+        and `QueueFullError` before any work is done."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        ids = [f"req-{uuid.uuid4().hex}" for _ in prompts]
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                pass
+
+        def add(engine: Engine) -> list[RequestOutput]:
+            busy = engine.num_running + sum(r.params.n for r in engine.waiting)
+            if busy + params.n * len(prompts) > engine.max_batch_size + self.max_queue:
+                raise QueueFullError(f"the server is busy: {engine.num_running} sequences running and "
+                                     f"{engine.num_waiting} requests waiting (the queue holds {self.max_queue})")
+            outputs: list[RequestOutput] = []
+            try:
+                for request_id, prompt in zip(ids, prompts):
+                    outputs.append(engine.add(prompt, params, request_id))
+                    self._sinks[request_id] = put
+            except BaseException:
+                for out in outputs:
+                    self._abort(engine, out.request_id)
+                raise
+            return outputs
+
+        try:
+            outputs = await self.call(add)
+        except asyncio.CancelledError:  # the client left while the command was queued
+            for request_id in ids:
+                self.abort(request_id)
+            raise
+        return Stream(self, outputs, inbox)
+
+    # ---- on the engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._run_commands(wait=not self.engine.has_work())
+            if self._stopping or not self.engine.has_work():
+                continue
+            try:
+                deltas = self.engine.step()
+            except Exception as e:  # a bug or out of memory: fail the requests in flight, keep serving
+                log.exception("engine step failed")
+                self._fail_all(e)
+            else:
+                self._dispatch(deltas)
+            self.num_running, self.num_waiting = self.engine.num_running, self.engine.num_waiting
+
+    def _run_commands(self, wait: bool) -> None:
+        try:
+            command = self._commands.get() if wait else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, future = command
+            if future is None:
+                fn(self.engine)
+            elif future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as e:
+                    future.set_exception(e)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+        self.num_running, self.num_waiting = self.engine.num_running, self.engine.num_waiting
+
+    def _dispatch(self, deltas: list[Delta]) -> None:
+        by_request: dict[str, list[Delta]] = defaultdict(list)
+        for delta in deltas:
+            by_request[delta.request.request_id].append(delta)
+        for request_id, batch in by_request.items():
+            put = self._sinks.get(request_id)
+            if put is None:
+                continue
+            put(batch)
+            if batch[0].request.finished:
+                put(_End(request_id))
+                del self._sinks[request_id]
+
+    def _abort(self, engine: Engine, request_id: str) -> None:
+        engine.abort(request_id)
+        put = self._sinks.pop(request_id, None)
+        if put is not None:
+            put(_End(request_id))
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, put in list(self._sinks.items()):
+            put(error)
+            try:
+                self._abort(self.engine, request_id)
+            except Exception:  # the failed step may have left the request half-updated
+                log.exception("could not abort %s after the failed step", request_id)
+                self._sinks.pop(request_id, None)
+
+    def _shutdown(self, engine: Engine) -> None:
+        for request_id in list(self._sinks):
+            self._abort(engine, request_id)
+        self._stopping = True

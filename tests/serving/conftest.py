@@ -1,0 +1,96 @@
+"""A tiny model served by uvicorn on a free loopback port, in a thread of the test process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from helpers import make_hf_model, write_bpe_tokenizer
+
+API_KEY = "sk-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def live_server(llm, **options) -> Iterator[str]:
+    """The app for `llm` served at the yielded base URL until the block ends."""
+    import uvicorn
+
+    from llmasos.serving import create_app
+
+    port = free_port()
+    config = uvicorn.Config(create_app(llm, **options), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="package", autouse=True)
+def one_thread() -> Iterator[None]:
+    """A tiny model decodes several times faster on one thread than on two busy ones (shared test machines);
+    the engine threads the servers start take this setting too."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="package")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random GQA Llama with a byte-level BPE tokenizer and a chat template; 1024 tokens of context
+    so that a long request runs for a few seconds."""
+    path, _ = make_hf_model(tmp_path_factory.mktemp("serve") / "tiny", num_key_value_heads=2,
+                            max_position_embeddings=1024)
+    write_bpe_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="package")
+def llm(tiny_dir):
+    from llmasos import LLM
+
+    return LLM.load(tiny_dir, max_batch_size=16)
+
+
+@pytest.fixture(scope="package")
+def server(llm) -> Iterator[str]:
+    """The shared server: an API key, up to 16 running sequences and 64 waiting, bodies up to 1 MiB."""
+    with live_server(llm, served_model_name="tiny", api_key=API_KEY, max_queue=64, max_body_bytes=2**20) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+        yield c

@@ -1,0 +1,194 @@
+"""Client mistakes get OpenAI-shaped 4xx answers while a long stream runs on, and clients that leave free
+their rows at once."""
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import API_KEY, live_server
+
+LONG = 900  # tokens: a few seconds of decoding on the tiny model
+
+
+def metric(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+class LongStream(threading.Thread):
+    """A streamed completion of `tokens` tokens, read to the end; `started` is set at its first chunk."""
+
+    def __init__(self, base: str, tokens: int = LONG, key: str | None = API_KEY):
+        super().__init__(daemon=True)
+        self.base, self.tokens, self.key = base, tokens, key
+        self.started = threading.Event()
+        self.events: list[str] = []
+        self.status = None
+
+    def run(self) -> None:
+        body = {"prompt": "Once upon a time", "max_tokens": self.tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        with httpx.stream("POST", f"{self.base}/v1/completions", json=body, headers=headers, timeout=120) as r:
+            self.status = r.status_code
+            for line in r.iter_lines():
+                if line:
+                    self.events.append(line)
+                    self.started.set()
+        self.started.set()
+
+    def usage(self) -> dict:
+        return json.loads(self.events[-2][6:])["usage"]
+
+
+CONTEXT = 1024
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+USER = [{"role": "user", "content": "hi"}]
+ERRORS = [
+    # (route, body or raw bytes, headers, status, param)
+    (COMPLETIONS, {"prompt": [5] * (CONTEXT + 10)}, None, 400, "prompt"),
+    (COMPLETIONS, {"prompt": "hello", "max_tokens": CONTEXT}, None, 400, "max_tokens"),
+    (CHAT, {"messages": USER, "max_completion_tokens": 5000}, None, 400, "max_completion_tokens"),
+    (COMPLETIONS, {"prompt": "hello", "temperature": -1}, None, 400, "temperature"),
+    (CHAT, {"messages": USER, "top_p": 1.5}, None, 400, "top_p"),
+    (COMPLETIONS, {"prompt": "hello", "top_p": 0}, None, 400, "top_p"),
+    (COMPLETIONS, {"prompt": "hello", "max_tokens": 0}, None, 400, "max_tokens"),
+    (CHAT, {"messages": USER, "max_tokens": -3}, None, 400, "max_tokens"),
+    (CHAT, {"messages": []}, None, 400, "messages"),
+    (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, None, 400, "messages[0].role"),
+    (CHAT, {"messages": USER, "top_logprobs": 2}, None, 400, "top_logprobs"),
+    (COMPLETIONS, {"prompt": "hello", "stream_options": {"include_usage": True}}, None, 400, "stream_options"),
+    (CHAT, {"messages": USER}, {"Authorization": ""}, 401, None),
+    (CHAT, {"messages": USER}, {"Authorization": "Bearer wrong"}, 401, None),
+    (COMPLETIONS, {"prompt": "hello", "model": "gpt-4"}, None, 404, "model"),
+    (COMPLETIONS, {"prompt": "x" * (2**20 + 10)}, None, 413, None),
+    (COMPLETIONS, b'{"prompt": "hello", ', None, 422, None),
+    (CHAT, {"messages": "hello"}, None, 422, "messages"),
+    (COMPLETIONS, {"prompt": "hello", "temperature": "hot"}, None, 422, "temperature"),
+    (COMPLETIONS, {"prompt": ["hello", 3]}, None, 422, None),
+]
+
+
+def test_every_error_during_a_long_stream(server):
+    stream = LongStream(server)
+    stream.start()
+    assert stream.started.wait(30)
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as http:
+        for route, body, headers, status, param in ERRORS:
+            sent = dict(content=body, headers={"Content-Type": "application/json", **(headers or {})}) \
+                if isinstance(body, bytes) else dict(json=body, headers=headers)
+            r = http.post(route, **sent)
+            assert r.status_code == status, (body if len(str(body)) < 200 else route, r.text)
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+            if param is not None:
+                assert error["param"] == param, (param, error)
+        assert http.get("/nowhere").json()["error"]["code"] == "not_found"
+        assert metric(server, "llmasos_num_sequences_running") == 1  # the stream was still running throughout
+    stream.join(60)
+    assert stream.status == 200 and stream.events[-1] == "data: [DONE]"
+    assert stream.usage()["completion_tokens"] == LONG
+    finish = [json.loads(e[6:])["choices"] for e in stream.events[:-1]]
+    assert [c[0]["finish_reason"] for c in finish if c and c[0]["finish_reason"]] == ["length"]
+
+
+def test_the_context_error_names_the_limit(http):
+    r = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 1020})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "context of 1024 tokens" in r.json()["error"]["message"]
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
+    before = metric(server, "llmasos_generation_tokens_total")
+    body = {"prompt": "Once upon a time", "max_tokens": LONG, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        lines = r.iter_lines()
+        next(lines), next(lines)
+        assert metric(server, "llmasos_num_sequences_running") == 1
+    assert wait_for(lambda: metric(server, "llmasos_num_sequences_running") == 0, timeout=3)
+    assert metric(server, "llmasos_generation_tokens_total") - before < LONG / 2
+
+
+def test_a_non_streaming_client_that_times_out_frees_its_row(server):
+    body = {"prompt": "Once upon a time", "max_tokens": LONG, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=0.5, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert wait_for(lambda: metric(server, "llmasos_num_sequences_running") == 0, timeout=3)
+
+
+def test_a_full_queue_answers_503_and_the_server_serves_on(tiny_dir):
+    from llmasos import LLM
+
+    with live_server(LLM.load(tiny_dir, max_batch_size=1), max_queue=1) as base:
+        running, waiting = LongStream(base, tokens=600, key=None), LongStream(base, tokens=600, key=None)
+        running.start()
+        assert running.started.wait(30)
+        waiting.start()
+        assert wait_for(lambda: metric(base, "llmasos_num_requests_waiting") == 1)
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "hello", "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert r.json()["error"]["code"] == "queue_full"
+        running.join(60)
+        waiting.join(60)
+        assert running.usage()["completion_tokens"] == waiting.usage()["completion_tokens"] == 600
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "hello", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert 'llmasos_requests_total{route="/v1/completions",status="503"} 1.0' in httpx.get(f"{base}/metrics").text
+
+
+def test_an_engine_failure_ends_the_stream_with_an_error_and_the_server_serves_on(tiny_dir):
+    from llmasos import LLM
+
+    llm = LLM.load(tiny_dir, max_batch_size=4)
+    real_step, failures = llm.engine.step, [RuntimeError("out of memory (simulated)")] * 2
+
+    def step():
+        if failures:
+            raise failures.pop()
+        return real_step()
+
+    llm.engine.step = step
+    with live_server(llm) as base:
+        body = {"prompt": "hello", "max_tokens": 5, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200 and events[-1] == "data: [DONE]"
+        assert "out of memory (simulated)" in json.loads(events[-2][6:])["error"]["message"]
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "hello", "max_tokens": 5}, timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "hello", "max_tokens": 5, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        assert metric(base, "llmasos_num_sequences_running") == 0
+
+
+def test_cors_preflight_needs_no_key_and_a_chunked_body_is_still_limited(llm):
+    from fastapi.testclient import TestClient
+
+    from llmasos.serving import create_app
+
+    origin = "http://localhost:3000"
+    app = create_app(llm, api_key=API_KEY, cors_origins=[origin], max_body_bytes=1000)
+    http = TestClient(app)  # no lifespan: the engine thread is not started, and nothing here needs it
+    preflight = http.options("/v1/chat/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
+    refused = http.post("/v1/chat/completions", json={"messages": []}, headers={"Origin": origin})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin
+    assert http.options("/v1/models", headers={"Origin": "http://evil.example",
+                                               "Access-Control-Request-Method": "GET"}).status_code == 400
+    chunked = http.post("/v1/completions", content=iter([b'{"prompt": "', b"x" * 2000, b'"}']),
+                        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"

@@ -1,0 +1,71 @@
+"""The chat page at / in headless Chromium: a message typed, an answer streamed, a stop, a reset."""
+
+import shutil
+
+import httpx
+import pytest
+
+from conftest import API_KEY
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if not shutil.which(CHROMIUM):
+        reason = f"{CHROMIUM} is absent: install Debian's chromium to run the web page test"
+        print(reason)
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.goto(server)
+        page.fill("#api-key", API_KEY)
+        page.press("#api-key", "Tab")  # "change": the page asks /v1/models again, with the key
+        page.wait_for_function("document.getElementById('model').textContent === 'tiny'", timeout=10_000)
+        yield page
+        browser.close()
+
+
+def running(server: str) -> float:
+    text = httpx.get(f"{server}/metrics").text
+    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("llmasos_num_sequences_running ")))
+
+
+def test_a_typed_message_gets_a_streamed_answer(page):
+    page.evaluate("""() => { window.lengths = [];
+        new MutationObserver(() => { const a = document.querySelector('.msg.assistant');
+                                     if (a) window.lengths.push(a.textContent.length); })
+            .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true}); }""")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "64")
+    page.fill("#input", "Once upon a time")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".stats", timeout=30_000)
+    assert page.inner_text(".msg.user") == "Once upon a time"
+    answer = page.text_content(".msg.assistant")
+    assert answer.strip() and "finish: length" in page.inner_text(".stats")
+    growing = [n for n in page.evaluate("window.lengths") if 0 < n < len(answer)]
+    assert growing, "the answer appeared all at once, not as it was generated"
+
+
+def test_stop_ends_the_answer_and_frees_the_slot_and_reset_clears(page, server):
+    page.fill("#max-tokens", "500")
+    page.fill("#input", "Tell me a long story")
+    page.click("#send")
+    page.wait_for_function("(document.querySelectorAll('.msg.assistant')[1]?.textContent.length || 0) > 0",
+                           timeout=30_000)
+    page.click("#stop")
+    page.wait_for_function("document.querySelectorAll('.stats').length === 2", timeout=10_000)
+    assert "finish: stopped" in page.inner_text(".stats >> nth=1")
+    deadline = 50
+    while running(server) and deadline:
+        page.wait_for_timeout(100)
+        deadline -= 1
+    assert running(server) == 0
+    page.click("#reset")
+    assert page.locator(".msg").count() == 0
