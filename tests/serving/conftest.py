@@ -2,47 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from helpers import make_hf_model, write_bpe_tokenizer
-
-API_KEY = "sk-test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def live_server(llm, **options) -> Iterator[str]:
-    """The app for `llm` served at the yielded base URL until the block ends."""
-    import uvicorn
-
-    from llmasos.serving import create_app
-
-    port = free_port()
-    config = uvicorn.Config(create_app(llm, **options), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+from helpers import API_KEY, live_server, make_hf_model, write_bpe_tokenizer
 
 
 @pytest.fixture(scope="package", autouse=True)

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from conftest import API_KEY, live_server
+from helpers import API_KEY, live_server
 
 LONG = 900  # tokens: a few seconds of decoding on the tiny model
 

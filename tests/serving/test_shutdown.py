@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from conftest import free_port
+from helpers import free_port
 
 
 def test_sigterm_drains_the_running_request_and_exits_0(tiny_dir):

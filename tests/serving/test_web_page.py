@@ -5,7 +5,7 @@ import shutil
 import httpx
 import pytest
 
-from conftest import API_KEY
+from helpers import API_KEY
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
