@@ -125,3 +125,18 @@ def live_server(llm, **options) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+# ---- evaluation and fine-tuning data ---------------------------------------------------------------
+
+MC_RECORDS = [
+    {"question": "Which letter comes after A?", "choices": [" A", " B", " C"], "answer": 1},
+    {"question": "Pick the second letter.", "choices": [" B", " C", " A"], "answer": 0},
+    {"question": "Which one is B?", "choices": [" C", " A", " B"], "answer": 2},
+    {"question": "Say A.", "choices": [" A", " C", " B"], "answer": 0},
+]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path

@@ -1,4 +1,3 @@
-import json
 import os
 
 import pytest
@@ -21,16 +20,3 @@ def llm(tiny):
     from llmasos import LLM
 
     return LLM.load(tiny[0], max_batch_size=8, kernels=False)  # scoring runs no decode kernels; skip their build
-
-
-MC_RECORDS = [
-    {"question": "Which letter comes after A?", "choices": [" A", " B", " C"], "answer": 1},
-    {"question": "Pick the second letter.", "choices": [" B", " C", " A"], "answer": 0},
-    {"question": "Which one is B?", "choices": [" C", " A", " B"], "answer": 2},
-    {"question": "Say A.", "choices": [" A", " C", " B"], "answer": 0},
-]
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path

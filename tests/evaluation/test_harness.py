@@ -1,7 +1,7 @@
 """The lm-eval adapter, driven through lm-eval's own Python API on local tasks (offline)."""
 
 import pytest
-from conftest import MC_RECORDS, write_jsonl
+from helpers import MC_RECORDS, write_jsonl
 
 from llmasos.evaluation.scoring import encode_pair, loglikelihoods
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import MC_RECORDS, write_jsonl
+from helpers import MC_RECORDS, write_jsonl
 from helpers import CORPUS
 
 from llmasos.evaluation.runner import EvalConfig, run_perplexity, run_task

@@ -1,5 +1,5 @@
 import pytest
-from conftest import MC_RECORDS, write_jsonl
+from helpers import MC_RECORDS, write_jsonl
 
 from llmasos.evaluation import TaskError, builtin_tasks, load_task
 

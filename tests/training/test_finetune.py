@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_hf_model, write_bpe_tokenizer
+from helpers import make_hf_model, write_bpe_tokenizer, write_jsonl
 from llmasos.data.instruct import IGNORE, load_examples
 from llmasos.data.sources import InputError
 from llmasos.errors import ConfigError
@@ -28,11 +28,6 @@ def base(tmp_path_factory):
     path, ref = make_hf_model(tmp_path_factory.mktemp("ft") / "base", num_key_value_heads=2)
     write_bpe_tokenizer(path)
     return path, ref
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def config(base, data, out, **kw):
