@@ -299,6 +299,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.keys() and v is not None}
     if args.resume:
+        if "epochs" in overrides and "max_steps" not in overrides:  # the steps follow from the new epoch count
+            overrides["max_steps"] = None
         config = TrainConfig.from_yaml(Path(args.resume) / "config.yaml", {**overrides, "out": args.resume})
     else:
         if not args.model:
