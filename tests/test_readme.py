@@ -29,7 +29,7 @@ def test_the_readme_has_runnable_blocks_for_every_verb():
 
 
 def test_every_runnable_block_runs(tmp_path):
-    env = {**os.environ, "LLMASOS_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "LLMASOS_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for number, block in enumerate(runnable_blocks(), 1):
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
