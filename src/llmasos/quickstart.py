@@ -136,9 +136,11 @@ def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: fl
     console.print(prompt + sample, markup=False, highlight=False)
     target = name or str(run_dir / "final")
     console.print("[bold]Next[/bold]:")
-    for cmd in (f"llmasos generate {target} -p 'import os' --max-tokens 64",
-                f"llmasos chat {target}",
-                f"llmasos info {target}",
+    for cmd in (f"llmasos chat {target}",
+                f"llmasos serve {target}                      # OpenAI-compatible API + chat page on :8000",
+                f"llmasos eval {target} --tasks story_continuation --perplexity {out / 'data'}",
+                f"llmasos export {target} --format gguf --out {target}.gguf   # for llama.cpp and Ollama",
+                f"llmasos finetune {target} --data my-instructions.jsonl --method lora --out runs/ft",
                 f"llmasos quickstart --minutes {max(10, int(minutes) * 3)}    # train longer: a better model"):
         console.print(f"  {cmd}", markup=False, highlight=False)
     return {"perplexity_before": before, "perplexity_after": after, "steps": config.total_steps,
