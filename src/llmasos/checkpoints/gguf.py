@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from llmasos.checkpoints.meta import interleave_rotary, permute_rotary
+from llmasos.checkpoints.ollama import write_modelfile
 from llmasos.checkpoints.weights import TensorEntry, load_tensor
 from llmasos.errors import CheckpointError, LLMasOSError
 from llmasos.models.config import ModelConfig
@@ -62,7 +63,7 @@ BPE_PRE_TOKENIZERS: dict[str, tuple[list[str], bool]] = {
     "gpt-2": ([GPT2_SPLIT], False),
     "default": ([r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"], False),
 }
-EXPORT_PRE_NAMES = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}  # a tokenizer.json Split regex -> its name
+EXPORT_PRE_NAMES = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2", GPT2_SPLIT: "gpt-2"}  # Split regex -> name
 
 
 def _gguf():
@@ -154,7 +155,8 @@ def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", for
     """Write the model in `model_dir` as one GGUF file that llama.cpp and Ollama load; returns its path.
 
     out: a `.gguf` path, or a directory to write `<model>-<dtype>.gguf` into. dtype: auto (as stored),
-    f32, f16, bf16, q8_0 or q4_0. The file is written under a temporary name and renamed when complete.
+    f32, f16, bf16, q8_0 or q4_0. The file is written under a temporary name and renamed when complete;
+    an Ollama `Modelfile` is written beside it.
     """
     from llmasos.checkpoints.load import build_meta_model, check_entries, open_checkpoint
     from llmasos.tokenization import Tokenizer
@@ -219,6 +221,8 @@ def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", for
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
+    stops = [tokenizer.decode([i], skip_special_tokens=False) for i in sorted(tokenizer.stop_ids)]
+    write_modelfile(out, tokenizer.chat_template, stops, config.max_position_embeddings)
     return out
 
 
