@@ -468,7 +468,7 @@ def write_tokenizer(path: Path, out: Path, reader=None) -> None:
     """`tokenizer.json` and `tokenizer_config.json` in `out`, rebuilt from the GGUF's vocabulary:
     `gpt2` as a byte-level BPE with the pre-tokenizer `tokenizer.ggml.pre` names, `llama` as the
     SentencePiece-equivalent BPE (byte fallback, merges ranked by the pieces' scores) transformers uses."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     gguf = _gguf()
     reader = reader or open_reader(path)
@@ -501,17 +501,26 @@ def write_tokenizer(path: Path, out: Path, reader=None) -> None:
         tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                         decoders.Strip(" ", 1, 0)])
         default_bos = True
-    special = {gguf.TokenType.CONTROL, gguf.TokenType.UNKNOWN}
+    # Unused rows ("[PADn]", where the embedding outgrows the tokenizer) are special so decoding drops them, as
+    # the original tokenizer, which has no such ids, did.
+    special = {gguf.TokenType.CONTROL, gguf.TokenType.UNKNOWN, gguf.TokenType.UNUSED}
     tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                            for i, t in enumerate(types) if t in special])
     tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
                    for i, t in enumerate(types) if t == gguf.TokenType.USER_DEFINED])
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", default_bos)) and ids["bos"] is not None
+    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False)) and ids["eos"] is not None
+    # In the file too, not only in tokenizer_config.json: transformers' generic fast tokenizer reads only this.
+    bos, eos = (tokens[ids[k]] if ids[k] is not None else "" for k in ("bos", "eos"))
+    single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
+    pair = " ".join([single] + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
+    tk.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(bos, ids["bos"])] * add_bos + [(eos, ids["eos"])] * add_eos)
     out.mkdir(parents=True, exist_ok=True)
     tk.save(str(out / "tokenizer.json"))
 
     cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                           "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", default_bos)),
-                           "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False))}
+                           "add_bos_token": add_bos, "add_eos_token": add_eos}
     for key, i in (("bos_token", ids["bos"]), ("eos_token", ids["eos"]), ("unk_token", ids["unk"]),
                    ("pad_token", ids["padding"])):
         if i is not None and 0 <= i < len(tokens):

@@ -1,0 +1,338 @@
+"""GGUF export and import, checked with the `gguf` library's reader and, where it is installed, llama.cpp itself."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import CORPUS, make_hf_model, write_bpe_tokenizer, write_sp_tokenizer
+from llmasos import LLM, SamplingParams
+from llmasos.checkpoints.gguf import export_gguf, write_tokenizer
+from llmasos.checkpoints.load import load_model
+from llmasos.errors import CheckpointError
+from llmasos.tokenization import Tokenizer
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+# Hidden 64 and FFN 96 fill whole 32-value blocks (Q8_0, Q4_0); 4 heads over 2 KV heads exercises the K reorder.
+SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, rms_norm_eps=1e-5)
+PROMPT = "Once upon a time, the quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def bpe_model(tmp_path_factory):
+    """A tiny Llama with a Llama 3 style tokenizer (byte-level BPE, llama-bpe split)."""
+    path, hf = make_hf_model(tmp_path_factory.mktemp("gguf") / "tiny-bpe", **SHAPE)
+    write_bpe_tokenizer(path, llama3_split=True)
+    return path, hf
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    """A tiny Llama with a Llama 2 style SentencePiece tokenizer."""
+    path, hf = make_hf_model(tmp_path_factory.mktemp("gguf") / "tiny-sp", seed=2, **SHAPE)
+    write_sp_tokenizer(path)
+    return path, hf
+
+
+@pytest.fixture(scope="module")
+def exports(bpe_model, tmp_path_factory):
+    """One export of the BPE model per dtype, shared by the tests that only read them."""
+    out = tmp_path_factory.mktemp("exports")
+    return {dtype: export_gguf(bpe_model[0], out / dtype / f"tiny-{dtype}.gguf", dtype, progress=False)
+            for dtype in ("f32", "f16", "bf16", "q8_0", "q4_0")}
+
+
+def field(reader, key):
+    return reader.get_field(key).contents()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        out = model(torch.tensor([ids]))
+    return (out.logits if hasattr(out, "logits") else out)[0]
+
+
+# ---- export ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, matrix_type", [("f32", Q.F32), ("f16", Q.F16), ("bf16", Q.BF16),
+                                                ("q8_0", Q.Q8_0), ("q4_0", Q.Q4_0)])
+def test_export_writes_the_metadata_names_and_shapes_llama_cpp_reads(exports, bpe_model, dtype, matrix_type):
+    reader = gguf.GGUFReader(exports[dtype])
+    expect = {"general.architecture": "llama", "llama.block_count": 2, "llama.context_length": 256,
+              "llama.embedding_length": 64, "llama.feed_forward_length": 96, "llama.attention.head_count": 4,
+              "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 16, "llama.vocab_size": 512,
+              "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.bos_token_id": 0,
+              "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.add_bos_token": True}
+    assert {k: field(reader, k) for k in expect} == expect
+    assert field(reader, "llama.rope.freq_base") == pytest.approx(10000.0)
+    assert field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == 512 and tokens[0] == "<|begin_of_text|>" and tokens[-1] == "[PAD511]"
+    assert len(field(reader, "tokenizer.ggml.merges")) > 100
+    assert "<|start_header_id|>" in field(reader, "tokenizer.chat_template")
+
+    tensors = {t.name: t for t in reader.tensors}
+    layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    assert set(tensors) == {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{i}.{n}.weight" for i in range(2) for n in layer}
+    shapes = {"token_embd.weight": [64, 512], "output.weight": [64, 512], "blk.1.attn_q.weight": [64, 64],
+              "blk.1.attn_k.weight": [64, 32], "blk.1.ffn_down.weight": [96, 64], "blk.0.ffn_norm.weight": [64]}
+    assert {n: tensors[n].shape.tolist() for n in shapes} == shapes  # GGUF lists the fastest dimension first
+    for name, t in tensors.items():
+        if name.endswith("norm.weight"):
+            assert t.tensor_type == Q.F32, name
+        elif name == "output.weight" and dtype == "q4_0":
+            assert t.tensor_type == Q.Q8_0  # the output projection keeps more precision
+        else:
+            assert t.tensor_type == matrix_type, name
+
+
+def test_export_reorders_q_and_k_rows_into_llama_cpp_rotary_layout(exports, bpe_model):
+    reader = gguf.GGUFReader(exports["f32"])
+    tensors = {t.name: t for t in reader.tensors}
+    hf_q = bpe_model[1].model.layers[0].self_attn.q_proj.weight.detach()
+    q = torch.from_numpy(np.array(tensors["blk.0.attn_q.weight"].data))
+    # llama.cpp rotates rows (2i, 2i+1) of each head; transformers rotates (i, i + head_dim/2).
+    assert torch.equal(q[0], hf_q[0]) and torch.equal(q[1], hf_q[8]) and torch.equal(q[2], hf_q[1])
+    v = torch.from_numpy(np.array(tensors["blk.0.attn_v.weight"].data))
+    assert torch.equal(v, bpe_model[1].model.layers[0].self_attn.v_proj.weight.detach())
+
+
+def test_export_writes_an_ollama_modelfile_beside_the_gguf(exports):
+    text = (exports["q8_0"].parent / "Modelfile").read_text()
+    assert "FROM ./tiny-q8_0.gguf\n" in text
+    assert '{{ .Role }}<|end_header_id|>' in text and '<|start_header_id|>assistant<|end_header_id|>' in text
+    assert 'PARAMETER stop "<|eot_id|>"' in text and 'PARAMETER stop "<|end_of_text|>"' in text
+    assert "PARAMETER num_ctx 256" in text
+
+
+def test_export_to_a_directory_names_the_file_and_refuses_to_overwrite(bpe_model, tmp_path):
+    from llmasos.errors import LLMasOSError
+
+    path = export_gguf(bpe_model[0], tmp_path, "q8_0", progress=False)
+    assert path == tmp_path / "tiny-bpe-q8_0.gguf" and (tmp_path / "Modelfile").exists()
+    with pytest.raises(LLMasOSError, match="already exists"):
+        export_gguf(bpe_model[0], tmp_path, "q8_0", progress=False)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_export_writes_llama3_rope_scaling_as_the_rope_freqs_tensor_and_reads_it_back(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    path, hf = make_hf_model(tmp_path / "rope", rope_scaling=scaling, rope_theta=500000.0,
+                             **{**SHAPE, "max_position_embeddings": 512})
+    write_bpe_tokenizer(path, llama3_split=True)
+    with pytest.raises(CheckpointError, match="rope_freqs.weight holds rope frequency factors"):
+        load_model(export_gguf(path, tmp_path / "rope.gguf", "f32", progress=False))  # 64 is not Llama 3.1's 8192
+    scaling["original_max_position_embeddings"] = 8192
+    path, hf = make_hf_model(tmp_path / "rope31", rope_scaling=scaling, rope_theta=500000.0,
+                             **{**SHAPE, "max_position_embeddings": 512})
+    write_bpe_tokenizer(path, llama3_split=True)
+    out = export_gguf(path, tmp_path / "rope31.gguf", "f32", progress=False)
+    factors = {t.name: t for t in gguf.GGUFReader(out).tensors}["rope_freqs.weight"]
+    assert factors.data.shape == (8,) and factors.data.max() == pytest.approx(8.0)
+    ours = load_model(out)
+    assert ours.config.rope_scaling["rope_type"] == "llama3"
+    ids = list(range(3, 40))
+    assert torch.equal(logits(ours, ids), logits(load_model(path), ids))
+
+
+# ---- import ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["bpe_model", "sp_model"])
+def test_f32_round_trip_gives_identical_logits(fixture, request, tmp_path):
+    path, hf = request.getfixturevalue(fixture)
+    ours = load_model(export_gguf(path, tmp_path / "m.gguf", "f32", progress=False))
+    ids = list(range(3, 60))
+    assert torch.equal(logits(ours, ids), logits(load_model(path), ids))
+    assert (logits(ours, ids) - logits(hf, ids)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype, max_error, mean_error", [("f16", 0.02, 0.002), ("bf16", 0.1, 0.01),
+                                                       ("q8_0", 0.2, 0.03), ("q4_0", 3.0, 0.4)])
+def test_quantized_round_trip_logits_are_close(exports, bpe_model, dtype, max_error, mean_error):
+    """Logits of this model have a standard deviation of 0.86. Measured errors (max / mean): f16 0.005 / 0.0006,
+    bf16 0.033 / 0.0047, Q8_0 0.098 / 0.015, Q4_0 2.0 / 0.24 (random Gaussian weights are Q4_0's worst case)."""
+    ids = list(range(3, 60))
+    exact = logits(load_model(bpe_model[0]), ids)
+    error = (logits(load_model(exports[dtype], dtype=torch.float32), ids) - exact).abs()
+    assert error.max() < max_error and error.mean() < mean_error
+
+
+def test_gguf_file_loads_with_llm_load_and_generates_as_the_original(exports, bpe_model):
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    ours = LLM.load(exports["f32"], kernels=False).generate([PROMPT], params)[0]
+    original = LLM.load(bpe_model[0], kernels=False).generate([PROMPT], params)[0]
+    assert ours.token_ids == original.token_ids and ours.text == original.text
+
+
+def test_pull_gguf_stores_an_hf_dir_that_transformers_loads(exports, bpe_model, tmp_path, monkeypatch):
+    import transformers
+
+    from llmasos.checkpoints.store import pull
+
+    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "home"))
+    stored = pull(str(exports["q8_0"]), progress=False)
+    assert stored.name == "tiny-q8_0"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= {p.name for p in stored.iterdir()}
+    ids = list(range(3, 40))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(stored).eval()
+    assert (logits(theirs, ids) - logits(load_model(exports["q8_0"]), ids)).abs().max() < 1e-4
+    auto = transformers.AutoTokenizer.from_pretrained(stored)
+    assert auto(PROMPT)["input_ids"] == Tokenizer(bpe_model[0]).encode(PROMPT)
+
+
+def _k_quant_bytes(qtype, rows: int, cols: int, rng) -> np.ndarray:
+    """Random K-quant blocks (the gguf library has no K-quant quantizer) with small finite fp16 scales."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    data = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    scales = np.full((data.shape[0], 1), 0.002, np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:  # d is the block's last fp16
+        data[:, -2:] = scales
+    else:  # Q4_K, Q5_K: d and dmin first
+        data[:, 0:2], data[:, 2:4] = scales, scales
+    return data.reshape(rows, cols // block * size)
+
+
+def test_k_quant_tensors_are_dequantised_and_q_k_reordered(tmp_path):
+    """A GGUF whose matrices are Q4_K, Q5_K and Q6_K (256-value blocks, so a 256-wide model) imports to the
+    values the gguf library's dequantizer gives, with Q and K rows back in our layout."""
+    from llmasos.checkpoints.meta import permute_rotary
+
+    path, _ = make_hf_model(tmp_path / "wide", **{**SHAPE, "hidden_size": 256, "intermediate_size": 256})
+    write_bpe_tokenizer(path, llama3_split=True)
+    source = gguf.GGUFReader(export_gguf(path, tmp_path / "f32.gguf", "f32", progress=False))
+    writer = gguf.GGUFWriter(tmp_path / "k.gguf", "llama")
+    for f in source.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        value = f.contents()
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(f.name, value, vtype, sub_type=f.types[-1])
+        else:
+            writer.add_key_value(f.name, value, vtype)
+    rng = np.random.default_rng(0)
+    kinds = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
+    expected = {}
+    for n, t in enumerate(source.tensors):
+        if len(t.data.shape) == 1:
+            writer.add_tensor(t.name, np.array(t.data))
+            continue
+        qtype = kinds[n % 3]
+        data = _k_quant_bytes(qtype, *t.data.shape, rng)
+        writer.add_tensor(t.name, data, raw_dtype=qtype)
+        expected[t.name] = (torch.from_numpy(gguf.quants.dequantize(data, qtype)), qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    model = load_model(tmp_path / "k.gguf")
+    state = model.state_dict()
+    assert {q for _, q in expected.values()} == set(kinds)
+    assert torch.equal(state["model.layers.1.mlp.down_proj.weight"], expected["blk.1.ffn_down.weight"][0])
+    assert torch.equal(state["model.layers.0.self_attn.q_proj.weight"],
+                       permute_rotary(expected["blk.0.attn_q.weight"][0], 4))
+    assert torch.equal(state["model.layers.0.self_attn.k_proj.weight"],
+                       permute_rotary(expected["blk.0.attn_k.weight"][0], 2))
+    assert torch.isfinite(logits(model, [1, 2, 3])).all()
+
+
+@pytest.mark.parametrize("fixture", ["bpe_model", "sp_model"])
+def test_tokenizer_rebuilt_from_gguf_encodes_and_decodes_as_the_original(fixture, request, tmp_path):
+    path, _ = request.getfixturevalue(fixture)
+    write_tokenizer(export_gguf(path, tmp_path / "m.gguf", "f32", progress=False), tmp_path / "tok")
+    original, rebuilt = Tokenizer(path), Tokenizer(tmp_path / "tok")
+    texts = sorted(set(CORPUS)) + ["  two leading spaces", "tabs\tand\nnew\n\nlines  ", "1234567 digits", "🦙🔥 漢字"]
+    for text in texts:
+        ids = original.encode(text)
+        assert rebuilt.encode(text) == ids, text
+        assert rebuilt.decode(ids) == original.decode(ids), text
+    assert (rebuilt.bos_id, rebuilt.eos_id) == (original.bos_id, original.eos_id)
+    assert rebuilt.chat_template == original.chat_template
+
+
+def test_gpt2_split_tokenizer_round_trips_through_gguf(tmp_path):
+    path, _ = make_hf_model(tmp_path / "gpt2", **SHAPE)
+    write_bpe_tokenizer(path)
+    out = export_gguf(path, tmp_path / "m.gguf", "f32", progress=False)
+    assert field(gguf.GGUFReader(out), "tokenizer.ggml.pre") == "gpt-2"
+    write_tokenizer(out, tmp_path / "tok")
+    original, rebuilt = Tokenizer(path), Tokenizer(tmp_path / "tok")
+    for text in sorted(set(CORPUS)):
+        assert rebuilt.encode(text) == original.encode(text)
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+
+def _tiny_gguf(path, arch="llama", tensor_type=Q.F32):
+    writer = gguf.GGUFWriter(path, arch)
+    block, size = gguf.GGML_QUANT_SIZES[tensor_type]
+    if tensor_type == Q.F32:
+        writer.add_tensor("token_embd.weight", np.zeros((4, 256), np.float32))
+    else:
+        writer.add_tensor("token_embd.weight", np.zeros((4, 256 // block * size), np.uint8), raw_dtype=tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="GGUF architecture 'gemma' is not supported"):
+        load_model(_tiny_gguf(tmp_path / "g.gguf", arch="gemma"))
+
+
+def test_unsupported_tensor_type_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="token_embd.weight is stored as IQ2_XXS"):
+        load_model(_tiny_gguf(tmp_path / "iq.gguf", tensor_type=Q.IQ2_XXS))
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        load_model(bad)
+
+
+def test_unknown_pre_tokenizer_is_named(exports, tmp_path):
+    reader = _Renamed(gguf.GGUFReader(exports["f32"]), "tokenizer.ggml.pre", "tekken")
+    with pytest.raises(CheckpointError, match="pre-tokenizer 'tekken' is not supported"):
+        write_tokenizer(exports["f32"], tmp_path / "tok", reader=reader)
+
+
+class _Renamed:
+    """A reader whose one string field says something else."""
+
+    def __init__(self, reader, key, value):
+        self.reader, self.key, self.value = reader, key, value
+
+    def get_field(self, key):
+        if key != self.key:
+            return self.reader.get_field(key)
+        value = self.value
+        return type("F", (), {"contents": lambda self: value})()
+
+
+# ---- the CLI ---------------------------------------------------------------------------------------------
+
+
+def test_cli_export_gguf_and_hf(bpe_model, tmp_path, capsys):
+    from llmasos.cli import main
+
+    assert main(["export", str(bpe_model[0]), "--format", "gguf", "--dtype", "q8_0", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "tiny-bpe-q8_0.gguf").exists() and (tmp_path / "Modelfile").exists()
+    assert "ollama create tiny-bpe -f Modelfile" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "tiny-bpe-q8_0.gguf"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert main(["export", str(bpe_model[0]), "--format", "hf", "--dtype", "q4_0", "--out", str(tmp_path / "x")]) == 1
+    assert "q8_0 and q4_0 are GGUF types" in capsys.readouterr().err
