@@ -38,6 +38,15 @@ def sp_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """256 wide, so every matrix row fills K-quant blocks (256 values)."""
+    path, hf = make_hf_model(tmp_path_factory.mktemp("gguf") / "tiny-wide",
+                             **{**SHAPE, "hidden_size": 256, "intermediate_size": 512})
+    write_bpe_tokenizer(path, llama3_split=True)
+    return path, hf
+
+
+@pytest.fixture(scope="module")
 def exports(bpe_model, tmp_path_factory):
     """One export of the BPE model per dtype, shared by the tests that only read them."""
     out = tmp_path_factory.mktemp("exports")
@@ -200,14 +209,12 @@ def _k_quant_bytes(qtype, rows: int, cols: int, rng) -> np.ndarray:
     return data.reshape(rows, cols // block * size)
 
 
-def test_k_quant_tensors_are_dequantised_and_q_k_reordered(tmp_path):
-    """A GGUF whose matrices are Q4_K, Q5_K and Q6_K (256-value blocks, so a 256-wide model) imports to the
-    values the gguf library's dequantizer gives, with Q and K rows back in our layout."""
+def test_k_quant_tensors_are_dequantised_and_q_k_reordered(wide_model, tmp_path):
+    """A GGUF whose matrices are Q4_K, Q5_K and Q6_K imports to the values the gguf library's dequantizer
+    gives, with Q and K rows back in our layout."""
     from llmasos.checkpoints.meta import permute_rotary
 
-    path, _ = make_hf_model(tmp_path / "wide", **{**SHAPE, "hidden_size": 256, "intermediate_size": 256})
-    write_bpe_tokenizer(path, llama3_split=True)
-    source = gguf.GGUFReader(export_gguf(path, tmp_path / "f32.gguf", "f32", progress=False))
+    source = gguf.GGUFReader(export_gguf(wide_model[0], tmp_path / "f32.gguf", "f32", progress=False))
     writer = gguf.GGUFWriter(tmp_path / "k.gguf", "llama")
     for f in source.fields.values():
         if f.name.startswith("GGUF.") or f.name == "general.architecture":
@@ -336,3 +343,86 @@ def test_cli_export_gguf_and_hf(bpe_model, tmp_path, capsys):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float32"
     assert main(["export", str(bpe_model[0]), "--format", "hf", "--dtype", "q4_0", "--out", str(tmp_path / "x")]) == 1
     assert "q8_0 and q4_0 are GGUF types" in capsys.readouterr().err
+
+
+# ---- against llama.cpp -----------------------------------------------------------------------------------
+
+try:
+    import llama_cpp
+except ImportError:
+    llama_cpp = None
+needs_llama_cpp = pytest.mark.skipif(
+    llama_cpp is None, reason="llama_cpp is not importable: pip install 'llmasos[llamacpp]' (CI installs it)")
+
+
+def llama_cpp_model(path):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
+                           verbose=False)
+
+
+def llama_cpp_logits(llm, ids) -> torch.Tensor:
+    llm.reset()
+    llm.eval(ids)
+    return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+
+
+def llama_cpp_greedy(llm, ids, n: int) -> list[int]:
+    """llama.cpp's own forward passes, argmax taken here: no sampler settings in the way."""
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
+
+
+def greedy(model_path, ids, n: int) -> list[int]:
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return LLM.load(model_path, kernels=False).generate([ids], params)[0].token_ids
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("fixture", ["bpe_model", "sp_model"])
+def test_llama_cpp_runs_our_f32_export_as_we_do(fixture, request, tmp_path):
+    """Same prompt tokens, same 32 greedy tokens from llama.cpp, from our engine on the original model and
+    from our import of the file; logits within 1e-3 of each other."""
+    path, _ = request.getfixturevalue(fixture)
+    out = export_gguf(path, tmp_path / "m.gguf", "f32", progress=False)
+    llm = llama_cpp_model(out)
+    ids = Tokenizer(path).encode(PROMPT)
+    assert llm.tokenize(PROMPT.encode(), add_bos=True, special=False) == ids
+    ours = greedy(path, ids, 32)
+    assert len(set(ours)) > 8  # a path that wanders, not one token repeated
+    assert llama_cpp_greedy(llm, ids, 32) == ours
+    assert greedy(out, ids, 32) == ours
+    assert (llama_cpp_logits(llm, ids) - logits(load_model(path), ids)).abs().max() < 1e-3
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("dtype, tolerance", [("q8_0", 0.05), ("q4_0", 0.2)])
+def test_llama_cpp_logits_on_our_quantized_export_match_our_import_of_it(exports, bpe_model, dtype, tolerance):
+    """Both dequantise the same blocks; llama.cpp also rounds the activations to 8 bits for its quantized
+    matrix products, which is all the difference."""
+    ids = Tokenizer(bpe_model[0]).encode(PROMPT)
+    theirs = llama_cpp_logits(llama_cpp_model(exports[dtype]), ids)
+    assert (theirs - logits(load_model(exports[dtype]), ids)).abs().max() < tolerance
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q5_K_M", "Q6_K"])
+def test_llama_cpp_quantized_files_import_to_llama_cpp_logits(wide_model, tmp_path, ftype):
+    """Files quantized by llama.cpp itself (K-quants, as the common downloads are) read back to its logits."""
+    import ctypes
+
+    source = export_gguf(wide_model[0], tmp_path / "f32.gguf", "f32", progress=False)
+    target = tmp_path / f"{ftype}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) == 0
+    types = {t.tensor_type.name for t in gguf.GGUFReader(target).tensors}
+    assert types & {"Q4_K", "Q5_K", "Q6_K"}
+    ids = Tokenizer(wide_model[0]).encode(PROMPT)
+    theirs = llama_cpp_logits(llama_cpp_model(target), ids)
+    assert (theirs - logits(load_model(target), ids)).abs().max() < 0.05
