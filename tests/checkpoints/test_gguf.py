@@ -277,6 +277,26 @@ def test_gpt2_split_tokenizer_round_trips_through_gguf(tmp_path):
         assert rebuilt.encode(text) == original.encode(text)
 
 
+def test_sentencepiece_gguf_pulled_then_exported_again_keeps_its_vocabulary(sp_model, tmp_path, monkeypatch):
+    """The store holds a SentencePiece GGUF's tokenizer as tokenizer.json (BPE with byte fallback); exported
+    again it is a `llama` vocabulary once more, with scores recovered from the merge ranks."""
+    from llmasos.checkpoints.store import pull
+
+    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "home"))
+    first = export_gguf(sp_model[0], tmp_path / "first.gguf", "f32", progress=False)
+    second = export_gguf(pull(str(first), progress=False), tmp_path / "second.gguf", "f32", progress=False)
+    a, b = gguf.GGUFReader(first), gguf.GGUFReader(second)
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id"):
+        assert field(b, key) == field(a, key), key
+    write_tokenizer(second, tmp_path / "tok")
+    original, rebuilt = Tokenizer(sp_model[0]), Tokenizer(tmp_path / "tok")
+    for text in sorted(set(CORPUS)):
+        assert rebuilt.encode(text) == original.encode(text)
+    ids = list(range(3, 40))
+    assert torch.equal(logits(load_model(second), ids), logits(load_model(sp_model[0]), ids))
+
+
 # ---- errors ----------------------------------------------------------------------------------------------
 
 

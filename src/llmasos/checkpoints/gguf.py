@@ -227,20 +227,27 @@ def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", for
 
 
 def write_vocab(writer, tokenizer, config: ModelConfig) -> None:
-    """The tokenizer as llama.cpp's `tokenizer.ggml.*` keys: a SentencePiece model as `llama` (pieces and
-    scores), a byte-level BPE as `gpt2` (tokens and merges, with the name of its pre-tokenizer)."""
+    """The tokenizer as llama.cpp's `tokenizer.ggml.*` keys: SentencePiece (a `tokenizer.model`, or a
+    `tokenizer.json` converted from one, with byte fallback) as `llama` with pieces and scores; a byte-level
+    BPE as `gpt2` with tokens, merges and the name of its pre-tokenizer."""
     gguf = _gguf()
     sp_file = tokenizer.dir / "tokenizer.model"
     if sp_file.exists():
         tokens, scores, types = _sentencepiece_vocab(sp_file, tokenizer.config)
+    else:
+        data, tokens, types = _json_vocab(tokenizer.dir / "tokenizer.json")
+        merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
+        if data["model"].get("byte_fallback"):
+            scores = _scores_from_merges(tokens, types, merges, data["model"].get("unk_token"))
+        else:
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre(_pre_tokenizer_name(data.get("pre_tokenizer"), tokenizer.dir / "tokenizer.json"))
+            writer.add_token_merges(merges)
+            scores = None
+    if scores is not None:
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         writer.add_token_scores(_pad(scores, config.vocab_size, -1000.0))
-    else:
-        tokens, types, merges, pre = _bpe_vocab(tokenizer.dir / "tokenizer.json")
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
-        writer.add_token_merges(merges)
     if len(tokens) > config.vocab_size:
         raise CheckpointError(f"{tokenizer.dir}: the tokenizer has {len(tokens)} tokens, more than the model's "
                               f"vocab_size {config.vocab_size}")
@@ -285,8 +292,8 @@ def _sentencepiece_vocab(file: Path, tokenizer_config: dict[str, Any]) -> tuple[
     return tokens, scores, types
 
 
-def _bpe_vocab(file: Path) -> tuple[list[str], list[int], list[str], str]:
-    """Tokens, types, merges ("a b") and pre-tokenizer name of a byte-level BPE `tokenizer.json`."""
+def _json_vocab(file: Path) -> tuple[dict[str, Any], list[str], list[int]]:
+    """A BPE `tokenizer.json`, its tokens by id and their GGUF types."""
     gguf = _gguf()
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
@@ -296,20 +303,36 @@ def _bpe_vocab(file: Path) -> tuple[list[str], list[int], list[str], str]:
     if model.get("type") != "BPE":
         raise CheckpointError(f"{file}: a {model.get('type')} tokenizer cannot be written to GGUF (BPE or "
                               f"SentencePiece only)")
-    pre = _pre_tokenizer_name(data.get("pre_tokenizer"), file)
-    size = max([*model["vocab"].values(), *(t["id"] for t in data.get("added_tokens", []))], default=-1) + 1
-    tokens: list[str | None] = [None] * size
-    types = [gguf.TokenType.NORMAL] * size
+    added = data.get("added_tokens", [])
+    size = max([*model["vocab"].values(), *(t["id"] for t in added)], default=-1) + 1
+    tokens: list[str] = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
     for tok, i in model["vocab"].items():
-        tokens[i] = tok
-    for added in data.get("added_tokens", []):
-        tokens[added["id"]] = added["content"]
-        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        tokens[i], types[i] = tok, gguf.TokenType.NORMAL
+    for t in added:
+        tokens[t["id"]] = t["content"]
+        types[t["id"]] = gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
     for i, tok in enumerate(tokens):
-        if tok is None:
-            tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return tokens, types, merges, pre
+        if tok == f"[PAD{i}]":  # a placeholder (ours, or from an imported GGUF) stays unused
+            types[i] = gguf.TokenType.UNUSED
+    return data, tokens, types
+
+
+def _scores_from_merges(tokens: list[str], types: list[int], merges: list[str], unk: str | None) -> list[float]:
+    """SentencePiece scores for a BPE written as merges: llama.cpp joins the pair whose joined piece scores
+    highest, so a piece scores minus the rank of the merge that makes it. Byte pieces and <unk> get their types."""
+    gguf = _gguf()
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", "", 1), r)
+    scores = []
+    for i, tok in enumerate(tokens):
+        if types[i] == gguf.TokenType.NORMAL and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+            types[i] = gguf.TokenType.BYTE
+        elif tok == unk:
+            types[i] = gguf.TokenType.UNKNOWN
+        scores.append(-float(rank[tok]) if tok in rank else 0.0 if len(tok) == 1 else -1e9)
+    return scores
 
 
 def _pre_tokenizer_name(pre: dict[str, Any] | None, file: Path) -> str:
@@ -478,7 +501,7 @@ def write_tokenizer(path: Path, out: Path, reader=None) -> None:
         raise CheckpointError(f"{path}: tokenizer model {kind!r} is not supported (gpt2 and llama are)")
     types = _field(reader, "tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens)
     vocab = {tok: i for i, tok in reversed(list(enumerate(tokens)))}  # a repeated spelling keeps its first id
-    ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unk", "padding")}
+    ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
     pre = _field(reader, "tokenizer.ggml.pre", "default")
     if kind == "gpt2":
         if pre not in BPE_PRE_TOKENIZERS:
@@ -494,7 +517,7 @@ def write_tokenizer(path: Path, out: Path, reader=None) -> None:
         default_bos = pre in ("llama-bpe", "llama3", "llama-v3")
     else:
         scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
-        unk = tokens[ids["unk"]] if ids["unk"] is not None else None
+        unk = tokens[ids["unknown"]] if ids["unknown"] is not None else None
         tk = Tokenizer(models.BPE(vocab=vocab, merges=_merges_from_scores(tokens, scores, types), unk_token=unk,
                                   fuse_unk=True, byte_fallback=True))
         tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
@@ -521,7 +544,7 @@ def write_tokenizer(path: Path, out: Path, reader=None) -> None:
 
     cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                            "add_bos_token": add_bos, "add_eos_token": add_eos}
-    for key, i in (("bos_token", ids["bos"]), ("eos_token", ids["eos"]), ("unk_token", ids["unk"]),
+    for key, i in (("bos_token", ids["bos"]), ("eos_token", ids["eos"]), ("unk_token", ids["unknown"]),
                    ("pad_token", ids["padding"])):
         if i is not None and 0 <= i < len(tokens):
             cfg[key] = tokens[i]
