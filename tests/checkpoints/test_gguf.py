@@ -38,6 +38,15 @@ def sp_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def qwen2_model(tmp_path_factory):
+    """A tiny Qwen2: bias on q, k and v, tied embeddings; GGUF architecture qwen2 (no Q/K reorder)."""
+    path, hf = make_hf_model(tmp_path_factory.mktemp("gguf") / "tiny-qwen2", family="qwen2", seed=2,
+                             tie_word_embeddings=True, **SHAPE)
+    write_bpe_tokenizer(path, llama3_split=True)
+    return path, hf
+
+
+@pytest.fixture(scope="module")
 def wide_model(tmp_path_factory):
     """256 wide, so every matrix row fills K-quant blocks (256 values)."""
     path, hf = make_hf_model(tmp_path_factory.mktemp("gguf") / "tiny-wide",
@@ -153,7 +162,15 @@ def test_export_writes_llama3_rope_scaling_as_the_rope_freqs_tensor_and_reads_it
 # ---- import ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fixture", ["bpe_model", "sp_model"])
+def test_qwen2_exports_as_the_qwen2_architecture_with_biases_and_a_tied_output(qwen2_model, tmp_path):
+    reader = gguf.GGUFReader(export_gguf(qwen2_model[0], tmp_path / "q.gguf", "q4_0", progress=False))
+    assert field(reader, "general.architecture") == "qwen2"
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors and tensors["token_embd.weight"].tensor_type == Q.Q8_0
+    assert tensors["blk.0.attn_q.bias"].tensor_type == Q.F32 and "blk.0.attn_output.bias" not in tensors
+
+
+@pytest.mark.parametrize("fixture", ["bpe_model", "sp_model", "qwen2_model"])
 def test_f32_round_trip_gives_identical_logits(fixture, request, tmp_path):
     path, hf = request.getfixturevalue(fixture)
     ours = load_model(export_gguf(path, tmp_path / "m.gguf", "f32", progress=False))
@@ -403,7 +420,7 @@ def greedy(model_path, ids, n: int) -> list[int]:
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("fixture", ["bpe_model", "sp_model"])
+@pytest.mark.parametrize("fixture", ["bpe_model", "sp_model", "qwen2_model"])
 def test_llama_cpp_runs_our_f32_export_as_we_do(fixture, request, tmp_path):
     """Same prompt tokens, same 32 greedy tokens from llama.cpp, from our engine on the original model and
     from our import of the file; logits within 1e-3 of each other."""
