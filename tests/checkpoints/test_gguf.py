@@ -2,22 +2,22 @@
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
-
 from helpers import CORPUS, make_hf_model, write_bpe_tokenizer, write_sp_tokenizer
+
 from llmasos import LLM, SamplingParams
 from llmasos.checkpoints.gguf import export_gguf, write_tokenizer
 from llmasos.checkpoints.load import load_model
 from llmasos.errors import CheckpointError
 from llmasos.tokenization import Tokenizer
 
-gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 # Hidden 64 and FFN 96 fill whole 32-value blocks (Q8_0, Q4_0); 4 heads over 2 KV heads exercises the K reorder.
-SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=256, rms_norm_eps=1e-5)
+SHAPE = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5}
 PROMPT = "Once upon a time, the quick brown fox"
 
 
@@ -141,13 +141,13 @@ def test_export_to_a_directory_names_the_file_and_refuses_to_overwrite(bpe_model
 def test_export_writes_llama3_rope_scaling_as_the_rope_freqs_tensor_and_reads_it_back(tmp_path):
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
-    path, hf = make_hf_model(tmp_path / "rope", rope_scaling=scaling, rope_theta=500000.0,
+    path, _ = make_hf_model(tmp_path / "rope", rope_scaling=scaling, rope_theta=500000.0,
                              **{**SHAPE, "max_position_embeddings": 512})
     write_bpe_tokenizer(path, llama3_split=True)
     with pytest.raises(CheckpointError, match="rope_freqs.weight holds rope frequency factors"):
         load_model(export_gguf(path, tmp_path / "rope.gguf", "f32", progress=False))  # 64 is not Llama 3.1's 8192
     scaling["original_max_position_embeddings"] = 8192
-    path, hf = make_hf_model(tmp_path / "rope31", rope_scaling=scaling, rope_theta=500000.0,
+    path, _ = make_hf_model(tmp_path / "rope31", rope_scaling=scaling, rope_theta=500000.0,
                              **{**SHAPE, "max_position_embeddings": 512})
     write_bpe_tokenizer(path, llama3_split=True)
     out = export_gguf(path, tmp_path / "rope31.gguf", "f32", progress=False)

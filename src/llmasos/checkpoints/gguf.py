@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 
@@ -31,8 +32,16 @@ from llmasos.models.config import ModelConfig
 
 GGUF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 HF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # Mistral's GGUFs say "llama"
-EXPORT_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+Q = gguf.GGMLQuantizationType
+EXPORT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
 AUTO_DTYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+# What `gguf.quants` dequantises: the float types, the legacy block types and the K-quants.
+READABLE_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K,
+                  Q.Q6_K)
+FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 
 # Our name inside `model.layers.N.` -> llama.cpp's inside `blk.N.`
 LAYER_NAMES = {
@@ -66,14 +75,6 @@ BPE_PRE_TOKENIZERS: dict[str, tuple[list[str], bool]] = {
 EXPORT_PRE_NAMES = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2", GPT2_SPLIT: "gpt-2"}  # Split regex -> name
 
 
-def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise LLMasOSError("GGUF support needs the `gguf` package: pip install gguf") from None
-    return gguf
-
-
 def tensor_names(config: ModelConfig) -> dict[str, str]:
     """Our tensor names -> llama.cpp's, for every tensor a model of this shape may have."""
     names = dict(TOP_NAMES)
@@ -100,20 +101,14 @@ def _tensor_type(name: str, shape: tuple[int, ...], dtype: str, tied: bool):
     """llama.cpp's converter's rules: 1-D tensors stay F32; rows that do not fill whole blocks fall back to
     F16; with q4_0 the output projection (the embedding when tied) keeps Q8_0, as llama-quantize keeps
     it at a higher precision than the rest."""
-    gguf = _gguf()
-    types = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-             "q4_0": gguf.GGMLQuantizationType.Q4_0}
     if len(shape) == 1:
-        return gguf.GGMLQuantizationType.F32
+        return Q.F32
     output = name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight")
-    qtype = types["q8_0" if dtype == "q4_0" and output else dtype]
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    return qtype if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+    qtype = EXPORT_TYPES["q8_0" if dtype == "q4_0" and output else dtype]
+    return qtype if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else Q.F16
 
 
 def _write_hparams(writer, config: ModelConfig, name: str, file_type: int) -> None:
-    gguf = _gguf()
     writer.add_name(name)
     context = config.max_position_embeddings
     if config.sliding_window is not None and config.sliding_window < context:
@@ -161,13 +156,12 @@ def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", for
     from llmasos.checkpoints.load import build_meta_model, check_entries, open_checkpoint
     from llmasos.tokenization import Tokenizer
 
-    gguf = _gguf()
     model_dir, out = Path(model_dir), Path(out)
     config, entries = open_checkpoint(model_dir)
     if dtype == "auto":
         dtype = AUTO_DTYPES.get(config.dtype, "f32")
-    if dtype not in EXPORT_DTYPES:
-        raise LLMasOSError(f"GGUF dtype {dtype!r} is not supported; use auto or one of {', '.join(EXPORT_DTYPES)}")
+    if dtype not in EXPORT_TYPES:
+        raise LLMasOSError(f"GGUF dtype {dtype!r} is not supported; use auto or one of {', '.join(EXPORT_TYPES)}")
     check_entries(build_meta_model(config), entries, model_dir)
     if out.suffix != ".gguf":
         out = out / f"{model_dir.name}-{dtype}.gguf"
@@ -175,11 +169,8 @@ def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", for
         raise LLMasOSError(f"{out} already exists (use --force to replace it)")
     tokenizer = Tokenizer(model_dir)
 
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
     writer = gguf.GGUFWriter(None, GGUF_ARCHS[config.architecture])
-    _write_hparams(writer, config, model_dir.name, file_type)
+    _write_hparams(writer, config, model_dir.name, FILE_TYPES[dtype])
     write_vocab(writer, tokenizer, config)
 
     plan = []  # (our name, GGUF name, type), in the order the data follows
@@ -189,7 +180,7 @@ def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", for
         qtype = _tensor_type(ours, entries[ours].shape, dtype, config.tie_word_embeddings)
         plan.append((ours, theirs, qtype))
     if config.rope_type == "llama3":
-        plan.append((None, ROPE_FREQS, gguf.GGMLQuantizationType.F32))
+        plan.append((None, ROPE_FREQS, Q.F32))
     for ours, theirs, qtype in plan:
         shape = entries[ours].shape if ours else (config.head_dim // 2,)
         nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)))
@@ -230,7 +221,6 @@ def write_vocab(writer, tokenizer, config: ModelConfig) -> None:
     """The tokenizer as llama.cpp's `tokenizer.ggml.*` keys: SentencePiece (a `tokenizer.model`, or a
     `tokenizer.json` converted from one, with byte fallback) as `llama` with pieces and scores; a byte-level
     BPE as `gpt2` with tokens, merges and the name of its pre-tokenizer."""
-    gguf = _gguf()
     sp_file = tokenizer.dir / "tokenizer.model"
     if sp_file.exists():
         tokens, scores, types = _sentencepiece_vocab(sp_file, tokenizer.config)
@@ -274,7 +264,6 @@ def _pad(values: list, size: int, fill: Any) -> list:
 def _sentencepiece_vocab(file: Path, tokenizer_config: dict[str, Any]) -> tuple[list[str], list[float], list[int]]:
     import sentencepiece as spm
 
-    gguf = _gguf()
     sp = spm.SentencePieceProcessor(model_file=str(file))
     tokens, scores, types = [], [], []
     for i in range(sp.GetPieceSize()):
@@ -294,7 +283,6 @@ def _sentencepiece_vocab(file: Path, tokenizer_config: dict[str, Any]) -> tuple[
 
 def _json_vocab(file: Path) -> tuple[dict[str, Any], list[str], list[int]]:
     """A BPE `tokenizer.json`, its tokens by id and their GGUF types."""
-    gguf = _gguf()
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -321,7 +309,6 @@ def _json_vocab(file: Path) -> tuple[dict[str, Any], list[str], list[int]]:
 def _scores_from_merges(tokens: list[str], types: list[int], merges: list[str], unk: str | None) -> list[float]:
     """SentencePiece scores for a BPE written as merges: llama.cpp joins the pair whose joined piece scores
     highest, so a piece scores minus the rank of the merge that makes it. Byte pieces and <unk> get their types."""
-    gguf = _gguf()
     rank: dict[str, int] = {}
     for r, merge in enumerate(merges):
         rank.setdefault(merge.replace(" ", "", 1), r)
@@ -355,7 +342,6 @@ def _pre_tokenizer_name(pre: dict[str, Any] | None, file: Path) -> str:
 
 
 def open_reader(path: Path):
-    gguf = _gguf()
     try:
         return gguf.GGUFReader(path)
     except FileNotFoundError:
@@ -369,13 +355,7 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def _readable_types():
-    q = _gguf().GGMLQuantizationType
-    return {q.F32, q.F16, q.BF16, q.Q4_0, q.Q4_1, q.Q5_0, q.Q5_1, q.Q8_0, q.Q2_K, q.Q3_K, q.Q4_K, q.Q5_K, q.Q6_K}
-
-
 def _dequantize(tensor, shape: tuple[int, ...], heads: int | None) -> torch.Tensor:
-    gguf = _gguf()
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     w = torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(shape)
     return permute_rotary(w, heads) if heads is not None else w
@@ -384,24 +364,20 @@ def _dequantize(tensor, shape: tuple[int, ...], heads: int | None) -> torch.Tens
 def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, TensorEntry]]:
     """The config and our-named tensors of a GGUF file. Plain F32/F16/BF16 tensors are memory-mapped;
     quantized ones (and Q/K, which change layout) are dequantised to float32 when read."""
-    gguf = _gguf()
     reader = open_reader(path)
     arch = _field(reader, "general.architecture")
     if arch not in HF_ARCHS:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
                               f"{', '.join(HF_ARCHS)}")
     tensors = {t.name: t for t in reader.tensors}
-    readable = _readable_types()
     for t in reader.tensors:
-        if t.tensor_type not in readable:
+        if t.tensor_type not in READABLE_TYPES:
             raise CheckpointError(
                 f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which cannot be read here; "
-                f"readable types: {', '.join(sorted(q.name for q in readable))}"
+                f"readable types: {', '.join(q.name for q in READABLE_TYPES)}"
             )
     config = _config(reader, arch, tensors, path)
     ours = {theirs: name for name, theirs in tensor_names(config).items()}
-    float_types = {gguf.GGMLQuantizationType.F32: torch.float32, gguf.GGMLQuantizationType.F16: torch.float16,
-                   gguf.GGMLQuantizationType.BF16: torch.bfloat16}
     entries = {}
     for name, t in tensors.items():
         if name == ROPE_FREQS:
@@ -410,7 +386,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, TensorEntry]]:
             raise CheckpointError(f"{path}: unexpected tensor {name} (not part of a GGUF {arch} model we can read)")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         heads = _rotary_heads(config, ours[name])
-        dtype = float_types.get(t.tensor_type)
+        dtype = FLOAT_TYPES.get(t.tensor_type)
         if dtype is not None and heads is None:
             entries[ours[name]] = TensorEntry(path, dtype, shape, t.data_offset, t.data_offset + t.n_bytes)
         else:
@@ -420,7 +396,6 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, TensorEntry]]:
 
 def _config(reader, arch: str, tensors: dict[str, Any], path: Path) -> ModelConfig:
     """A `ModelConfig` from the `{arch}.*` keys (and the shapes where a key may be absent)."""
-    gguf = _gguf()
 
     def key(name: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{name}", default)
@@ -440,27 +415,26 @@ def _config(reader, arch: str, tensors: dict[str, Any], path: Path) -> ModelConf
     elif scaling != "none":
         raise CheckpointError(f"{path}: rope scaling {scaling!r} is not supported (none, linear, Llama 3's)")
     types = {t.tensor_type for n, t in tensors.items() if len(t.shape) > 1}
-    dtype = {gguf.GGMLQuantizationType.F16: "float16", gguf.GGMLQuantizationType.BF16: "bfloat16"}
+    dtype = {Q.F16: "float16", Q.BF16: "bfloat16"}
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
-    values = dict(
-        architecture=HF_ARCHS[arch], vocab_size=vocab, hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")), num_hidden_layers=int(key("block_count")),
-        num_attention_heads=heads, num_key_value_heads=int(key("attention.head_count_kv", heads)),
-        head_dim=head_dim, max_position_embeddings=int(key("context_length", 4096)),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
-        tie_word_embeddings="output.weight" not in tensors,
-        attention_bias=arch == "llama" and "blk.0.attn_output.bias" in tensors,
-        qkv_bias=arch == "qwen2", mlp_bias="blk.0.ffn_up.bias" in tensors,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=[eos, eot] if eot is not None and eos is not None and eot != eos else eos,
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
-        dtype=dtype.get(next(iter(types)), "float32") if len(types) == 1 else "float32",
-    )
     try:
-        config = ModelConfig(**values)
-    except LLMasOSError as e:
+        config = ModelConfig(
+            architecture=HF_ARCHS[arch], vocab_size=vocab, hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")), num_hidden_layers=int(key("block_count")),
+            num_attention_heads=heads, num_key_value_heads=int(key("attention.head_count_kv", heads)),
+            head_dim=head_dim, max_position_embeddings=int(key("context_length", 4096)),
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
+            tie_word_embeddings="output.weight" not in tensors,
+            attention_bias=arch == "llama" and "blk.0.attn_output.bias" in tensors,
+            qkv_bias=arch == "qwen2", mlp_bias="blk.0.ffn_up.bias" in tensors,
+            bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+            eos_token_id=[eos, eot] if eot is not None and eos is not None and eot != eos else eos,
+            pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+            dtype=dtype.get(next(iter(types)), "float32") if len(types) == 1 else "float32",
+        )
+    except (LLMasOSError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     if ROPE_FREQS in tensors:
         config = _llama3_rope(config, tensors[ROPE_FREQS], path)
@@ -472,7 +446,7 @@ def _llama3_rope(config: ModelConfig, tensor, path: Path) -> ModelConfig:
     from (Llama 3.1/3.2's band: low 1, high 4, 8192 original positions) and check it gives the same divisors."""
     import dataclasses
 
-    factors = torch.from_numpy(np.array(_gguf().quants.dequantize(tensor.data, tensor.tensor_type))).reshape(-1)
+    factors = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type))).reshape(-1)
     if torch.allclose(factors, torch.ones_like(factors)):
         return config
     scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
@@ -493,7 +467,6 @@ def write_tokenizer(path: Path, out: Path, reader=None) -> None:
     SentencePiece-equivalent BPE (byte fallback, merges ranked by the pieces' scores) transformers uses."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    gguf = _gguf()
     reader = reader or open_reader(path)
     kind = _field(reader, "tokenizer.ggml.model")
     tokens = _field(reader, "tokenizer.ggml.tokens")
@@ -560,7 +533,7 @@ def write_tokenizer(path: Path, out: Path, reader=None) -> None:
 def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
     """SentencePiece BPE merges the pair whose joined piece scores highest; as ranked merges that is every
     split of a normal piece into two known pieces, best joined score first (ties: longer left, longer right)."""
-    normal = _gguf().TokenType.NORMAL
+    normal = gguf.TokenType.NORMAL
     ids = {tok: i for i, tok in reversed(list(enumerate(tokens)))}
     found = []
     for i, piece in enumerate(tokens):
