@@ -21,6 +21,12 @@ SHAPE = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_att
 PROMPT = "Once upon a time, the quick brown fox"
 
 
+@pytest.fixture(autouse=True)
+def store(tmp_path, monkeypatch):
+    """A store of the test's own: loading a .gguf caches its rebuilt tokenizer there."""
+    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "home"))
+
+
 @pytest.fixture(scope="module")
 def bpe_model(tmp_path_factory):
     """A tiny Llama with a Llama 3 style tokenizer (byte-level BPE, llama-bpe split)."""
@@ -197,12 +203,11 @@ def test_gguf_file_loads_with_llm_load_and_generates_as_the_original(exports, bp
     assert ours.token_ids == original.token_ids and ours.text == original.text
 
 
-def test_pull_gguf_stores_an_hf_dir_that_transformers_loads(exports, bpe_model, tmp_path, monkeypatch):
+def test_pull_gguf_stores_an_hf_dir_that_transformers_loads(exports, bpe_model):
     import transformers
 
     from llmasos.checkpoints.store import pull
 
-    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "home"))
     stored = pull(str(exports["q8_0"]), progress=False)
     assert stored.name == "tiny-q8_0"
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -294,12 +299,11 @@ def test_gpt2_split_tokenizer_round_trips_through_gguf(tmp_path):
         assert rebuilt.encode(text) == original.encode(text)
 
 
-def test_sentencepiece_gguf_pulled_then_exported_again_keeps_its_vocabulary(sp_model, tmp_path, monkeypatch):
+def test_sentencepiece_gguf_pulled_then_exported_again_keeps_its_vocabulary(sp_model, tmp_path):
     """The store holds a SentencePiece GGUF's tokenizer as tokenizer.json (BPE with byte fallback); exported
     again it is a `llama` vocabulary once more, with scores recovered from the merge ranks."""
     from llmasos.checkpoints.store import pull
 
-    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "home"))
     first = export_gguf(sp_model[0], tmp_path / "first.gguf", "f32", progress=False)
     second = export_gguf(pull(str(first), progress=False), tmp_path / "second.gguf", "f32", progress=False)
     a, b = gguf.GGUFReader(first), gguf.GGUFReader(second)

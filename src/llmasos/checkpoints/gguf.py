@@ -163,14 +163,15 @@ def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", for
     if dtype not in EXPORT_TYPES:
         raise LLMasOSError(f"GGUF dtype {dtype!r} is not supported; use auto or one of {', '.join(EXPORT_TYPES)}")
     check_entries(build_meta_model(config), entries, model_dir)
+    name = model_dir.stem if model_dir.is_file() else model_dir.name  # a .gguf re-exported, or a dir
     if out.suffix != ".gguf":
-        out = out / f"{model_dir.name}-{dtype}.gguf"
+        out = out / f"{name}-{dtype}.gguf"
     if out.exists() and not force:
         raise LLMasOSError(f"{out} already exists (use --force to replace it)")
     tokenizer = Tokenizer(model_dir)
 
     writer = gguf.GGUFWriter(None, GGUF_ARCHS[config.architecture])
-    _write_hparams(writer, config, model_dir.name, FILE_TYPES[dtype])
+    _write_hparams(writer, config, name, FILE_TYPES[dtype])
     write_vocab(writer, tokenizer, config)
 
     plan = []  # (our name, GGUF name, type), in the order the data follows
