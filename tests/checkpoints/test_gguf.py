@@ -45,8 +45,17 @@ def sp_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen2_model(tmp_path_factory):
-    """A tiny Qwen2: bias on q, k and v, tied embeddings; GGUF architecture qwen2 (no Q/K reorder)."""
-    path, hf = make_hf_model(tmp_path_factory.mktemp("gguf") / "tiny-qwen2", family="qwen2", seed=2,
+    """A tiny Qwen2: bias on q, k and v; GGUF architecture qwen2 (no Q/K reorder)."""
+    path, hf = make_hf_model(tmp_path_factory.mktemp("gguf") / "tiny-qwen2", family="qwen2", seed=1,
+                             tie_word_embeddings=False, **SHAPE)
+    write_bpe_tokenizer(path, llama3_split=True)
+    return path, hf
+
+
+@pytest.fixture(scope="module")
+def tied_model(tmp_path_factory):
+    """A tiny Qwen2 with tied embeddings, as the small Qwen2 models have (its greedy path repeats itself)."""
+    path, hf = make_hf_model(tmp_path_factory.mktemp("gguf") / "tiny-tied", family="qwen2", seed=2,
                              tie_word_embeddings=True, **SHAPE)
     write_bpe_tokenizer(path, llama3_split=True)
     return path, hf
@@ -168,15 +177,15 @@ def test_export_writes_llama3_rope_scaling_as_the_rope_freqs_tensor_and_reads_it
 # ---- import ----------------------------------------------------------------------------------------------
 
 
-def test_qwen2_exports_as_the_qwen2_architecture_with_biases_and_a_tied_output(qwen2_model, tmp_path):
-    reader = gguf.GGUFReader(export_gguf(qwen2_model[0], tmp_path / "q.gguf", "q4_0", progress=False))
+def test_qwen2_exports_as_the_qwen2_architecture_with_biases_and_a_tied_output(tied_model, tmp_path):
+    reader = gguf.GGUFReader(export_gguf(tied_model[0], tmp_path / "q.gguf", "q4_0", progress=False))
     assert field(reader, "general.architecture") == "qwen2"
     tensors = {t.name: t for t in reader.tensors}
     assert "output.weight" not in tensors and tensors["token_embd.weight"].tensor_type == Q.Q8_0
     assert tensors["blk.0.attn_q.bias"].tensor_type == Q.F32 and "blk.0.attn_output.bias" not in tensors
 
 
-@pytest.mark.parametrize("fixture", ["bpe_model", "sp_model", "qwen2_model"])
+@pytest.mark.parametrize("fixture", ["bpe_model", "sp_model", "qwen2_model", "tied_model"])
 def test_f32_round_trip_gives_identical_logits(fixture, request, tmp_path):
     path, hf = request.getfixturevalue(fixture)
     ours = load_model(export_gguf(path, tmp_path / "m.gguf", "f32", progress=False))
@@ -397,8 +406,9 @@ needs_llama_cpp = pytest.mark.skipif(
 
 
 def llama_cpp_model(path):
+    """Its KV cache in f32 (type 0), not the default f16, so that an f32 model computes in f32 throughout."""
     return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
-                           verbose=False)
+                           type_k=0, type_v=0, verbose=False)
 
 
 def llama_cpp_logits(llm, ids) -> torch.Tensor:
@@ -427,7 +437,7 @@ def greedy(model_path, ids, n: int) -> list[int]:
 @pytest.mark.parametrize("fixture", ["bpe_model", "sp_model", "qwen2_model"])
 def test_llama_cpp_runs_our_f32_export_as_we_do(fixture, request, tmp_path):
     """Same prompt tokens, same 32 greedy tokens from llama.cpp, from our engine on the original model and
-    from our import of the file; logits within 1e-3 of each other."""
+    from our import of the file; logits within 1e-4 (measured: 2e-5)."""
     path, _ = request.getfixturevalue(fixture)
     out = export_gguf(path, tmp_path / "m.gguf", "f32", progress=False)
     llm = llama_cpp_model(out)
@@ -437,23 +447,42 @@ def test_llama_cpp_runs_our_f32_export_as_we_do(fixture, request, tmp_path):
     assert len(set(ours)) > 8  # a path that wanders, not one token repeated
     assert llama_cpp_greedy(llm, ids, 32) == ours
     assert greedy(out, ids, 32) == ours
-    assert (llama_cpp_logits(llm, ids) - logits(load_model(path), ids)).abs().max() < 1e-3
+    assert (llama_cpp_logits(llm, ids) - logits(load_model(path), ids)).abs().max() < 1e-4
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("dtype, tolerance", [("q8_0", 0.05), ("q4_0", 0.2)])
-def test_llama_cpp_logits_on_our_quantized_export_match_our_import_of_it(exports, bpe_model, dtype, tolerance):
-    """Both dequantise the same blocks; llama.cpp also rounds the activations to 8 bits for its quantized
-    matrix products, which is all the difference."""
+def test_llama_cpp_reads_our_tied_qwen2_export_as_we_do(tied_model, tmp_path):
+    ids = Tokenizer(tied_model[0]).encode(PROMPT)
+    llm = llama_cpp_model(export_gguf(tied_model[0], tmp_path / "t.gguf", "f32", progress=False))
+    assert (llama_cpp_logits(llm, ids) - logits(load_model(tied_model[0]), ids)).abs().max() < 1e-4
+
+
+def quantization_errors(theirs, ours, exact) -> tuple[float, float, float]:
+    """Mean |llama.cpp - our import|, its max, and mean |llama.cpp - the unquantized model|."""
+    return (theirs - ours).abs().mean(), (theirs - ours).abs().max(), (theirs - exact).abs().mean()
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_llama_cpp_logits_on_our_quantized_export_match_our_import_of_it(exports, bpe_model, dtype):
+    """Both dequantise the same blocks; llama.cpp also rounds the activations to 8-bit blocks for its
+    quantized products, which alone moves logits (standard deviation 0.86 here) by about 0.012 on average
+    and 0.07 at most (measured, Q8_0 and Q4_0 alike)."""
     ids = Tokenizer(bpe_model[0]).encode(PROMPT)
     theirs = llama_cpp_logits(llama_cpp_model(exports[dtype]), ids)
-    assert (theirs - logits(load_model(exports[dtype]), ids)).abs().max() < tolerance
+    mean, worst, from_exact = quantization_errors(theirs, logits(load_model(exports[dtype]), ids),
+                                                  logits(load_model(bpe_model[0]), ids))
+    assert mean < 0.025 and worst < 0.15
+    if dtype == "q4_0":  # Q4_0's own error is 15x that: we must land on llama.cpp's side of it
+        assert mean < 0.2 * from_exact
 
 
 @needs_llama_cpp
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q5_K_M", "Q6_K"])
 def test_llama_cpp_quantized_files_import_to_llama_cpp_logits(wide_model, tmp_path, ftype):
-    """Files quantized by llama.cpp itself (K-quants, as the common downloads are) read back to its logits."""
+    """Files quantized by llama.cpp itself (K-quants, as the common downloads are) read back to its logits.
+    On this model (logit standard deviation 1.6) llama.cpp's 8-bit activations alone account for a mean
+    difference of about 0.065 (max 0.5, measured); the K-quants' own error is 2.4x (Q6_K) to 9x (Q4_K_M) that."""
     import ctypes
 
     source = export_gguf(wide_model[0], tmp_path / "f32.gguf", "f32", progress=False)
@@ -462,8 +491,10 @@ def test_llama_cpp_quantized_files_import_to_llama_cpp_logits(wide_model, tmp_pa
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = 2
     assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) == 0
-    types = {t.tensor_type.name for t in gguf.GGUFReader(target).tensors}
-    assert types & {"Q4_K", "Q5_K", "Q6_K"}
+    assert {t.tensor_type.name for t in gguf.GGUFReader(target).tensors} & {"Q4_K", "Q5_K", "Q6_K"}
     ids = Tokenizer(wide_model[0]).encode(PROMPT)
     theirs = llama_cpp_logits(llama_cpp_model(target), ids)
-    assert (theirs - logits(load_model(target), ids)).abs().max() < 0.05
+    mean, worst, from_exact = quantization_errors(theirs, logits(load_model(target), ids),
+                                                  logits(load_model(wide_model[0]), ids))
+    assert mean < 0.1 and worst < 0.8
+    assert mean < {"Q4_K_M": 0.25, "Q5_K_M": 0.4, "Q6_K": 0.6}[ftype] * from_exact
