@@ -18,7 +18,7 @@ import uuid
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
@@ -29,6 +29,9 @@ from llmasos.checkpoints.ollama import write_modelfile
 from llmasos.checkpoints.weights import TensorEntry, load_tensor
 from llmasos.errors import CheckpointError, LLMasOSError
 from llmasos.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from llmasos.tokenization import Tokenizer
 
 GGUF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 HF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # Mistral's GGUFs say "llama"
@@ -97,7 +100,7 @@ def _rotary_heads(config: ModelConfig, name: str) -> int | None:
 # ---- export ------------------------------------------------------------------------------------------
 
 
-def _tensor_type(name: str, shape: tuple[int, ...], dtype: str, tied: bool):
+def _tensor_type(name: str, shape: tuple[int, ...], dtype: str, tied: bool) -> gguf.GGMLQuantizationType:
     """llama.cpp's converter's rules: 1-D tensors stay F32; rows that do not fill whole blocks fall back to
     F16; with q4_0 the output projection (the embedding when tied) keeps Q8_0, as llama-quantize keeps
     it at a higher precision than the rest."""
@@ -108,7 +111,8 @@ def _tensor_type(name: str, shape: tuple[int, ...], dtype: str, tied: bool):
     return qtype if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else Q.F16
 
 
-def _write_hparams(writer, config: ModelConfig, name: str, file_type: int) -> None:
+def _write_hparams(writer: gguf.GGUFWriter, config: ModelConfig, name: str, file_type: int) -> int:
+    """The `{arch}.*` keys; returns the context length written."""
     writer.add_name(name)
     context = config.max_position_embeddings
     if config.sliding_window is not None and config.sliding_window < context:
@@ -133,6 +137,7 @@ def _write_hparams(writer, config: ModelConfig, name: str, file_type: int) -> No
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return context
 
 
 def _rope_factors(config: ModelConfig) -> torch.Tensor:
@@ -171,7 +176,7 @@ def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", for
     tokenizer = Tokenizer(model_dir)
 
     writer = gguf.GGUFWriter(None, GGUF_ARCHS[config.architecture])
-    _write_hparams(writer, config, name, FILE_TYPES[dtype])
+    context = _write_hparams(writer, config, name, FILE_TYPES[dtype])
     write_vocab(writer, tokenizer, config)
 
     plan = []  # (our name, GGUF name, type), in the order the data follows
@@ -214,11 +219,11 @@ def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", for
         tmp.unlink(missing_ok=True)
         raise
     stops = [tokenizer.decode([i], skip_special_tokens=False) for i in sorted(tokenizer.stop_ids)]
-    write_modelfile(out, tokenizer.chat_template, stops, config.max_position_embeddings)
+    write_modelfile(out, tokenizer.chat_template, stops, context)
     return out
 
 
-def write_vocab(writer, tokenizer, config: ModelConfig) -> None:
+def write_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, config: ModelConfig) -> None:
     """The tokenizer as llama.cpp's `tokenizer.ggml.*` keys: SentencePiece (a `tokenizer.model`, or a
     `tokenizer.json` converted from one, with byte fallback) as `llama` with pieces and scores; a byte-level
     BPE as `gpt2` with tokens, merges and the name of its pre-tokenizer."""
@@ -342,7 +347,7 @@ def _pre_tokenizer_name(pre: dict[str, Any] | None, file: Path) -> str:
 # ---- import ------------------------------------------------------------------------------------------
 
 
-def open_reader(path: Path):
+def open_reader(path: Path) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(path)
     except FileNotFoundError:
@@ -351,12 +356,12 @@ def open_reader(path: Path):
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
 
 
-def _field(reader, key: str, default: Any = None) -> Any:
+def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     field = reader.get_field(key)
     return default if field is None else field.contents()
 
 
-def _dequantize(tensor, shape: tuple[int, ...], heads: int | None) -> torch.Tensor:
+def _dequantize(tensor: gguf.ReaderTensor, shape: tuple[int, ...], heads: int | None) -> torch.Tensor:
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     w = torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(shape)
     return permute_rotary(w, heads) if heads is not None else w
@@ -395,7 +400,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, TensorEntry]]:
     return config, entries
 
 
-def _config(reader, arch: str, tensors: dict[str, Any], path: Path) -> ModelConfig:
+def _config(reader: gguf.GGUFReader, arch: str, tensors: dict[str, gguf.ReaderTensor], path: Path) -> ModelConfig:
     """A `ModelConfig` from the `{arch}.*` keys (and the shapes where a key may be absent)."""
 
     def key(name: str, default: Any = None) -> Any:
@@ -442,7 +447,7 @@ def _config(reader, arch: str, tensors: dict[str, Any], path: Path) -> ModelConf
     return config
 
 
-def _llama3_rope(config: ModelConfig, tensor, path: Path) -> ModelConfig:
+def _llama3_rope(config: ModelConfig, tensor: gguf.ReaderTensor, path: Path) -> ModelConfig:
     """llama.cpp keeps only the per-frequency divisors of Llama 3.1 scaling; recover the scaling they come
     from (Llama 3.1/3.2's band: low 1, high 4, 8192 original positions) and check it gives the same divisors."""
     import dataclasses
@@ -462,7 +467,7 @@ def _llama3_rope(config: ModelConfig, tensor, path: Path) -> ModelConfig:
 # ---- tokenizer ---------------------------------------------------------------------------------------
 
 
-def write_tokenizer(path: Path, out: Path, reader=None) -> None:
+def write_tokenizer(path: Path, out: Path, reader: gguf.GGUFReader | None = None) -> None:
     """`tokenizer.json` and `tokenizer_config.json` in `out`, rebuilt from the GGUF's vocabulary:
     `gpt2` as a byte-level BPE with the pre-tokenizer `tokenizer.ggml.pre` names, `llama` as the
     SentencePiece-equivalent BPE (byte fallback, merges ranked by the pieces' scores) transformers uses."""
