@@ -174,6 +174,16 @@ def test_export_writes_llama3_rope_scaling_as_the_rope_freqs_tensor_and_reads_it
     assert torch.equal(logits(ours, ids), logits(load_model(path), ids))
 
 
+def test_mistral_sliding_window_clips_the_context_loudly(tmp_path):
+    path, _ = make_hf_model(tmp_path / "mistral", family="mistral", sliding_window=64, **SHAPE)
+    write_bpe_tokenizer(path, llama3_split=True)
+    with pytest.warns(UserWarning, match="clipped to the window, 64 tokens"):
+        out = export_gguf(path, tmp_path / "m.gguf", "f32", progress=False)
+    reader = gguf.GGUFReader(out)
+    assert field(reader, "general.architecture") == "llama" and field(reader, "llama.context_length") == 64
+    assert "PARAMETER num_ctx 64" in (tmp_path / "Modelfile").read_text()
+
+
 # ---- import ----------------------------------------------------------------------------------------------
 
 
