@@ -238,6 +238,30 @@ def test_pull_gguf_stores_an_hf_dir_that_transformers_loads(exports, bpe_model):
     assert auto(PROMPT)["input_ids"] == Tokenizer(bpe_model[0]).encode(PROMPT)
 
 
+def rewrite_gguf(source, target, fields=None, tensors=None):
+    """A copy of `source` with some string fields replaced ({key: value}) and each tensor's data and type
+    from tensors(index, tensor) -> (array, type or None); without `tensors`, no tensors (a vocabulary only)."""
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(target, field(reader, "general.architecture"))
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        if f.name in (fields or {}):
+            writer.add_string(f.name, fields[f.name])
+        elif f.types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1])
+        else:
+            writer.add_key_value(f.name, f.contents(), f.types[0])
+    for n, t in enumerate(reader.tensors if tensors else []):
+        data, qtype = tensors(n, t)
+        writer.add_tensor(t.name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
 def _k_quant_bytes(qtype, rows: int, cols: int, rng) -> np.ndarray:
     """Random K-quant blocks (the gguf library has no K-quant quantizer) with small finite fp16 scales."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
@@ -255,33 +279,19 @@ def test_k_quant_tensors_are_dequantised_and_q_k_reordered(wide_model, tmp_path)
     gives, with Q and K rows back in our layout."""
     from llmasos.checkpoints.meta import permute_rotary
 
-    source = gguf.GGUFReader(export_gguf(wide_model[0], tmp_path / "f32.gguf", "f32", progress=False))
-    writer = gguf.GGUFWriter(tmp_path / "k.gguf", "llama")
-    for f in source.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        vtype = f.types[0]
-        value = f.contents()
-        if vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(f.name, value, vtype, sub_type=f.types[-1])
-        else:
-            writer.add_key_value(f.name, value, vtype)
     rng = np.random.default_rng(0)
     kinds = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
     expected = {}
-    for n, t in enumerate(source.tensors):
-        if len(t.data.shape) == 1:
-            writer.add_tensor(t.name, np.array(t.data))
-            continue
-        qtype = kinds[n % 3]
-        data = _k_quant_bytes(qtype, *t.data.shape, rng)
-        writer.add_tensor(t.name, data, raw_dtype=qtype)
-        expected[t.name] = (torch.from_numpy(gguf.quants.dequantize(data, qtype)), qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
+    def k_quant(n, t):
+        if len(t.data.shape) == 1:
+            return np.array(t.data), None
+        data = _k_quant_bytes(kinds[n % 3], *t.data.shape, rng)
+        expected[t.name] = (torch.from_numpy(gguf.quants.dequantize(data, kinds[n % 3])), kinds[n % 3])
+        return data, kinds[n % 3]
+
+    rewrite_gguf(export_gguf(wide_model[0], tmp_path / "f32.gguf", "f32", progress=False), tmp_path / "k.gguf",
+                 tensors=k_quant)
     model = load_model(tmp_path / "k.gguf")
     state = model.state_dict()
     assert {q for _, q in expected.values()} == set(kinds)
@@ -508,3 +518,23 @@ def test_llama_cpp_quantized_files_import_to_llama_cpp_logits(wide_model, tmp_pa
                                                   logits(load_model(wide_model[0]), ids))
     assert mean < 0.1 and worst < 0.8
     assert mean < {"Q4_K_M": 0.25, "Q5_K_M": 0.4, "Q6_K": 0.6}[ftype] * from_exact
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("model, pre", [("bpe_model", "llama-bpe"), ("bpe_model", "qwen2"), ("bpe_model", "gpt-2"),
+                                        ("bpe_model", "default"), ("sp_model", None)])
+def test_tokenizer_rebuilt_from_gguf_tokenizes_as_llama_cpp(model, pre, request, tmp_path):
+    """The same vocabulary under each pre-tokenizer name we rebuild (and SentencePiece): our tokenizer.json
+    from the file and llama.cpp's tokenizer from the file give the same ids."""
+    path, _ = request.getfixturevalue(model)
+    out = export_gguf(path, tmp_path / "m.gguf", "f32", progress=False)
+    if pre is not None:
+        out = rewrite_gguf(out, tmp_path / f"{pre}.gguf", fields={"tokenizer.ggml.pre": pre})
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    write_tokenizer(out, tmp_path / "tok")
+    ours = Tokenizer(tmp_path / "tok")
+    texts = sorted(set(CORPUS)) + ["tabs\tand\nnew\n\nlines  ", "1234567 digits; a+b<=c|d", "I've told you, 'RE you sure?'"]
+    if model == "bpe_model":  # SentencePiece: llama.cpp (as sentencepiece) puts "▁" before a leading space too,
+        texts.append("  two leading spaces")  # transformers (and we) do not
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == ours.encode(text), text
