@@ -42,7 +42,8 @@ def uniform_dtype(config: ModelConfig, entries: dict[str, TensorEntry]) -> torch
     beside F16 or quantized matrices, and a model computes in one dtype)."""
     if len({e.dtype for e in entries.values() if e.dtype.is_floating_point}) <= 1:
         return None
-    return getattr(torch, config.dtype)
+    dtype = getattr(torch, config.dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def build_meta_model(config: ModelConfig):
