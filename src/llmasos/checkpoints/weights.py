@@ -115,8 +115,8 @@ def load_tensor(entry: TensorEntry, dtype: torch.dtype | None = None, name: str 
     """The tensor in `dtype` on `device`: memory-mapped when nothing needs converting, else read and cast."""
     dtype = dtype or entry.dtype
     nbytes = entry.end - entry.start
-    if (maps is not None and entry.tensor is None and entry.decode is None and dtype == entry.dtype and torch.device(device).type == "cpu"
-            and nbytes and entry.start % dtype.itemsize == 0):
+    if (maps is not None and entry.tensor is None and entry.decode is None and dtype == entry.dtype
+            and torch.device(device).type == "cpu" and nbytes and entry.start % dtype.itemsize == 0):
         if entry.file not in maps:
             with open(entry.file, "rb") as f:
                 maps[entry.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
