@@ -30,13 +30,26 @@ CHATML_TEMPLATE = (
 )
 
 
-def write_bpe_tokenizer(out: Path, vocab_size: int = 400, chat_template: str | None = CHATML_TEMPLATE) -> Path:
-    """A byte-level BPE `tokenizer.json` like Llama 3's, with its special tokens and a BOS post-processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def write_bpe_tokenizer(out: Path, vocab_size: int = 400, chat_template: str | None = CHATML_TEMPLATE,
+                        llama3_split: bool = False) -> Path:
+    """A byte-level BPE `tokenizer.json` like Llama 3's, with its special tokens and a BOS post-processor.
+
+    llama3_split: split words with Llama 3's regex and match whole words first (`ignore_merges`), as Llama 3's
+    own tokenizer.json does; otherwise GPT-2's ByteLevel split."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok = Tokenizer(models.BPE(ignore_merges=llama3_split))
+    if llama3_split:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -357,6 +357,30 @@ def cmd_tasks(args: argparse.Namespace) -> None:
         task = load_task(name)
         table.add_row(name, task.kind, str(len(task.records)), ", ".join(task.metrics), task.description)
     Console().print(table)
+def cmd_export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from llmasos.checkpoints.store import resolve
+
+    path, out = resolve(args.model), Path(args.out)
+    if args.format == "gguf":
+        from llmasos.checkpoints.gguf import export_gguf
+
+        written = export_gguf(path, out, args.dtype, force=args.force)
+        print(f"wrote {written} ({_human_bytes(written.stat().st_size)}) and {written.parent / 'Modelfile'}")
+        print(f"next: llama.cpp loads the .gguf as it is; for Ollama: cd {written.parent} && "
+              f"ollama create {path.name.removesuffix('.gguf')} -f Modelfile")
+    elif args.format == "hf":
+        from llmasos.checkpoints.hf import export_hf
+
+        print(f"wrote {export_hf(path, out, args.dtype, force=args.force)}")
+    else:
+        from llmasos.checkpoints.onnx import export_onnx
+
+        dtypes = {"auto": "float32", "f32": "float32", "f16": "float16"}
+        if args.dtype not in dtypes:
+            raise LLMasOSError(f"--dtype {args.dtype}: an ONNX export is f32 (the default) or f16")
+        print(f"wrote {export_onnx(path, out, dtype=dtypes[args.dtype])}")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -421,11 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     _verb(sub, "models", cmd_models, "list the zoo (named shapes) and the models in the local store",
           "  llmasos models")
 
-    p = _verb(sub, "pull", cmd_pull, "import a model into the store (HF dir, Meta dir, zoo name or hub id)",
+    p = _verb(sub, "pull", cmd_pull, "import a model into the store (HF dir, Meta dir, GGUF file, zoo name or hub id)",
               "  llmasos pull ./my-hf-model --name my-model\n"
               "  llmasos pull ./llama-2-7b            # Meta params.json + consolidated.*.pth\n"
+              "  llmasos pull ./Llama-3.2-1B-Instruct-Q4_K_M.gguf   # llama.cpp / Ollama download\n"
               "  llmasos pull TinyLlama/TinyLlama-1.1B-Chat-v1.0   # needs network access")
-    p.add_argument("source", help="a local HF dir, a Meta checkpoint dir, a zoo name or a hub id (owner/name)")
+    p.add_argument("source", help="a local HF dir, a Meta checkpoint dir, a .gguf file, a zoo name or a hub id "
+                                  "(owner/name)")
     p.add_argument("--name", help="store name (default: from the source)")
     p.add_argument("--force", action="store_true", help="replace a stored model of the same name")
 
@@ -462,6 +488,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a YAML file of the keys below (flags override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     _train_options(p, skip=("model",))
+
+    p = _verb(sub, "export", cmd_export, "write a model as an HF dir, a GGUF file (llama.cpp, Ollama) or ONNX",
+              "  llmasos export my-model --format gguf --dtype q8_0 --out ./export   # + an Ollama Modelfile\n"
+              "  llmasos export my-model --format gguf --out ./my-model-f16.gguf --dtype f16\n"
+              "  llmasos export ./model.Q4_K_M.gguf --format hf --dtype bf16 --out ./model-hf\n"
+              "  llmasos export my-model --format onnx --out ./onnx")
+    p.add_argument("model", help="a store name, a model dir or a .gguf file")
+    p.add_argument("--format", required=True, choices=["hf", "gguf", "onnx"], help="what to write")
+    p.add_argument("--dtype", default="auto", choices=["auto", "f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="auto keeps the stored dtype; q8_0 and q4_0 are GGUF quantizations (norms stay f32)")
+    p.add_argument("--out", required=True,
+                   help="gguf: a .gguf path, or a dir for MODEL-DTYPE.gguf (the Modelfile goes beside it); "
+                        "hf/onnx: a dir")
+    p.add_argument("--force", action="store_true", help="replace what is at --out")
 
     p = _verb(sub, "quickstart", cmd_quickstart,
               "the whole life cycle offline: train a tokenizer and a small LLaMA on Python's stdlib, evaluate, "

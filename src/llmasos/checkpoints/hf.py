@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from llmasos.checkpoints.weights import TensorEntry, read_pickled, read_safetensors_header, save_safetensors_shards
-from llmasos.errors import CheckpointError
+from llmasos.errors import CheckpointError, LLMasOSError
 from llmasos.models.config import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -104,6 +104,26 @@ def save_model(model, out_dir: Path | str, max_shard_bytes: int = 5 * 2**30, dty
     if tokenizer_dir is not None:
         copy_tokenizer_files(Path(tokenizer_dir), out_dir)
     return out_dir
+
+
+HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_hf(model_dir: Path, out_dir: Path, dtype: str = "auto", force: bool = False) -> Path:
+    """Any model we read (HF or Meta dir, GGUF file) as an HF dir transformers loads, in `dtype`
+    (auto: as stored; a GGUF's quantized tensors come out dequantised)."""
+    from llmasos.checkpoints.gguf import tokenizer_dir
+    from llmasos.checkpoints.load import load_model
+    from llmasos.checkpoints.store import atomic_dir
+
+    model_dir = Path(model_dir)
+    if dtype != "auto" and dtype not in HF_DTYPES:
+        raise LLMasOSError(f"dtype {dtype!r} cannot be written to an HF dir; use auto, {', '.join(HF_DTYPES)} "
+                           f"(q8_0 and q4_0 are GGUF types: --format gguf)")
+    model = load_model(model_dir, HF_DTYPES.get(dtype))
+    with atomic_dir(Path(out_dir), replace=force) as tmp:
+        save_model(model, tmp, tokenizer_dir=tokenizer_dir(model_dir) if model_dir.is_file() else model_dir)
+    return Path(out_dir)
 
 
 def write_generation_config(config: ModelConfig, out_dir: Path, extra: dict[str, Any] | None = None) -> None:

@@ -22,7 +22,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def open_checkpoint(path: Path | str) -> tuple[ModelConfig, dict[str, TensorEntry]]:
-    """The config and tensor index of an HF dir or a Meta checkpoint dir (no weights are read)."""
+    """The config and tensor index of an HF dir, a Meta checkpoint dir or a GGUF file (no weights are read)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -32,9 +32,21 @@ def open_checkpoint(path: Path | str) -> tuple[ModelConfig, dict[str, TensorEntr
         return read_meta_checkpoint(path)
     if path.is_dir() and (path / "config.json").exists():
         return load_config(path), weight_entries(path)
-    if path.suffix == ".gguf":
-        raise CheckpointError(f"{path}: GGUF import is not available yet; convert it to an HF dir first")
-    raise CheckpointError(f"{path}: not a model dir (expected config.json + weights, or params.json + consolidated.*.pth)")
+    if path.is_file() and path.suffix == ".gguf":
+        from llmasos.checkpoints.gguf import read_gguf
+
+        return read_gguf(path)
+    raise CheckpointError(f"{path}: not a model (expected a dir with config.json + weights, or params.json + "
+                          f"consolidated.*.pth, or a .gguf file)")
+
+
+def uniform_dtype(config: ModelConfig, entries: dict[str, TensorEntry]) -> torch.dtype | None:
+    """None when every float tensor is stored in one dtype; else the config's (a GGUF keeps norms in F32
+    beside F16 or quantized matrices, and a model computes in one dtype)."""
+    if len({e.dtype for e in entries.values() if e.dtype.is_floating_point}) <= 1:
+        return None
+    dtype = getattr(torch, config.dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def adapter_base(adapter_dir: Path) -> Path:
@@ -109,10 +121,11 @@ def materialize(model, entries: dict[str, TensorEntry], dtype: torch.dtype | Non
 
 def load_model(path: Path | str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                progress: bool = False):
-    """A `Transformer` with the weights of an HF or Meta dir, in `dtype` (default: as stored), in eval mode."""
+    """A `Transformer` with the weights of an HF or Meta dir or a GGUF file, in `dtype` (default: as stored),
+    in eval mode."""
     config, entries = open_checkpoint(path)
     model = build_meta_model(config)
-    materialize(model, entries, dtype, device, Path(path), progress)
+    materialize(model, entries, dtype or uniform_dtype(config, entries), device, Path(path), progress)
     if (Path(path) / ADAPTER_CONFIG).exists():  # fold the adapter in: inference then costs what the base does
         from llmasos.models.lora import load_adapter, merge_lora
 

@@ -36,9 +36,15 @@ def is_meta_dir(path: Path) -> bool:
 
 
 def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta interleaves each head's rotary pairs (x0, x1), (x2, x3)...; HF pairs i with i + d/2."""
-    out, inp = w.shape
-    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+    """Meta (and GGUF) interleave each head's rotary pairs (x0, x1), (x2, x3)...; HF pairs i with i + d/2.
+
+    w: a Q or K weight [out, in] or bias [out] in the interleaved layout; returns the HF layout."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def interleave_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `permute_rotary`: HF half-split rotary pairs back to the interleaved layout."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _merge(parts: list[torch.Tensor], dim: int | None) -> torch.Tensor:

@@ -81,6 +81,7 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
 
 def default_name(source: str) -> str:
     name = Path(source.rstrip("/")).name if not HUB_ID.match(source) or Path(source).exists() else source.split("/")[-1]
+    name = name.removesuffix(".gguf")
     return re.sub(r"[^\w.+-]", "-", name).lower() or "model"
 
 
@@ -99,7 +100,7 @@ def download(repo_id: str, dest: Path) -> Path:
 
 
 def pull(source: str, name: str | None = None, force: bool = False, progress: bool = True) -> Path:
-    """Import a local HF dir, a Meta checkpoint dir, a zoo name or a hub id into the store."""
+    """Import a local HF dir, a Meta checkpoint dir, a GGUF file, a zoo name or a hub id into the store."""
     from llmasos.models.zoo import hf_id
 
     name = name or default_name(source)
@@ -122,15 +123,19 @@ def pull(source: str, name: str | None = None, force: bool = False, progress: bo
 
 
 def import_checkpoint(src: Path, out: Path, progress: bool = True) -> None:
-    """Write `src` (HF or Meta dir) into `out` as a safetensors HF dir, checking every tensor's shape."""
+    """Write `src` (HF or Meta dir, GGUF file) into `out` as a safetensors HF dir, checking every tensor's shape.
+
+    A GGUF's quantized tensors are stored dequantised, in float32 (exact); its tokenizer is rebuilt from
+    the vocabulary."""
     from llmasos.checkpoints.hf import copy_tokenizer_files, write_generation_config
-    from llmasos.checkpoints.load import build_meta_model, check_entries, open_checkpoint
+    from llmasos.checkpoints.load import build_meta_model, check_entries, open_checkpoint, uniform_dtype
     from llmasos.checkpoints.meta import is_meta_dir
     from llmasos.checkpoints.weights import load_tensor, save_safetensors_shards
 
     config, entries = open_checkpoint(src)
     check_entries(build_meta_model(config), entries, src)
-    if not is_meta_dir(src) and all(e.tensor is None for e in entries.values()):
+    gguf_file = src.is_file() and src.suffix == ".gguf"
+    if src.is_dir() and not is_meta_dir(src) and all(e.tensor is None for e in entries.values()):
         # Already safetensors: copy the files as they are.
         for f in sorted(src.glob("*.safetensors")) + sorted(src.glob("*.safetensors.index.json")):
             shutil.copy2(f, out / f.name)
@@ -138,13 +143,20 @@ def import_checkpoint(src: Path, out: Path, progress: bool = True) -> None:
             if (src / f).exists():
                 shutil.copy2(src / f, out / f)
     else:
-        state = {n: e.tensor if e.tensor is not None else load_tensor(e, name=n) for n, e in entries.items()}
+        dtype = uniform_dtype(config, entries)
+        state = {n: e.tensor if e.tensor is not None and dtype is None else load_tensor(e, dtype, n)
+                 for n, e in entries.items()}
         save_safetensors_shards(state, out)
         (out / "config.json").write_text(config.to_json() + "\n")
     if not (out / "generation_config.json").exists():
         write_generation_config(config, out)
-    tokenizer_src = src if any((src / f).exists() for f in ("tokenizer.json", "tokenizer.model")) else src.parent
-    copy_tokenizer_files(tokenizer_src, out)
+    if gguf_file:
+        from llmasos.checkpoints.gguf import write_tokenizer
+
+        write_tokenizer(src, out)
+    else:
+        tokenizer_src = src if any((src / f).exists() for f in ("tokenizer.json", "tokenizer.model")) else src.parent
+        copy_tokenizer_files(tokenizer_src, out)
     if is_meta_dir(src) and (out / "tokenizer.model").exists() and not (out / "tokenizer_config.json").exists():
         write_meta_tokenizer_config(out)
     if any((out / f).exists() for f in ("tokenizer.json", "tokenizer.model")):

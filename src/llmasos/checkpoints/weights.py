@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class TensorEntry:
     start: int = 0
     end: int = 0
     tensor: torch.Tensor | None = None  # already in memory (pickled .bin / Meta .pth, memory-mapped)
+    decode: Callable[[], torch.Tensor] | None = None  # computed when read (GGUF: dequantised, Q/K reordered)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
@@ -96,6 +98,8 @@ def read_into(entry: TensorEntry, out: torch.Tensor, name: str = "") -> torch.Te
         raise CheckpointError(f"{entry.file}: tensor {name} has shape {list(entry.shape)}, the model expects {list(out.shape)}")
     if entry.tensor is not None:
         return out.copy_(entry.tensor)
+    if entry.decode is not None:
+        return out.copy_(entry.decode())
     direct = out.dtype == entry.dtype and out.device.type == "cpu" and out.is_contiguous()
     buf = out if direct else torch.empty(entry.shape, dtype=entry.dtype)
     view = buf.view(torch.uint8).numpy() if buf.numel() else None
@@ -111,8 +115,8 @@ def load_tensor(entry: TensorEntry, dtype: torch.dtype | None = None, name: str 
     """The tensor in `dtype` on `device`: memory-mapped when nothing needs converting, else read and cast."""
     dtype = dtype or entry.dtype
     nbytes = entry.end - entry.start
-    if (maps is not None and entry.tensor is None and dtype == entry.dtype and torch.device(device).type == "cpu"
-            and nbytes and entry.start % dtype.itemsize == 0):
+    if (maps is not None and entry.tensor is None and entry.decode is None and dtype == entry.dtype
+            and torch.device(device).type == "cpu" and nbytes and entry.start % dtype.itemsize == 0):
         if entry.file not in maps:
             with open(entry.file, "rb") as f:
                 maps[entry.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)

@@ -40,6 +40,10 @@ class Tokenizer:
 
     def __init__(self, path: Path | str):
         path = Path(path)
+        if path.is_file() and path.suffix == ".gguf":  # the vocabulary inside, rebuilt as tokenizer files
+            from llmasos.checkpoints.gguf import tokenizer_dir
+
+            path = tokenizer_dir(path)
         self.dir = path if path.is_dir() else path.parent
         cfg = _read_json(self.dir / "tokenizer_config.json")
         for key, value in _read_json(self.dir / "special_tokens_map.json").items():
