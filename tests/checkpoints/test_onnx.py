@@ -121,8 +121,8 @@ def test_readme_example_decodes_our_engines_greedy_tokens(llama, tmp_path, monke
     from llmasos import LLM, SamplingParams
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    code = readme.split("### ONNX export")[1].split("```python\n")[1].split("```")[0]
-    (tmp_path / "llama-onnx").symlink_to(llama.out)
+    code = readme.split("### ONNX export")[1].split("```python runnable\n")[1].split("```")[0]
+    (tmp_path / "tiny-onnx").symlink_to(llama.out)
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(code, scope)
