@@ -71,3 +71,21 @@ def test_int4_gemv_equals_its_dequantized_matmul(m, xdtype):
     y = module.int4_gemv(x, packed, scales, offsets, bias)
     tol = 8e-3 if xdtype == torch.bfloat16 else 1e-3  # inputs quantized to 14 bits
     assert ((y.double() - expected).abs() / expected.abs().max()).max() < tol
+
+
+def test_a_bf16_model_on_the_kernels_runs_with_autograd_too(tmp_path):
+    """Where the CPU lacks bf16 arithmetic the activations are fp32 over bf16 weights; the stock path
+    (autograd on) must take that mix as well, and agree with the kernels."""
+    from helpers import make_hf_model
+    from llmasos.checkpoints.load import load_model
+
+    path, _ = make_hf_model(tmp_path / "m")
+    model = load_model(path, dtype=torch.bfloat16)
+    use_gemv_kernels(model)
+    model.activation_dtype = torch.float32  # as on a CPU without bf16 arithmetic, whatever this one has
+    ids = torch.tensor([[5, 17, 42, 99]])
+    with torch.no_grad():
+        fast = model(ids)
+    slow = model(ids)  # autograd on: the kernels step aside
+    assert fast.dtype == slow.dtype == torch.float32
+    assert (fast - slow.detach()).abs().max() < 0.05 * fast.abs().max()

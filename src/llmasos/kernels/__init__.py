@@ -101,7 +101,11 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         y = small_batch_gemv(x, self.weight, None, self.bias)
-        return F.linear(x, self.weight, self.bias) if y is None else y
+        if y is not None:
+            return y
+        if x.dtype != self.weight.dtype:  # fp32 activations over bf16 weights (see use_gemv_kernels)
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
 
 
 def use_gemv_kernels(model: nn.Module) -> bool:
