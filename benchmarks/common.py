@@ -16,15 +16,28 @@ SMALL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidd
              max_position_embeddings=2048)
 
 
+def bench_tokenizer(vocab_size: int) -> Path:
+    """A byte-level BPE of `vocab_size` tokens trained on the standard library's sources (cached): decoding
+    costs what a real tokenizer's does, and llama.cpp loads it from a GGUF export."""
+    out = CACHE / f"tokenizer-{vocab_size}"
+    if not (out / "tokenizer.json").exists():
+        from llmasos.quickstart import stdlib_files
+        from llmasos.tokenization.train import train_bpe
+
+        texts = (f.read_text(errors="replace") for f in stdlib_files(16 * 2**20))
+        train_bpe(texts, vocab_size, out, progress=False)
+    return out
+
+
 def random_checkpoint(shape: str, dtype: str = "bfloat16") -> Path:
     """An HF dir with zoo shape `shape` (or "small") and random weights (speed and memory do not depend on values)."""
-    out = CACHE / f"{shape}-{dtype}"
+    out = CACHE / f"{shape}-{dtype}-bpe"
     if (out / "config.json").exists():
         return out
     config = f"ModelConfig(**{SMALL!r})" if shape == "small" else f"zoo_config({shape!r})"
     code = f"""
 import torch
-from llmasos.checkpoints.hf import save_model
+from llmasos.checkpoints.hf import copy_tokenizer_files, save_model
 from llmasos.checkpoints.store import atomic_dir
 from llmasos.models.config import ModelConfig
 from llmasos.models.llama import Transformer
@@ -40,15 +53,7 @@ with torch.no_grad():
         p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
 with atomic_dir(Path({str(out)!r}), replace=True) as tmp:
     save_model(model, tmp)
-    # A word-level tokenizer over the whole vocabulary: decoding costs what a real one costs, roughly.
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    vocab = {{f"w{{i}}": i for i in range(model.config.vocab_size)}}
-    vocab["<s>"], vocab["</s>"] = 1, 2
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece()
-    tok.save(str(tmp / "tokenizer.json"))
-    (tmp / "tokenizer_config.json").write_text('{{"bos_token": "<s>", "eos_token": "</s>"}}')
+    copy_tokenizer_files(Path({str(bench_tokenizer(32000))!r}), tmp)
 """
     subprocess.run([sys.executable, "-c", code], check=True)
     return out

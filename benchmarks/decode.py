@@ -124,11 +124,6 @@ def main() -> dict:
     print_table(f"Decode tok/s, batch 1 unless said (median of {ROUNDS} alternating rounds; memory read "
                 f"{bandwidth / 1e9:.1f} GB/s measured in the same run)",
                 ["figure", "ours", "reference", "ratio", "target", "of roofline", "verdict"], rows)
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        print("llama.cpp comparison skipped: llama-cpp-python is not installed "
-              "(pip install llama-cpp-python; it compiles llama.cpp, ~15 min on 2 cores)")
     return {"passed": sum(checks), "checked": len(checks)}
 
 
