@@ -145,6 +145,11 @@ class Request:
         self.prompt_tensor = torch.tensor(prompt_ids)
 
 
+# Prompts admitted in one step are prefilled together while their padded batch holds at most this
+# many tokens (one longer prompt goes alone).
+PREFILL_TOKENS = 2048
+
+
 class Engine:
     """Continuous batching for one model: `add` requests, call `step` until `has_work` is false."""
 
@@ -238,10 +243,20 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
-        """Admit what fits, then one decode step for every running sequence."""
+        """Admit what fits (their prompts prefilled together), then one decode step for every running sequence."""
         deltas: list[Delta] = []
-        while self.waiting and len(self.running) + self.waiting[0].params.n <= self.max_batch_size:
-            deltas += self._prefill(self.waiting.popleft())
+        group: list[Request] = []
+        rows = len(self.running)
+        while self.waiting and rows + self.waiting[0].params.n <= self.max_batch_size:
+            req = self.waiting.popleft()
+            longest = max([len(req.prompt_ids)] + [len(r.prompt_ids) for r in group])
+            if group and (len(group) + 1) * longest > PREFILL_TOKENS:
+                deltas += self._prefill(group)
+                group = []
+            group.append(req)
+            rows += req.params.n
+        if group:
+            deltas += self._prefill(group)
         if self.running:
             deltas += self._decode()
         return deltas
@@ -257,29 +272,47 @@ class Engine:
             return torch.float32
         return dtype
 
-    def _ensure_cache(self, rows: int) -> None:
-        if self.cache is None or self.cache.rows < rows:
-            old = self.cache
-            self.cache = self.model.new_cache(max(rows, self.max_batch_size if old else rows), self.max_seq_len,
-                                              self.cache_dtype)
-            if old is not None:
-                for new, prev in zip(self.cache.k + self.cache.v, old.k + old.v):
-                    new[:prev.shape[0]] = prev
+    def _ensure_cache(self, rows: int, length: int) -> None:
+        """A cache of at least `rows` rows and `length` slots, grown (old contents copied) when it is not.
 
-    def _prefill(self, req: Request) -> list[Delta]:
-        n = req.params.n
-        row = len(self.running)
-        self._ensure_cache(row + n)
-        ids = req.prompt_tensor.to(self.device)[None]
-        last = torch.tensor([ids.shape[1] - 1], device=self.device)
-        logits = self.model(ids, cache=self.cache, cache_row=row, logits_at=last)
-        for i in range(1, n):
-            self.cache.copy_row(row, row + i, ids.shape[1])
-        for seq in req.sequences:
+        Its length follows what admitted requests can reach (prompt + max_tokens, in steps of 256, at most
+        the context), not the context itself: zeroing a full-context cache for 16 rows took seconds here."""
+        old = self.cache
+        if old is not None and old.rows >= rows and old.max_len >= length:
+            return
+        new_rows = max(rows, self.max_batch_size) if old is not None else rows
+        new_len = max(length, 2 * old.max_len if old is not None and old.max_len < length else 0)
+        new_len = min(self.max_seq_len, -(-max(new_len, old.max_len if old is not None else 0) // 256) * 256)
+        self.cache = self.model.new_cache(new_rows, new_len, self.cache_dtype)
+        if old is not None:
+            for new, prev in zip(self.cache.k + self.cache.v, old.k + old.v):
+                new[:prev.shape[0], :, :prev.shape[2]] = prev
+
+    def _prefill(self, reqs: list[Request]) -> list[Delta]:
+        """One forward pass over the prompts of `reqs`, right-padded to the longest, into the rows after the
+        running ones (a padded tail writes cache slots that are overwritten before they are attended to).
+        Further samples of a request (n > 1) get copies of its prompt's row."""
+        row0 = len(self.running)
+        self._ensure_cache(row0 + sum(r.params.n for r in reqs), max(len(r.prompt_ids) + r.max_tokens for r in reqs))
+        lengths = [len(r.prompt_ids) for r in reqs]
+        ids = torch.zeros(len(reqs), max(lengths), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, :lengths[i]] = r.prompt_tensor
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = self.model(ids.to(self.device), cache=self.cache, cache_row=row0, logits_at=last)[:, -1].float()
+        seqs, source = [r.sequences[0] for r in reqs], list(range(len(reqs)))
+        for i, r in enumerate(reqs):
+            for seq in r.sequences[1:]:
+                self.cache.copy_row(row0 + i, row0 + len(seqs), lengths[i])
+                seqs.append(seq)
+                source.append(i)
+        for seq in seqs:
             seq.row = len(self.running)
             self.running.append(seq)
-        req.output.first_token_at = time.perf_counter()
-        return self._sample(logits[:, -1].float().expand(n, -1), req.sequences)
+        now = time.perf_counter()
+        for r in reqs:
+            r.output.first_token_at = now
+        return self._sample(logits[torch.tensor(source, device=logits.device)], seqs)
 
     def _decode(self) -> list[Delta]:
         seqs = self.running
