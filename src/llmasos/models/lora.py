@@ -170,8 +170,3 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
         raise CheckpointError(f"{adapter_dir}: adapter does not fit the model (missing {missing[:3]}, unexpected {extra[:3]})")
     model.load_state_dict(weights, strict=False)
     return model
-
-
-def lora_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-

@@ -9,7 +9,7 @@ under DDP, or on 4, and the final model is an ordinary HF dir. Every rank reads 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -120,15 +120,3 @@ def load_full_state(wrapped: nn.Module, optimizer, state: dict[str, torch.Tensor
 
     set_model_state_dict(wrapped, state, options=_options(True, False))
     set_optimizer_state_dict(wrapped, optimizer, optimizer_state, options=_options(True, False))
-
-
-@contextmanager
-def main_first(cluster: Cluster):
-    """Rank 0 does the body first (e.g. writes a file), the others wait for it."""
-    import torch.distributed as dist
-
-    if cluster.world > 1 and not cluster.main:
-        dist.barrier()
-    yield
-    if cluster.world > 1 and cluster.main:
-        dist.barrier()
