@@ -21,7 +21,7 @@ from llmasos.data.instruct import IGNORE, Example
 from llmasos.errors import ConfigError, LLMasOSError
 from llmasos.training import distributed
 from llmasos.training.config import TrainConfig
-from llmasos.training.trainer import Job, _save_full_model, packed_job, train
+from llmasos.training.trainer import Job, save_full_model, packed_job, train
 
 
 @lru_cache(maxsize=4)
@@ -124,7 +124,7 @@ def finetune(config: TrainConfig, resume: bool = False, progress: bool = True) -
     try:
         torch.manual_seed(config.seed)
         model, lora = _load_base(base, config, cluster.device)
-        save_final = _save_adapter(base, lora, config) if lora else _save_full_model(model.config, base)
+        save_final = _save_adapter(base, lora, config) if lora else save_full_model(model.config, base)
         if config.data and (Path(config.data) / "metadata.json").exists():
             if config.max_steps is None and config.max_tokens is None:
                 raise ConfigError("a prepared dir: set max_steps or max_tokens")

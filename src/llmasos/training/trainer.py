@@ -298,7 +298,7 @@ def _log(board, metrics_file: Path, config: TrainConfig, step: int, total: int, 
                     f"{'' if val_loss is None else f'{math.exp(val_loss):.4f}'}\n")
 
 
-def _save_full_model(config, tokenizer_dir: Path | None) -> Callable[[dict[str, Tensor], Path], None]:
+def save_full_model(config, tokenizer_dir: Path | None) -> Callable[[dict[str, Tensor], Path], None]:
     """`Job.save_final` for a whole model: `run/final` as an HF dir with the tokenizer."""
     def save(state: dict[str, Tensor], run: Path) -> None:
         from llmasos.checkpoints.hf import save_model
@@ -340,7 +340,7 @@ def pretrain(config: TrainConfig, resume: bool = False, progress: bool = True) -
         model.init_weights(generator=torch.Generator().manual_seed(config.seed))
         tokenizer_dir = Path(config.data) / "tokenizer"
         job = packed_job(model, config, Path(config.data), cluster.device,
-                         _save_full_model(model_config, tokenizer_dir if tokenizer_dir.exists() else None))
+                         save_full_model(model_config, tokenizer_dir if tokenizer_dir.exists() else None))
         return train(config, job, cluster, resume, progress)
     finally:
         distributed.close_cluster(cluster)
