@@ -12,7 +12,7 @@ import os
 
 from benchmarks.common import SMALL, print_table, run_child
 
-STEPS = int(os.environ.get("LLMASOS_BENCH_TRAIN_STEPS", "2"))
+STEPS = int(os.environ.get("LLMASOS_BENCH_TRAIN_STEPS", "4"))  # steps drift with memory speed: more is steadier
 
 CHILD = r"""
 import json, statistics, time, torch, transformers
