@@ -418,9 +418,12 @@ def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def _train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """Every TrainConfig key as a flag (`--max-steps 100`); a yes/no key also works bare (`--merge`)."""
+    """--config, --resume, and every TrainConfig key as a flag (`--max-steps 100`); a yes/no key also
+    works bare (`--merge`)."""
     from llmasos.training.config import TrainConfig
 
+    p.add_argument("--config", help="a YAML file of the keys below (flags override it)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     for key, hint in TrainConfig.keys().items():
         if key in skip:
             continue
@@ -473,8 +476,6 @@ def build_parser() -> argparse.ArgumentParser:
               "  llmasos pretrain --config pretrain.yaml\n"
               "  llmasos pretrain --model tiny-gqa --data ./data --out runs/tiny --max-steps 200 --lr 1e-3\n"
               "  llmasos pretrain --resume runs/tiny              # continue an interrupted run exactly")
-    p.add_argument("--config", help="a YAML file of the keys below (flags override it)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     _train_options(p)
 
     p = _verb(sub, "finetune", cmd_finetune,
@@ -485,8 +486,6 @@ def build_parser() -> argparse.ArgumentParser:
               "  torchrun --nproc-per-node 2 -m llmasos finetune my-model --data a.jsonl --strategy fsdp --out runs/ft\n"
               "  llmasos finetune --resume runs/ft")
     p.add_argument("model", nargs="?", help="the model to start from: a store name or a model dir")
-    p.add_argument("--config", help="a YAML file of the keys below (flags override it)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     _train_options(p, skip=("model",))
 
     p = _verb(sub, "export", cmd_export, "write a model as an HF dir, a GGUF file (llama.cpp, Ollama) or ONNX",

@@ -1,31 +1,19 @@
 """torchrun with 2 processes on the gloo backend: DDP and FSDP2 follow the single-process loss curve
 with the same global batch, and checkpoints move between strategies and process counts."""
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from helpers import CORPUS, make_hf_model, write_bpe_tokenizer
-from llmasos.data.prepare import prepare
+from helpers import make_hf_model, write_bpe_tokenizer, write_jsonl
 
 pytestmark = pytest.mark.slow
 
 FLAGS = ["--model", "tiny-gqa", "--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3",
          "--warmup-steps", "2", "--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "3", "--log-every", "1",
          "--precision", "fp32", "--eval-batches", "2"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, bpe_dir):
-    root = tmp_path_factory.mktemp("dist")
-    with open(root / "c.jsonl", "w") as f:
-        for i in range(200):
-            f.write(json.dumps({"text": f"{CORPUS[i % 6]} number {i}"}) + "\n")
-    prepare([root / "c.jsonl"], bpe_dir, root / "data", val_fraction=0.1, progress=False)
-    return root / "data"
 
 
 def llmasos(args, procs=1):
@@ -71,7 +59,7 @@ def test_lora_finetune_under_ddp_equals_one_process(tmp_path):
     base, _ = make_hf_model(tmp_path / "base", num_key_value_heads=2)
     write_bpe_tokenizer(base)
     records = [{"instruction": f"Add {a} and {b}.", "output": f"{a + b}"} for a in range(4) for b in range(4)]
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(tmp_path / "a.jsonl", records)
     flags = ["finetune", base, "--data", tmp_path / "a.jsonl", "--method", "lora", "--max-steps", "4",
              "--micro-batch-size", "2", "--global-batch-size", "8", "--precision", "fp32", "--lr", "1e-2",
              "--val-fraction", "0", "--log-every", "1"]

@@ -1,6 +1,5 @@
 """Pretraining: the loss falls, an interrupted run resumes to the same curve, bad configs are named."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,21 +9,9 @@ import time
 import pytest
 import torch
 
-from helpers import CORPUS
-from llmasos.data.prepare import prepare
 from llmasos.errors import ConfigError, LLMasOSError
 from llmasos.training import trainer
 from llmasos.training.config import TrainConfig
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, bpe_dir):
-    root = tmp_path_factory.mktemp("pretrain")
-    with open(root / "c.jsonl", "w") as f:
-        for i in range(300):
-            f.write(json.dumps({"text": f"{CORPUS[i % 6]} number {i}"}) + "\n")
-    prepare([root / "c.jsonl"], bpe_dir, root / "data", val_fraction=0.1, progress=False)
-    return root / "data"
 
 
 def config(data, out, **kw):

@@ -280,10 +280,10 @@ class Engine:
         old = self.cache
         if old is not None and old.rows >= rows and old.max_len >= length:
             return
+        old_len = old.max_len if old is not None else 0
         new_rows = max(rows, self.max_batch_size) if old is not None else rows
-        new_len = max(length, 2 * old.max_len if old is not None and old.max_len < length else 0)
-        new_len = min(self.max_seq_len, -(-max(new_len, old.max_len if old is not None else 0) // 256) * 256)
-        self.cache = self.model.new_cache(new_rows, new_len, self.cache_dtype)
+        want = max(length, 2 * old_len) if length > old_len else old_len  # doubling: few regrowths
+        self.cache = self.model.new_cache(new_rows, min(self.max_seq_len, -(-want // 256) * 256), self.cache_dtype)
         if old is not None:
             for new, prev in zip(self.cache.k + self.cache.v, old.k + old.v):
                 new[:prev.shape[0], :, :prev.shape[2]] = prev

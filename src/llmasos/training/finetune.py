@@ -70,14 +70,15 @@ def training_examples(config: TrainConfig, tokenizer) -> list[Example]:
 
 
 def _load_base(path: Path, config: TrainConfig, device: torch.device):
-    """The starting model in fp32 with weights of its own, frozen and quantized and given adapters as the method asks."""
+    """The starting model in fp32: trained whole (with weights of its own), or frozen, quantized and given
+    adapters as the method asks (a frozen base stays memory-mapped: it is never written)."""
     from llmasos.checkpoints.load import load_model
     from llmasos.models.lora import LoRAConfig, apply_lora
 
     model = load_model(path, dtype=torch.float32)
-    for p in model.parameters():  # memory-mapped weights are read-only pages; training needs its own
-        p.data = p.data.clone()
     if config.method == "full":
+        for p in model.parameters():  # memory-mapped weights are copy-on-write pages; the optimizer writes them all
+            p.data = p.data.clone()
         return model.to(device), None
     if config.method == "qlora":
         from llmasos.models.quantize import quantize_model
@@ -128,7 +129,8 @@ def finetune(config: TrainConfig, resume: bool = False, progress: bool = True) -
         if config.data and (Path(config.data) / "metadata.json").exists():
             if config.max_steps is None and config.max_tokens is None:
                 raise ConfigError("a prepared dir: set max_steps or max_tokens")
-            job = packed_job(model, config, Path(config.data), cluster.device, save_final)
+            job = packed_job(model, config, Path(config.data), cluster.device, save_final,
+                             trainable_only=lora is not None)
         else:
             tokenizer = Tokenizer(base)
             examples, val = split_examples(training_examples(config, tokenizer), config)
@@ -145,8 +147,6 @@ def finetune(config: TrainConfig, resume: bool = False, progress: bool = True) -
             job = Job(model, lambda step, micro: example_batch(examples, config, step, micro, pad),
                       (lambda: val_batches[: config.eval_batches]) if val_batches else None, save_final,
                       trainable_only=lora is not None)
-        if lora is not None:
-            job.trainable_only = True
         return train(config, job, cluster, resume, progress, command="finetune")
     finally:
         distributed.close_cluster(cluster)

@@ -314,7 +314,7 @@ def save_full_model(config, tokenizer_dir: Path | None) -> Callable[[dict[str, T
 
 
 def packed_job(model: nn.Module, config: TrainConfig, data_dir: Path, device: torch.device,
-               save_final: Callable[[dict[str, Tensor], Path], None]) -> Job:
+               save_final: Callable[[dict[str, Tensor], Path], None], trainable_only: bool = False) -> Job:
     """Training on prepared shards: random windows of seq_len + 1 tokens."""
     from llmasos.data.prepare import PackedData
 
@@ -322,7 +322,7 @@ def packed_job(model: nn.Module, config: TrainConfig, data_dir: Path, device: to
     has_val = len(val_data) > config.seq_len + 1
     return Job(model.to(device), lambda step, micro: batch_at(train_data, config, step, micro),
                (lambda: [batch_at(val_data, config, i, 0, split_seed=1) for i in range(config.eval_batches)])
-               if has_val else None, save_final)
+               if has_val else None, save_final, trainable_only)
 
 
 def pretrain(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
