@@ -1,5 +1,6 @@
 """Hand-written CPU kernels, compiled on first use with the machine's compiler (cached afterwards),
-and `use_gemv_kernels`, which points a model's linear layers at them for decoding.
+and `use_gemv_kernels`, which points a model's linear layers, norms, attention projections and MLPs at
+them for decoding.
 
 `kernels()` returns None where they cannot be had (no AVX2/FMA, no compiler, not x86, or
 LLMASOS_KERNELS=0); everything then runs on stock PyTorch.
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmasos.models.llama import MLP, Attention, RMSNorm, Step
+
 
 def _cpu_flags() -> set[str]:
     try:
@@ -30,7 +33,7 @@ def _cpu_flags() -> set[str]:
 
 @lru_cache(maxsize=None)
 def kernels():
-    """The compiled module (`gemv`, `int8_gemv`, `int4_gemv`), or None."""
+    """The compiled module (`gemv`, `swiglu`, `rms_norm`, `rope_`, `int8_gemv`, `int4_gemv`), or None."""
     if os.environ.get("LLMASOS_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return None
     if not {"avx2", "fma"} <= _cpu_flags():
@@ -44,7 +47,7 @@ def kernels():
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
         # Built into torch's extension cache (TORCH_EXTENSIONS_DIR); rebuilt only when the source changes.
         module = load(name="llmasos_gemv", sources=[str(Path(__file__).with_name("gemv.cpp"))],
-                      extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                      extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"],
                       verbose=False)
     except Exception as e:  # no compiler or headers: run on stock PyTorch, and say so once
         import warnings
@@ -75,41 +78,87 @@ def max_rows(dtype: torch.dtype) -> int:
     return 16
 
 
-def small_batch_gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor | None:
-    """`x @ weight.T * scale + bias` through the kernel where it is the faster path (CPU, no autograd,
-    few enough rows); None otherwise, and the caller takes its usual path."""
-    rows = x.numel() // weight.shape[1]
-    if x.device.type != "cpu" or torch.is_grad_enabled() or rows > max_rows(weight.dtype):
-        return None
-    module = kernels()
-    if module is None:
-        return None
-    y = module.gemv(x.contiguous(), weight, EMPTY if scale is None else scale,
-                    EMPTY if bias is None else bias.to(x.dtype))
-    return y.view(*x.shape[:-1], weight.shape[0])
+def _fast(x: Tensor, rows_limit: int) -> bool:
+    """Whether `x` takes a kernel: on the CPU, no autograd, at most `rows_limit` rows."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() // x.shape[-1] <= rows_limit
 
 
 def quantized_kernel(x: Tensor):
     """The compiled module when `x` should take the int8/int4 kernels (CPU, no autograd, <= 16 rows)."""
-    if x.device.type != "cpu" or torch.is_grad_enabled() or x.numel() // x.shape[-1] > 16:
-        return None
-    return kernels()
+    return kernels() if _fast(x, 16) else None
+
+
+def _bias(linear: nn.Linear, x: Tensor) -> Tensor:
+    return EMPTY if linear.bias is None else linear.bias.to(x.dtype)
 
 
 class GemvLinear(nn.Linear):
     """An `nn.Linear` whose small-batch products (decoding) run on the kernel; see `max_rows`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        y = small_batch_gemv(x, self.weight, None, self.bias)
-        if y is not None:
-            return y
+        if _fast(x, max_rows(self.weight.dtype)):
+            (y,) = kernels().gemv(x.contiguous(), [self.weight], [_bias(self, x)])
+            return y.view(*x.shape[:-1], self.out_features)
         if x.dtype != self.weight.dtype:  # fp32 activations over bf16 weights (see use_gemv_kernels): widen them
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return F.linear(x, self.weight, self.bias)
 
 
+def _plain(*linears: nn.Module) -> bool:
+    """Whether these are all `GemvLinear`s of one weight dtype (not LoRA-wrapped or quantized)."""
+    return all(type(m) is GemvLinear for m in linears) and len({m.weight.dtype for m in linears}) == 1
+
+
+class KernelRMSNorm(RMSNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and _fast(x, 1 << 30):
+            return kernels().rms_norm(x.contiguous(), self.weight, self.eps)
+        return super().forward(x)
+
+
+class KernelAttention(Attention):
+    """q/k/v projected in one kernel call and rotated in place (fp32, a few rows), and one new token per row
+    attending over its cache row in one call (decoding)."""
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        linears = (self.q_proj, self.k_proj, self.v_proj)
+        if _plain(*linears) and _fast(x, max_rows(self.q_proj.weight.dtype)):
+            q, k, v = kernels().gemv(x.contiguous(), [m.weight for m in linears], [_bias(m, x) for m in linears])
+            return (y.view(*x.shape[:-1], -1) for y in (q, k, v))
+        return super().project(x)
+
+    def rotate(self, q: Tensor, k: Tensor, step: Step) -> tuple[Tensor, Tensor]:
+        if (q.dtype == torch.float32 and q.is_contiguous() and k.is_contiguous() and step.cos.dtype == torch.float32
+                and _fast(q, 1 << 30)):
+            module = kernels()
+            module.rope_(q, step.cos, step.sin)
+            module.rope_(k, step.cos, step.sin)
+            return q, k
+        return super().rotate(q, k, step)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
+        if step.cache is not None and q.shape[2] == 1 and k.dtype == torch.float32 and _fast(q, 1 << 30):
+            return kernels().decode_attention(q, k, v, step.input_pos[:, -1], self.sliding_window or 0)
+        return super().attend(q, k, v, step)
+
+
+class KernelMLP(MLP):
+    """The gate and up projections and SiLU in one kernel call, for fp32 decoding of a few rows."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_proj, self.up_proj
+        if x.dtype == torch.float32 and _plain(gate, up) and _fast(x, max_rows(gate.weight.dtype)):
+            h = kernels().swiglu(x.contiguous(), gate.weight, up.weight, _bias(gate, x), _bias(up, x))
+            return self.down_proj(h.view(*x.shape[:-1], -1))
+        return super().forward(x)
+
+
+KERNEL_CLASSES = {nn.Linear: GemvLinear, RMSNorm: KernelRMSNorm, Attention: KernelAttention, MLP: KernelMLP}
+
+
 def use_gemv_kernels(model: nn.Module) -> bool:
-    """Switch every CPU `nn.Linear` of `model` to `GemvLinear` in place (same parameters, no copy).
+    """Point a CPU model's decoding at the kernels, in place (same parameters, no copy): every `nn.Linear`
+    becomes a `GemvLinear`, and norms, attention projections and MLPs take their fused paths.
 
     A bf16 model on a CPU without bf16 arithmetic then computes its activations in fp32, as llama.cpp
     does: the weights stay bf16 and are widened in the kernels' registers, while norms, rotary and
@@ -118,9 +167,13 @@ def use_gemv_kernels(model: nn.Module) -> bool:
     if kernels() is None:
         return False
     for module in model.modules():
-        if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype in (
-                torch.float32, torch.bfloat16):
-            module.__class__ = GemvLinear
+        fast = KERNEL_CLASSES.get(type(module))
+        if fast is None:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)):
+            continue
+        module.__class__ = fast
     if hasattr(model, "activation_dtype"):  # a Transformer
         embed = model.model.embed_tokens.weight
         if embed.dtype == torch.bfloat16 and embed.device.type == "cpu" and not native_bf16():

@@ -78,16 +78,16 @@ inline float row_dot(const W* w, const float* xs, int64_t K16) {
   return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
-// y[m, n] = scale[n] * dot(W[n, :], x[m, :]) + bias[n] for weight rows [begin, end) and all M inputs.
+// y[m, n] = dot(W[n, :], x[m, :]) + bias[n] for weight rows [begin, end) and all M inputs.
 // xs holds x in the kernel's order (see kEvenOdd) for the first K16 columns; xf holds it plainly.
 template <typename W, typename B, typename Y>
 void rows_dot(const W* w, const float* xs, const float* xf, int64_t M, int64_t K, int64_t begin, int64_t end,
-              const float* scale, const B* bias, Y* y, int64_t N) {
+              const B* bias, Y* y, int64_t N) {
   const int64_t K16 = K - K % 16;
   auto store = [&](int64_t n, int64_t m, float s) {
     const W* r = w + n * K;
     for (int64_t k = K16; k < K; ++k) s += to_float(r[k]) * xf[m * K + k];
-    y[m * N + n] = static_cast<Y>(s * (scale ? scale[n] : 1.0f) + (bias ? static_cast<float>(bias[n]) : 0.0f));
+    y[m * N + n] = static_cast<Y>(s + (bias ? static_cast<float>(bias[n]) : 0.0f));
   };
   if (M == 1) {
     for (int64_t n = begin; n < end; ++n) store(n, 0, row_dot(w + n * K, xs, K16));
@@ -125,10 +125,12 @@ void rows_dot(const W* w, const float* xs, const float* xf, int64_t M, int64_t K
   }
 }
 
+// y_i = x @ w_i.T + b_i for several weights sharing x (a layer's q/k/v, or gate/up): one pass over x's
+// conversion and one parallel region over the rows of all of them.
 template <typename W, typename X>
-torch::Tensor gemv_typed(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
-                         const torch::Tensor& bias) {
-  const int64_t N = w.size(0), K = w.size(1), K16 = K - K % 16, M = x.numel() / K;
+std::vector<torch::Tensor> gemv_typed(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
+                                      const std::vector<torch::Tensor>& biases) {
+  const int64_t K = ws[0].size(1), K16 = K - K % 16, M = x.numel() / K;
   const X* xp = x.data_ptr<X>();
   std::vector<float> xf(M * K), xs(M * K);
   for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(xp[i]);
@@ -143,40 +145,171 @@ torch::Tensor gemv_typed(const torch::Tensor& x, const torch::Tensor& w, const t
       std::copy(src, src + K, dst);
     }
   }
-  auto y = torch::empty({M, N}, x.options());
-  const float* sp = scale.numel() ? scale.data_ptr<float>() : nullptr;
-  const X* bp = bias.numel() ? bias.data_ptr<X>() : nullptr;
-  const W* wp = w.data_ptr<W>();
-  X* yp = y.data_ptr<X>();
+  std::vector<torch::Tensor> ys;
+  std::vector<int64_t> starts{0};  // the weights' rows laid end to end
+  for (const auto& w : ws) {
+    ys.push_back(torch::empty({M, w.size(0)}, x.options()));
+    starts.push_back(starts.back() + w.size(0));
+  }
+  const int64_t total = starts.back();
   // Blocks of 64 rows keep both threads streaming; small products run on one thread.
-  const int64_t grain = N * K * M < (1 << 18) ? N : 64;
-  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
-    rows_dot<W, X, X>(wp, xs.data(), xf.data(), M, K, b, e, sp, bp, yp, N);
+  const int64_t grain = total * K * M < (1 << 18) ? total : 64;
+  at::parallel_for(0, total, grain, [&](int64_t b, int64_t e) {
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const int64_t lo = std::max(b, starts[i]), hi = std::min(e, starts[i + 1]);
+      if (lo >= hi) continue;
+      const X* bp = biases[i].numel() ? biases[i].data_ptr<X>() : nullptr;
+      rows_dot<W, X, X>(ws[i].data_ptr<W>(), xs.data(), xf.data(), M, K, lo - starts[i], hi - starts[i], bp,
+                         ys[i].data_ptr<X>(), ws[i].size(0));
+    }
   });
-  return y;
+  return ys;
 }
 
 }  // namespace
 
-// x: [M, K] fp32 or bf16 (a few rows: decoding M sequences), w: [N, K] bf16/fp32 contiguous,
-// scale: [N] fp32 or empty, bias: [N] in x's dtype or empty. Returns [M, N] in x's dtype.
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor bias) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "w must be a contiguous [N, K] matrix");
-  TORCH_CHECK(x.is_contiguous() && x.numel() % w.size(1) == 0, "x must be contiguous [M, K] with K = w's columns");
-  TORCH_CHECK(!scale.numel() || scale.scalar_type() == torch::kFloat32, "scale must be fp32");
-  TORCH_CHECK(!bias.numel() || bias.scalar_type() == x.scalar_type(), "bias must have x's dtype");
+// x: [M, K] fp32 or bf16 (a few rows: decoding M sequences); ws: [N_i, K] bf16/fp32 contiguous, one dtype;
+// biases: [N_i] in x's dtype, or empty. Returns [M, N_i] in x's dtype for each weight.
+std::vector<torch::Tensor> gemv(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> biases) {
+  TORCH_CHECK(!ws.empty() && ws.size() == biases.size(), "one bias (or an empty tensor) per weight");
+  for (size_t i = 0; i < ws.size(); ++i) {
+    TORCH_CHECK(ws[i].dim() == 2 && ws[i].is_contiguous() && ws[i].size(1) == ws[0].size(1) &&
+                ws[i].scalar_type() == ws[0].scalar_type(), "weights must be contiguous [N, K] matrices of one K and dtype");
+    TORCH_CHECK(!biases[i].numel() || (biases[i].scalar_type() == x.scalar_type() && biases[i].numel() == ws[i].size(0)),
+                "a bias must have x's dtype and one value per output");
+  }
+  TORCH_CHECK(x.is_contiguous() && x.numel() % ws[0].size(1) == 0, "x must be contiguous [M, K] with K = w's columns");
   const bool bf = x.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(bf || x.scalar_type() == torch::kFloat32, "x must be fp32 or bf16");
-  switch (w.scalar_type()) {
+  switch (ws[0].scalar_type()) {
     case torch::kBFloat16:
-      return bf ? gemv_typed<c10::BFloat16, c10::BFloat16>(x, w, scale, bias) : gemv_typed<c10::BFloat16, float>(x, w, scale, bias);
+      return bf ? gemv_typed<c10::BFloat16, c10::BFloat16>(x, ws, biases) : gemv_typed<c10::BFloat16, float>(x, ws, biases);
     case torch::kFloat32:
-      return bf ? gemv_typed<float, c10::BFloat16>(x, w, scale, bias) : gemv_typed<float, float>(x, w, scale, bias);
+      return bf ? gemv_typed<float, c10::BFloat16>(x, ws, biases) : gemv_typed<float, float>(x, ws, biases);
     default:
-      TORCH_CHECK(false, "unsupported weight dtype ", w.scalar_type());
+      TORCH_CHECK(false, "unsupported weight dtype ", ws[0].scalar_type());
   }
 }
 
+// silu(x @ wg.T + bg) * (x @ wu.T + bu): a SwiGLU MLP's first half in one call.
+torch::Tensor swiglu(torch::Tensor x, torch::Tensor wg, torch::Tensor wu, torch::Tensor bg, torch::Tensor bu) {
+  auto ys = gemv(x, {wg, wu}, {bg, bu});
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "swiglu takes fp32 activations");
+  float* g = ys[0].data_ptr<float>();
+  const float* u = ys[1].data_ptr<float>();
+  for (int64_t i = 0, n = ys[0].numel(); i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  return ys[0];
+}
+
+// ---- Elementwise steps of a decode step, fused (fp32 activations) -----------------------------------
+// Each is a handful of PyTorch ops at ~5 us of dispatch apiece; with a few rows the arithmetic is nothing.
+
+// weight * (x / sqrt(mean(x^2) + eps)) over the last dimension; weight fp32 or bf16.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32");
+  const int64_t D = weight.numel(), rows = x.numel() / D;
+  TORCH_CHECK(x.size(-1) == D && weight.is_contiguous(), "weight must match x's last dimension");
+  auto y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  auto run = [&](auto* wp) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / D), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const float* xr = xp + r * D;
+        float ss = 0.f;
+        for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
+        const float inv = 1.0f / std::sqrt(ss / D + static_cast<float>(eps));
+        for (int64_t i = 0; i < D; ++i) yp[r * D + i] = static_cast<float>(wp[i]) * (xr[i] * inv);
+      }
+    });
+  };
+  if (weight.scalar_type() == torch::kBFloat16) run(weight.data_ptr<c10::BFloat16>());
+  else { TORCH_CHECK(weight.scalar_type() == torch::kFloat32, "weight must be fp32 or bf16"); run(weight.data_ptr<float>()); }
+  return y;
+}
+
+// Rotary embedding in place on x [B, S, H, D] (contiguous fp32), pairs (i, i + D/2) rotated by
+// cos/sin [B or 1, S, D] (fp32): x * cos + rotate_half(x) * sin, as `llama.apply_rope` computes it.
+void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == torch::kFloat32, "x must be contiguous fp32 [B, S, H, D]");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat32 &&
+              sin.scalar_type() == torch::kFloat32 && cos.sizes() == sin.sizes(), "cos/sin must be contiguous fp32");
+  const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3), half = D / 2;
+  TORCH_CHECK(cos.numel() == S * D || cos.numel() == B * S * D, "cos/sin must hold [B or 1, S, D]");
+  const int64_t cstride = cos.numel() == S * D ? 0 : S * D;
+  float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < S; ++s) {
+      const float* c = cp + b * cstride + s * D;
+      const float* n = sp + b * cstride + s * D;
+      for (int64_t h = 0; h < H; ++h) {
+        float* v = xp + ((b * S + s) * H + h) * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = v[i], x2 = v[i + half];
+          v[i] = x1 * c[i] + -x2 * n[i];
+          v[i + half] = x2 * c[i + half] + x1 * n[i + half];
+        }
+      }
+    }
+}
+
+// Attention of one new token per row over its cache row (decoding), fp32. q: [B, H, 1, D]; k, v: [B, KV, L, D]
+// with unit stride along D (slices of the cache); pos: [B] int64, the new token's position: row b attends to
+// slots max(0, pos - window + 1)..pos (window <= 0: no window). Returns [B, H, 1, D].
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor pos, int64_t window) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32,
+              "decode_attention takes fp32");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && k.sizes() == v.sizes() && k.stride(3) == 1 &&
+              v.stride(3) == 1 && k.stride(2) == v.stride(2) && q.size(3) == k.size(3), "q [B, H, 1, D], k/v [B, KV, L, D]");
+  q = q.contiguous();
+  auto p = pos.to(torch::kInt64).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k.size(1), L = k.size(2), group = H / KV;
+  TORCH_CHECK(H % KV == 0 && p.numel() == B, "heads must be a multiple of kv heads; one position per row");
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  auto y = torch::empty({B, 1, H, D}, q.options());  // [B, 1, H, D] memory: the caller's reshape is free
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t* pp = p.data_ptr<int64_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t work = B * H * L * D;
+  at::parallel_for(0, B * H, work < (1 << 16) ? B * H : 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(L);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H, last = std::min(pp[b], L - 1);
+      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+      const float* qr = qp + bh * D;
+      const float* kr = kp + b * k.stride(0) + (h / group) * k.stride(1);
+      const float* vr = vp + b * v.stride(0) + (h / group) * v.stride(1);
+      float best = -INFINITY;
+      for (int64_t j = first; j <= last; ++j) {
+        const float* kj = kr + j * k.stride(2);
+        __m256 acc = _mm256_setzero_ps();
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kj + d), acc);
+        float s = hsum(acc);
+        for (; d < D; ++d) s += qr[d] * kj[d];
+        w[j] = s * scale;
+        best = std::max(best, w[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = first; j <= last; ++j) total += (w[j] = std::exp(w[j] - best));
+      float* out = yp + (b * H + h) * D;
+      std::fill(out, out + D, 0.f);
+      for (int64_t j = first; j <= last; ++j) {
+        const float* vj = vr + j * v.stride(2);
+        const float wj = w[j] / total;
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8)
+          _mm256_storeu_ps(out + d, _mm256_fmadd_ps(_mm256_set1_ps(wj), _mm256_loadu_ps(vj + d), _mm256_loadu_ps(out + d)));
+        for (; d < D; ++d) out[d] += wj * vj[d];
+      }
+    }
+  });
+  return y.transpose(1, 2);
+}
 
 // ---- Weight-only int8 and int4 ------------------------------------------------------------------
 // The input rows are quantized to 14-bit integers per row (max |x| -> 8191), so weights widen to int16
@@ -310,7 +443,11 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "small-batch GEMV with fp32 accumulation (fp32/bf16 weights)");
+  m.def("gemv", &gemv, "small-batch GEMV of several weights sharing an input, fp32 accumulation (fp32/bf16 weights)");
+  m.def("swiglu", &swiglu, "silu(x @ wg.T + bg) * (x @ wu.T + bu) for a few rows");
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (fp32 activations)");
+  m.def("rope_", &rope_, "rotary embedding in place on [B, S, H, D]");
+  m.def("decode_attention", &decode_attention, "attention of one new token per row over its cache row");
   m.def("int8_gemv", &int8_gemv, "small-batch GEMV over int8 weights with per-row scales");
   m.def("int4_gemv", &int4_gemv, "small-batch GEMV over int4 weights in groups of 32");
 }

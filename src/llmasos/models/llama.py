@@ -70,7 +70,7 @@ class Rotary(nn.Module):
 
     def forward(self, input_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         freqs = input_pos[..., None].float() * self.inv_freq  # [B, S, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # [B, S, 1, D]: broadcast over heads
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -133,6 +133,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.sliding_window = config.sliding_window
         qkv_bias = config.attention_bias or config.qkv_bias
         h = config.hidden_size
         self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
@@ -140,19 +141,30 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.attention_bias)
 
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values, flat ([B, S, heads * head_dim])."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def rotate(self, q: Tensor, k: Tensor, step: Step) -> tuple[Tensor, Tensor]:
+        """Rotary embedding of queries and keys, [B, S, heads, head_dim]."""
+        return apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+
     def forward(self, x: Tensor, step: Step) -> Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        q, k, v = self.project(x)
+        q, k = self.rotate(q.view(b, s, self.n_heads, self.head_dim), k.view(b, s, self.n_kv, self.head_dim), step)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         if step.cache is not None:
             k, v = step.cache.update(self.layer, step, k, v)
         # A cache may be kept in a wider dtype than the weights (fp32 for bf16 on CPUs without bf16
         # arithmetic, where bf16 attention is several times slower); attention then runs in its dtype.
-        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=step.mask, is_causal=step.causal,
-                                           enable_gqa=self.n_kv != self.n_heads).to(x.dtype)
+        y = self.attend(q.to(k.dtype), k, v, step).to(x.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
+        """[B, heads, S, head_dim] attention of the queries over the keys and values step allows them."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal,
+                                              enable_gqa=self.n_kv != self.n_heads)
 
 
 class MLP(nn.Module):
