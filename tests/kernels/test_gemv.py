@@ -89,3 +89,49 @@ def test_a_bf16_model_on_the_kernels_runs_with_autograd_too(tmp_path):
     slow = model(ids)  # autograd on: the kernels step aside
     assert fast.dtype == slow.dtype == torch.float32
     assert (fast - slow.detach()).abs().max() < 0.05 * fast.abs().max()
+
+
+@pytest.mark.parametrize("flags", [{}, {"num_key_value_heads": 2, "sliding_window": 5, "attention_bias": True,
+                                        "mlp_bias": True}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_decode_fast_paths_give_the_model_s_logits(monkeypatch, flags, dtype):
+    """The fused decode paths (whole blocks in one call, attention over cache rows at different
+    positions, rows after the first) against the plain PyTorch model on the same weights."""
+    import copy
+
+    from llmasos.models.config import ModelConfig
+    from llmasos.models.llama import Transformer
+
+    config = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, **flags)
+    torch.manual_seed(0)
+    ref = Transformer(config)
+    ref.init_weights(std=0.1)
+    for p in ref.parameters():  # non-zero biases and norms, so a wrong one shows
+        p.add_(torch.randn_like(p) * 0.05)
+    ref = ref.to(dtype).float()  # the values a bf16 model holds, in fp32
+    fast = copy.deepcopy(ref).to(dtype)
+    assert use_gemv_kernels(fast)
+    fast.activation_dtype = torch.float32
+    calls = []
+    block = module.decode_block
+    monkeypatch.setattr(module, "decode_block", lambda *a: calls.append(1) or block(*a))
+
+    prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+    caches = {m: m.new_cache(4, 32, torch.float32) for m in (ref, fast)}
+    for m, cache in caches.items():
+        for row, p in enumerate(prompts):
+            m(torch.tensor([p]), cache=cache, cache_row=row + 1)
+    pos = [len(p) for p in prompts]
+    for step in range(6):
+        tokens = torch.tensor([[(7 * step + r) % 97] for r in range(3)])
+        positions = torch.tensor([[p + step] for p in pos])  # rows at different positions: a scatter
+        want = ref(tokens, positions, caches[ref], cache_row=1)
+        got = fast(tokens, positions, caches[fast], cache_row=1)
+        assert (got - want).abs().max() < 1e-4 * want.abs().max(), step
+    assert len(calls) == 6 * config.num_hidden_layers
+    same = torch.tensor([pos[2] + 6])  # one row, one position for all: the slice-write path
+    want = ref(torch.tensor([[3]]), same, caches[ref], cache_row=3)
+    got = fast(torch.tensor([[3]]), same, caches[fast], cache_row=3)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()

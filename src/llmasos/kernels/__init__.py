@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmasos.models.llama import MLP, Attention, RMSNorm, Step
+from llmasos.models.llama import MLP, Attention, Block, RMSNorm, Step
 
 
 def _cpu_flags() -> set[str]:
@@ -153,7 +153,27 @@ class KernelMLP(MLP):
         return super().forward(x)
 
 
-KERNEL_CLASSES = {nn.Linear: GemvLinear, RMSNorm: KernelRMSNorm, Attention: KernelAttention, MLP: KernelMLP}
+class KernelBlock(Block):
+    """A whole block in one kernel call when decoding (one new token per row, fp32 activations and cache,
+    plain weights); otherwise the usual path, through the modules above."""
+
+    def forward(self, x: Tensor, step: Step) -> Tensor:
+        attn, mlp = self.self_attn, self.mlp
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if (x.shape[1] == 1 and x.dtype == torch.float32 and step.cache is not None
+                and step.cache.k[attn.layer].dtype == torch.float32 and _plain(*linears)
+                and _fast(x, max_rows(attn.q_proj.weight.dtype))):
+            weights = [self.input_layernorm.weight, *(m.weight for m in linears[:4]), self.post_attention_layernorm.weight,
+                       *(m.weight for m in linears[4:])]
+            return kernels().decode_block(
+                x, weights, [_bias(m, x) for m in linears], step.cos, step.sin, step.cache.k[attn.layer],
+                step.cache.v[attn.layer], step.row0, step.input_pos[:, -1], attn.n_heads, attn.sliding_window or 0,
+                self.input_layernorm.eps)
+        return super().forward(x, step)
+
+
+KERNEL_CLASSES = {nn.Linear: GemvLinear, RMSNorm: KernelRMSNorm, Attention: KernelAttention, MLP: KernelMLP,
+                  Block: KernelBlock}
 
 
 def use_gemv_kernels(model: nn.Module) -> bool:

@@ -311,6 +311,53 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return y.transpose(1, 2);
 }
 
+// One decoder block for one new token per row, fp32 activations: norm, q/k/v, rotary, the cache write at each
+// row's position, attention, output projection, residual, norm, SwiGLU MLP, residual, all in one call, so a
+// decode step costs a dozen calls from Python instead of several hundred small operations.
+// x: [B, 1, hidden]; w: the block's weights (input norm, q, k, v, o, post-attention norm, gate, up, down);
+// b: the seven projections' biases (empty where none); cos/sin: [B or 1, 1, 1, head_dim]; kc/vc: the layer's
+// whole cache [rows, kv_heads, L, head_dim] (fp32), rows row0..row0+B-1 in use; pos: [B] positions.
+torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::vector<torch::Tensor> b,
+                           torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc, int64_t row0,
+                           torch::Tensor pos, int64_t n_heads, int64_t window, double eps) {
+  TORCH_CHECK(w.size() == 9 && b.size() == 7, "decode_block takes 9 weights and 7 biases");
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == torch::kFloat32, "x must be fp32 [B, 1, hidden]");
+  TORCH_CHECK(kc.scalar_type() == torch::kFloat32 && kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes(),
+              "the cache must be contiguous fp32");
+  const int64_t B = x.size(0), hidden = x.size(2), D = kc.size(3), KV = kc.size(1), L = kc.size(2);
+  TORCH_CHECK(row0 >= 0 && row0 + B <= kc.size(0), "cache rows out of range");
+  auto p = pos.to(torch::kInt64).contiguous();
+  const int64_t* pp = p.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < L, "position ", pp[i], " is outside the cache");
+  x = x.contiguous().view({B, hidden});
+  auto h = rms_norm(x, w[0], eps);
+  auto qkv = gemv(h, {w[1], w[2], w[3]}, {b[0], b[1], b[2]});
+  auto q = qkv[0].view({B, 1, n_heads, D}), k = qkv[1].view({B, 1, KV, D}), v = qkv[2];
+  rope_(q, cos, sin);
+  rope_(k, cos, sin);
+  float* kp = kc.data_ptr<float>();
+  float* vp = vc.data_ptr<float>();
+  const float* kn = k.data_ptr<float>();
+  const float* vn = v.data_ptr<float>();
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t j = 0; j < KV; ++j) {
+      const int64_t at = (((row0 + i) * KV + j) * L + pp[i]) * D;
+      std::copy(kn + (i * KV + j) * D, kn + (i * KV + j + 1) * D, kp + at);
+      std::copy(vn + (i * KV + j) * D, vn + (i * KV + j + 1) * D, vp + at);
+    }
+  auto rows = [&](const torch::Tensor& c) { return c.narrow(0, row0, B); };
+  auto att = decode_attention(q.view({B, n_heads, 1, D}), rows(kc), rows(vc), p, window);
+  auto o = gemv(att.reshape({B, n_heads * D}), {w[4]}, {b[3]})[0];
+  float* op = o.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < B * hidden; ++i) op[i] += xp[i];  // the attention residual
+  auto m = swiglu(rms_norm(o, w[5], eps), w[6], w[7], b[4], b[5]);
+  auto y = gemv(m, {w[8]}, {b[6]})[0];
+  float* yp = y.data_ptr<float>();
+  for (int64_t i = 0; i < B * hidden; ++i) yp[i] += op[i];  // the MLP residual
+  return y.view({B, 1, hidden});
+}
+
 // ---- Weight-only int8 and int4 ------------------------------------------------------------------
 // The input rows are quantized to 14-bit integers per row (max |x| -> 8191), so weights widen to int16
 // and multiply-add pairwise in one instruction (_mm256_madd_epi16) into int32 lanes; the int32 sums are
@@ -448,6 +495,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (fp32 activations)");
   m.def("rope_", &rope_, "rotary embedding in place on [B, S, H, D]");
   m.def("decode_attention", &decode_attention, "attention of one new token per row over its cache row");
+  m.def("decode_block", &decode_block, "one decoder block for one new token per row (fp32 activations)");
   m.def("int8_gemv", &int8_gemv, "small-batch GEMV over int8 weights with per-row scales");
   m.def("int4_gemv", &int4_gemv, "small-batch GEMV over int4 weights in groups of 32");
 }
