@@ -88,7 +88,7 @@ def quantized_kernel(x: Tensor):
     return kernels() if _fast(x, 16) else None
 
 
-def _bias(linear: nn.Linear, x: Tensor) -> Tensor:
+def _bias(linear: nn.Module, x: Tensor) -> Tensor:
     return EMPTY if linear.bias is None else linear.bias.to(x.dtype)
 
 
@@ -153,20 +153,39 @@ class KernelMLP(MLP):
         return super().forward(x)
 
 
+@lru_cache(maxsize=None)
+def _quantized_classes() -> tuple[type, ...]:
+    from llmasos.models.quantize import Int4Linear, Int8Linear  # imports this module: not at the top
+
+    return Int8Linear, Int4Linear
+
+
+def _decode_rows(linears: tuple[nn.Module, ...]) -> int:
+    """Up to how many rows the whole-block kernel takes these projections (0: it cannot, e.g. LoRA-wrapped)."""
+    rows = 1 << 30
+    for m in linears:
+        if type(m) is GemvLinear:
+            rows = min(rows, max_rows(m.weight.dtype))
+        elif type(m) in _quantized_classes() and m.in_features % 16 == 0:
+            rows = min(rows, 16)
+        else:
+            return 0
+    return rows
+
+
 class KernelBlock(Block):
-    """A whole block in one kernel call when decoding (one new token per row, fp32 activations and cache,
-    plain weights); otherwise the usual path, through the modules above."""
+    """A whole block in one kernel call when decoding (one new token per row, fp32 activations and cache;
+    dense, int8 or int4 projections); otherwise the usual path, through the modules above."""
 
     def forward(self, x: Tensor, step: Step) -> Tensor:
         attn, mlp = self.self_attn, self.mlp
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if (x.shape[1] == 1 and x.dtype == torch.float32 and step.cache is not None
-                and step.cache.k[attn.layer].dtype == torch.float32 and _plain(*linears)
-                and _fast(x, max_rows(attn.q_proj.weight.dtype))):
-            weights = [self.input_layernorm.weight, *(m.weight for m in linears[:4]), self.post_attention_layernorm.weight,
-                       *(m.weight for m in linears[4:])]
+                and step.cache.k[attn.layer].dtype == torch.float32 and _fast(x, _decode_rows(linears))):
             return kernels().decode_block(
-                x, weights, [_bias(m, x) for m in linears], step.cos, step.sin, step.cache.k[attn.layer],
+                x, [self.input_layernorm.weight, self.post_attention_layernorm.weight], [m.weight for m in linears],
+                [getattr(m, "scales", EMPTY) for m in linears], [getattr(m, "offsets", EMPTY) for m in linears],
+                [_bias(m, x) for m in linears], step.cos, step.sin, step.cache.k[attn.layer],
                 step.cache.v[attn.layer], step.row0, step.input_pos[:, -1], attn.n_heads, attn.sliding_window or 0,
                 self.input_layernorm.eps)
         return super().forward(x, step)

@@ -311,53 +311,6 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return y.transpose(1, 2);
 }
 
-// One decoder block for one new token per row, fp32 activations: norm, q/k/v, rotary, the cache write at each
-// row's position, attention, output projection, residual, norm, SwiGLU MLP, residual, all in one call, so a
-// decode step costs a dozen calls from Python instead of several hundred small operations.
-// x: [B, 1, hidden]; w: the block's weights (input norm, q, k, v, o, post-attention norm, gate, up, down);
-// b: the seven projections' biases (empty where none); cos/sin: [B or 1, 1, 1, head_dim]; kc/vc: the layer's
-// whole cache [rows, kv_heads, L, head_dim] (fp32), rows row0..row0+B-1 in use; pos: [B] positions.
-torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::vector<torch::Tensor> b,
-                           torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc, int64_t row0,
-                           torch::Tensor pos, int64_t n_heads, int64_t window, double eps) {
-  TORCH_CHECK(w.size() == 9 && b.size() == 7, "decode_block takes 9 weights and 7 biases");
-  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == torch::kFloat32, "x must be fp32 [B, 1, hidden]");
-  TORCH_CHECK(kc.scalar_type() == torch::kFloat32 && kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes(),
-              "the cache must be contiguous fp32");
-  const int64_t B = x.size(0), hidden = x.size(2), D = kc.size(3), KV = kc.size(1), L = kc.size(2);
-  TORCH_CHECK(row0 >= 0 && row0 + B <= kc.size(0), "cache rows out of range");
-  auto p = pos.to(torch::kInt64).contiguous();
-  const int64_t* pp = p.data_ptr<int64_t>();
-  for (int64_t i = 0; i < B; ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < L, "position ", pp[i], " is outside the cache");
-  x = x.contiguous().view({B, hidden});
-  auto h = rms_norm(x, w[0], eps);
-  auto qkv = gemv(h, {w[1], w[2], w[3]}, {b[0], b[1], b[2]});
-  auto q = qkv[0].view({B, 1, n_heads, D}), k = qkv[1].view({B, 1, KV, D}), v = qkv[2];
-  rope_(q, cos, sin);
-  rope_(k, cos, sin);
-  float* kp = kc.data_ptr<float>();
-  float* vp = vc.data_ptr<float>();
-  const float* kn = k.data_ptr<float>();
-  const float* vn = v.data_ptr<float>();
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t j = 0; j < KV; ++j) {
-      const int64_t at = (((row0 + i) * KV + j) * L + pp[i]) * D;
-      std::copy(kn + (i * KV + j) * D, kn + (i * KV + j + 1) * D, kp + at);
-      std::copy(vn + (i * KV + j) * D, vn + (i * KV + j + 1) * D, vp + at);
-    }
-  auto rows = [&](const torch::Tensor& c) { return c.narrow(0, row0, B); };
-  auto att = decode_attention(q.view({B, n_heads, 1, D}), rows(kc), rows(vc), p, window);
-  auto o = gemv(att.reshape({B, n_heads * D}), {w[4]}, {b[3]})[0];
-  float* op = o.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < B * hidden; ++i) op[i] += xp[i];  // the attention residual
-  auto m = swiglu(rms_norm(o, w[5], eps), w[6], w[7], b[4], b[5]);
-  auto y = gemv(m, {w[8]}, {b[6]})[0];
-  float* yp = y.data_ptr<float>();
-  for (int64_t i = 0; i < B * hidden; ++i) yp[i] += op[i];  // the MLP residual
-  return y.view({B, 1, hidden});
-}
-
 // ---- Weight-only int8 and int4 ------------------------------------------------------------------
 // The input rows are quantized to 14-bit integers per row (max |x| -> 8191), so weights widen to int16
 // and multiply-add pairwise in one instruction (_mm256_madd_epi16) into int32 lanes; the int32 sums are
@@ -407,26 +360,29 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
     torch::Tensor bf = bias.numel() ? bias.to(torch::kFloat32).contiguous() : bias;
     const float* bp = bias.numel() ? bf.data_ptr<float>() : nullptr;
     const int8_t* wp = w.data_ptr<int8_t>();
+    // One weight row at a time (a single sequential stream per thread, prefetched ahead), four int32
+    // accumulators; the int32 lanes move to fp32 every 4096 columns, far before they could overflow.
     at::parallel_for(0, N, N * K * M < (1 << 18) ? N : 64, [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; n += 2) {
-        const bool two = n + 1 < e;
-        const int8_t* r0 = wp + n * K;
-        const int8_t* r1 = two ? r0 + K : r0;
+      for (int64_t n = b; n < e; ++n) {
+        const int8_t* r = wp + n * K;
         for (int64_t m = 0; m < M; ++m) {
           const int16_t* xr = xq.q.data() + m * K;
-          __m256 f0 = _mm256_setzero_ps(), f1 = f0;
-          for (int64_t k0 = 0; k0 < K; k0 += 4096) {  // flush int32 lanes to fp32 every 256 steps
-            __m256i a0 = _mm256_setzero_si256(), a1 = a0;
-            for (int64_t k = k0, end = std::min(K, k0 + 4096); k < end; k += 16) {
-              a0 = _mm256_add_epi32(a0, madd16(r0 + k, xr + k));
-              a1 = _mm256_add_epi32(a1, madd16(r1 + k, xr + k));
+          __m256 f = _mm256_setzero_ps();
+          for (int64_t k0 = 0; k0 < K; k0 += 4096) {
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            const int64_t end = std::min(K, k0 + 4096);
+            int64_t k = k0;
+            for (; k + 64 <= end; k += 64) {
+              _mm_prefetch(reinterpret_cast<const char*>(r + k) + 1024, _MM_HINT_T0);
+              a0 = _mm256_add_epi32(a0, madd16(r + k, xr + k));
+              a1 = _mm256_add_epi32(a1, madd16(r + k + 16, xr + k + 16));
+              a2 = _mm256_add_epi32(a2, madd16(r + k + 32, xr + k + 32));
+              a3 = _mm256_add_epi32(a3, madd16(r + k + 48, xr + k + 48));
             }
-            f0 = _mm256_add_ps(f0, _mm256_cvtepi32_ps(a0));
-            f1 = _mm256_add_ps(f1, _mm256_cvtepi32_ps(a1));
+            for (; k < end; k += 16) a0 = _mm256_add_epi32(a0, madd16(r + k, xr + k));
+            f = _mm256_add_ps(f, _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3))));
           }
-          const float xs = xq.scale[m];
-          yp[m * N + n] = static_cast<X>(hsum(f0) * xs * sp[n] + (bp ? bp[n] : 0.f));
-          if (two) yp[m * N + n + 1] = static_cast<X>(hsum(f1) * xs * sp[n + 1] + (bp ? bp[n + 1] : 0.f));
+          yp[m * N + n] = static_cast<X>(hsum(f) * xq.scale[m] * sp[n] + (bp ? bp[n] : 0.f));
         }
       }
     });
@@ -460,6 +416,15 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
     const float* bp = bias.numel() ? bf.data_ptr<float>() : nullptr;
     const uint8_t* wp = packed.data_ptr<uint8_t>();
     const __m128i low = _mm_set1_epi8(0x0F);
+    // Two groups per step into two accumulators, the offsets' part eight groups at a time, the row prefetched ahead.
+    auto group = [&](const uint8_t* p, const int16_t* xg) {  // 32 weights . 32 inputs -> 8 int32 partial sums
+      __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
+      __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
+      return _mm256_cvtepi32_ps(_mm256_add_epi32(
+          _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg))),
+          _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 16)))));
+    };
     at::parallel_for(0, N, N * K * M < (1 << 18) ? N : 64, [&](int64_t b, int64_t e) {
       for (int64_t n = b; n < e; ++n) {
         const uint8_t* row = wp + n * (K / 2);
@@ -468,25 +433,113 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
         for (int64_t m = 0; m < M; ++m) {
           const int16_t* xr = xq.q.data() + m * K;
           const float* gs = gsum.data() + m * G;
-          __m256 acc = _mm256_setzero_ps();
-          float off = 0.f;
-          for (int64_t g = 0; g < G; ++g) {
-            __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 16));
-            __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
-            __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
-            __m256i d = _mm256_add_epi32(
-                _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + g * 32))),
-                _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + g * 32 + 16))));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(rs[g]), acc);
-            off += ro[g] * gs[g];
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0, off = a0;
+          int64_t g = 0;
+          for (; g + 2 <= G; g += 2) {
+            if (g % 8 == 0) {
+              _mm_prefetch(reinterpret_cast<const char*>(row + g * 16) + 512, _MM_HINT_T0);
+              if (g + 8 <= G) off = _mm256_fmadd_ps(_mm256_loadu_ps(ro + g), _mm256_loadu_ps(gs + g), off);
+            }
+            a0 = _mm256_fmadd_ps(group(row + g * 16, xr + g * 32), _mm256_set1_ps(rs[g]), a0);
+            a1 = _mm256_fmadd_ps(group(row + (g + 1) * 16, xr + (g + 1) * 32), _mm256_set1_ps(rs[g + 1]), a1);
           }
-          yp[m * N + n] = static_cast<X>(hsum(acc) * xq.scale[m] + off + (bp ? bp[n] : 0.f));
+          if (g < G) a0 = _mm256_fmadd_ps(group(row + g * 16, xr + g * 32), _mm256_set1_ps(rs[g]), a0);
+          float tail = 0.f;
+          for (int64_t t = G - G % 8; t < G; ++t) tail += ro[t] * gs[t];
+          yp[m * N + n] = static_cast<X>(hsum(_mm256_add_ps(a0, a1)) * xq.scale[m] + hsum(off) + tail + (bp ? bp[n] : 0.f));
         }
       }
     });
     return y;
   };
   return x.scalar_type() == torch::kFloat32 ? run(x.data_ptr<float>()) : run(x.data_ptr<c10::BFloat16>());
+}
+
+// ---- A whole decoder block ------------------------------------------------------------------------
+
+namespace {
+
+// A linear layer as decode_block receives it: w bf16/fp32 (dense), int8 (with per-row scales) or packed
+// uint8 int4 (with group scales and offsets).
+struct Linear {
+  torch::Tensor w, scales, offsets, bias;
+  bool dense() const { return w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16; }
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    if (w.scalar_type() == torch::kInt8) return int8_gemv(x, w, scales, bias);
+    if (w.scalar_type() == torch::kUInt8) return int4_gemv(x, w, scales, offsets, bias);
+    return gemv(x, {w}, {bias})[0];
+  }
+};
+
+void add_into(torch::Tensor& y, const torch::Tensor& x) {  // y += x, both contiguous fp32 of one size
+  float* yp = y.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0, n = y.numel(); i < n; ++i) yp[i] += xp[i];
+}
+
+}  // namespace
+
+// One decoder block for one new token per row, fp32 activations: norm, q/k/v, rotary, the cache write at each
+// row's position, attention, output projection, residual, norm, SwiGLU MLP, residual, all in one call, so a
+// decode step costs a dozen calls from Python instead of several hundred small operations.
+// x: [B, 1, hidden]; norms: the input and post-attention norm weights; the seven projections (q, k, v, o, gate,
+// up, down) as w (dense, int8 or packed int4), scales and offsets (empty where the kind has none) and biases;
+// cos/sin: [B or 1, 1, 1, head_dim]; kc/vc: the layer's whole cache [rows, kv_heads, L, head_dim] (fp32), rows
+// row0..row0+B-1 in use; pos: [B] positions.
+torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> norms, std::vector<torch::Tensor> w,
+                           std::vector<torch::Tensor> scales, std::vector<torch::Tensor> offsets,
+                           std::vector<torch::Tensor> biases, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc,
+                           torch::Tensor vc, int64_t row0, torch::Tensor pos, int64_t n_heads, int64_t window, double eps) {
+  TORCH_CHECK(norms.size() == 2 && w.size() == 7 && scales.size() == 7 && offsets.size() == 7 && biases.size() == 7,
+              "decode_block takes 2 norms and 7 projections");
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == torch::kFloat32, "x must be fp32 [B, 1, hidden]");
+  TORCH_CHECK(kc.scalar_type() == torch::kFloat32 && kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes(),
+              "the cache must be contiguous fp32");
+  std::vector<Linear> lin;
+  for (int i = 0; i < 7; ++i) lin.push_back({w[i], scales[i], offsets[i], biases[i]});
+  const int64_t B = x.size(0), hidden = x.size(2), D = kc.size(3), KV = kc.size(1), L = kc.size(2);
+  TORCH_CHECK(row0 >= 0 && row0 + B <= kc.size(0), "cache rows out of range");
+  auto p = pos.to(torch::kInt64).contiguous();
+  const int64_t* pp = p.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < L, "position ", pp[i], " is outside the cache");
+  x = x.contiguous().view({B, hidden});
+
+  auto h = rms_norm(x, norms[0], eps);
+  const bool fused = lin[0].dense() && lin[1].dense() && lin[2].dense() &&
+                     w[0].scalar_type() == w[1].scalar_type() && w[1].scalar_type() == w[2].scalar_type();
+  auto qkv = fused ? gemv(h, {w[0], w[1], w[2]}, {biases[0], biases[1], biases[2]})
+                   : std::vector<torch::Tensor>{lin[0](h), lin[1](h), lin[2](h)};
+  auto q = qkv[0].view({B, 1, n_heads, D}), k = qkv[1].view({B, 1, KV, D}), v = qkv[2];
+  rope_(q, cos, sin);
+  rope_(k, cos, sin);
+  float* kp = kc.data_ptr<float>();
+  float* vp = vc.data_ptr<float>();
+  const float* kn = k.data_ptr<float>();
+  const float* vn = v.data_ptr<float>();
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t j = 0; j < KV; ++j) {
+      const int64_t at = (((row0 + i) * KV + j) * L + pp[i]) * D;
+      std::copy(kn + (i * KV + j) * D, kn + (i * KV + j + 1) * D, kp + at);
+      std::copy(vn + (i * KV + j) * D, vn + (i * KV + j + 1) * D, vp + at);
+    }
+  auto att = decode_attention(q.view({B, n_heads, 1, D}), kc.narrow(0, row0, B), vc.narrow(0, row0, B), p, window);
+  auto o = lin[3](att.reshape({B, n_heads * D}));
+  add_into(o, x);  // the attention residual
+
+  auto h2 = rms_norm(o, norms[1], eps);
+  torch::Tensor m;
+  if (lin[4].dense() && lin[5].dense() && w[4].scalar_type() == w[5].scalar_type()) {
+    m = swiglu(h2, w[4], w[5], biases[4], biases[5]);
+  } else {
+    m = lin[4](h2);
+    auto u = lin[5](h2);
+    float* g = m.data_ptr<float>();
+    const float* up = u.data_ptr<float>();
+    for (int64_t i = 0, n = m.numel(); i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * up[i];
+  }
+  auto y = lin[6](m);
+  add_into(y, o);  // the MLP residual
+  return y.view({B, 1, hidden});
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
