@@ -110,6 +110,8 @@ def _plain(*linears: nn.Module) -> bool:
 
 
 class KernelRMSNorm(RMSNorm):
+    """RMSNorm in one kernel call for fp32 activations (several PyTorch ops otherwise)."""
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and _fast(x, 1 << 30):
             return kernels().rms_norm(x.contiguous(), self.weight, self.eps)
@@ -124,7 +126,7 @@ class KernelAttention(Attention):
         linears = (self.q_proj, self.k_proj, self.v_proj)
         if _plain(*linears) and _fast(x, max_rows(self.q_proj.weight.dtype)):
             q, k, v = kernels().gemv(x.contiguous(), [m.weight for m in linears], [_bias(m, x) for m in linears])
-            return (y.view(*x.shape[:-1], -1) for y in (q, k, v))
+            return tuple(y.view(*x.shape[:-1], -1) for y in (q, k, v))
         return super().project(x)
 
     def rotate(self, q: Tensor, k: Tensor, step: Step) -> tuple[Tensor, Tensor]:
