@@ -395,18 +395,33 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
 // q[j + 16] (high nibble), q in 0..15; w = q * scale + offset per group (scale, offset: [N, K/32] fp32).
 torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
                         torch::Tensor bias) {
-  const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / 32, M = x.numel() / K;
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / 32, G8 = G - G % 8, M = x.numel() / K;
   TORCH_CHECK(K % 32 == 0 && packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "packed must be contiguous uint8 [N, K/2]");
   TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16), "x must be contiguous fp32/bf16");
   auto run = [&](auto* xp) {
     using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-    QuantRows xq = quantize_rows(xp, M, K);
-    std::vector<float> gsum(M * G);  // per row and group: the sum of x, for the offsets
+    // The inputs as int8 per group of 32 (scale amax / 127, as llama.cpp's q8_0), with each group's exact sum
+    // for the offsets. A pair of groups A, B is stored [A0-15 | B0-15][A16-31 | B16-31]: the order in which one
+    // 32-byte load of the pair's packed weights splits into low and high nibbles.
+    std::vector<int8_t> xq(M * K);
+    std::vector<float> xscale(M * G), gsum(M * G);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t g = 0; g < G; ++g) {
-        float s = 0.f;
-        for (int i = 0; i < 32; ++i) s += static_cast<float>(xp[m * K + g * 32 + i]);
-        gsum[m * G + g] = s;
+        const X* src = xp + m * K + g * 32;
+        float amax = 0.f, sum = 0.f;
+        for (int i = 0; i < 32; ++i) {
+          const float v = static_cast<float>(src[i]);
+          amax = std::max(amax, std::abs(v));
+          sum += v;
+        }
+        const float scale = amax > 0 ? amax / 127.f : 1.f, inv = 1.f / scale;
+        int8_t* dst = xq.data() + m * K + (g < G8 ? (g & ~int64_t(1)) * 32 + (g & 1) * 16 : g * 32);
+        for (int i = 0; i < 32; ++i) {
+          const int64_t at = g < G8 ? (i < 16 ? i : 32 + i - 16) : i;
+          dst[at] = static_cast<int8_t>(std::lrintf(static_cast<float>(src[i]) * inv));
+        }
+        xscale[m * G + g] = scale;
+        gsum[m * G + g] = sum;
       }
     auto y = torch::empty({M, N}, x.options());
     X* yp = y.data_ptr<X>();
@@ -415,38 +430,48 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
     torch::Tensor bf = bias.numel() ? bias.to(torch::kFloat32).contiguous() : bias;
     const float* bp = bias.numel() ? bf.data_ptr<float>() : nullptr;
     const uint8_t* wp = packed.data_ptr<uint8_t>();
-    const __m128i low = _mm_set1_epi8(0x0F);
-    // Two groups per step into two accumulators, the offsets' part eight groups at a time, the row prefetched ahead.
-    auto group = [&](const uint8_t* p, const int16_t* xg) {  // 32 weights . 32 inputs -> 8 int32 partial sums
-      __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-      __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
-      __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
-      return _mm256_cvtepi32_ps(_mm256_add_epi32(
-          _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg))),
-          _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 16)))));
-    };
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    // Eight groups a step: four 32-byte loads of two groups each; 32 unsigned 4-bit weights times 32 int8 inputs
+    // is one multiply-add instruction (_mm256_maddubs_epi16; 15 * 127 * 4 fits its int16 lanes); the eight
+    // groups' sums gathered by horizontal adds, then scaled by one FMA.
     at::parallel_for(0, N, N * K * M < (1 << 18) ? N : 64, [&](int64_t b, int64_t e) {
       for (int64_t n = b; n < e; ++n) {
         const uint8_t* row = wp + n * (K / 2);
         const float* rs = sp + n * G;
         const float* ro = op + n * G;
         for (int64_t m = 0; m < M; ++m) {
-          const int16_t* xr = xq.q.data() + m * K;
+          const int8_t* xr = xq.data() + m * K;
+          const float* xs = xscale.data() + m * G;
           const float* gs = gsum.data() + m * G;
-          __m256 a0 = _mm256_setzero_ps(), a1 = a0, off = a0;
-          int64_t g = 0;
-          for (; g + 2 <= G; g += 2) {
-            if (g % 8 == 0) {
-              _mm_prefetch(reinterpret_cast<const char*>(row + g * 16) + 512, _MM_HINT_T0);
-              if (g + 8 <= G) off = _mm256_fmadd_ps(_mm256_loadu_ps(ro + g), _mm256_loadu_ps(gs + g), off);
+          __m256 acc = _mm256_setzero_ps(), off = acc;
+          for (int64_t g = 0; g < G8; g += 8) {
+            _mm_prefetch(reinterpret_cast<const char*>(row + g * 16) + 512, _MM_HINT_T0);
+            __m256i r[4];
+            for (int j = 0; j < 4; ++j) {
+              const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (g + 2 * j) * 16));
+              const int8_t* xg = xr + (g + 2 * j) * 32;
+              const __m256i p = _mm256_add_epi16(
+                  _mm256_maddubs_epi16(_mm256_and_si256(v, low), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg))),
+                  _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
+                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 32))));
+              r[j] = _mm256_madd_epi16(p, ones);  // [group A's 4 partial sums | group B's]
             }
-            a0 = _mm256_fmadd_ps(group(row + g * 16, xr + g * 32), _mm256_set1_ps(rs[g]), a0);
-            a1 = _mm256_fmadd_ps(group(row + (g + 1) * 16, xr + (g + 1) * 32), _mm256_set1_ps(rs[g + 1]), a1);
+            __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(r[0], r[1]), _mm256_hadd_epi32(r[2], r[3]));
+            h = _mm256_permutevar8x32_epi32(h, order);  // the eight groups' sums, in order
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(_mm256_loadu_ps(rs + g), _mm256_loadu_ps(xs + g)), acc);
+            off = _mm256_fmadd_ps(_mm256_loadu_ps(ro + g), _mm256_loadu_ps(gs + g), off);
           }
-          if (g < G) a0 = _mm256_fmadd_ps(group(row + g * 16, xr + g * 32), _mm256_set1_ps(rs[g]), a0);
           float tail = 0.f;
-          for (int64_t t = G - G % 8; t < G; ++t) tail += ro[t] * gs[t];
-          yp[m * N + n] = static_cast<X>(hsum(_mm256_add_ps(a0, a1)) * xq.scale[m] + hsum(off) + tail + (bp ? bp[n] : 0.f));
+          for (int64_t g = G8; g < G; ++g) {  // the last G % 8 groups, inputs in plain order
+            int32_t d = 0;
+            for (int i = 0; i < 16; ++i) {
+              const uint8_t byte = row[g * 16 + i];
+              d += (byte & 0x0F) * xr[g * 32 + i] + (byte >> 4) * xr[g * 32 + 16 + i];
+            }
+            tail += d * rs[g] * xs[g] + ro[g] * gs[g];
+          }
+          yp[m * N + n] = static_cast<X>(hsum(_mm256_add_ps(acc, off)) + tail + (bp ? bp[n] : 0.f));
         }
       }
     });
