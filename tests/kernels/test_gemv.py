@@ -161,3 +161,37 @@ def test_decode_fast_paths_give_the_model_s_logits(monkeypatch, flags, dtype, qu
     want = ref(torch.tensor([[3]]), same, caches[ref], cache_row=3)
     got = fast(torch.tensor([[3]]), same, caches[fast], cache_row=3)
     assert (got - want).abs().max() < tol * want.abs().max()
+
+
+@torch.inference_mode()
+def test_the_decode_plan_follows_replaced_weights_and_modules():
+    """The whole-block kernel reuses what it gathered of a block's projections from step to step; a weight
+    replaced, or a projection swapped for a quantized one, must be seen at the next step."""
+    from llmasos.models.config import ModelConfig
+    from llmasos.models.llama import Transformer
+    from llmasos.models.quantize import Int8Linear
+
+    config = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ref = Transformer(config)
+    ref.init_weights(std=0.1)
+    fast = Transformer(config)
+    fast.load_state_dict(ref.state_dict())
+    assert use_gemv_kernels(fast)
+    caches = {m: m.new_cache(1, 16, torch.float32) for m in (ref, fast)}
+
+    def step(pos):
+        out = [m(torch.tensor([[pos + 3]]), torch.tensor([pos]), caches[m]) for m in (ref, fast)]
+        assert (out[1] - out[0]).abs().max() < 1e-4 * out[0].abs().max(), pos
+
+    step(0)
+    new = torch.randn(64, 96) * 0.1
+    for m in (ref, fast):
+        m.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(new.clone())
+    step(1)
+    ref_layer, fast_layer = ref.model.layers[0].self_attn, fast.model.layers[0].self_attn
+    ref_layer.o_proj = Int8Linear(ref_layer.o_proj)
+    fast_layer.o_proj = Int8Linear(fast_layer.o_proj)
+    step(2)
+    assert fast.model.layers[0]._plan.weights[3] is fast_layer.o_proj.weight

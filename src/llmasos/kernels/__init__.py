@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def _cpu_flags() -> set[str]:
 
 @lru_cache(maxsize=None)
 def kernels():
-    """The compiled module (`gemv`, `swiglu`, `rms_norm`, `rope_`, `int8_gemv`, `int4_gemv`), or None."""
+    """The compiled module (`gemv`, `swiglu`, `rms_norm`, `rope_`, `decode_attention`, `decode_block`,
+    `int8_gemv`, `int4_gemv`), or None."""
     if os.environ.get("LLMASOS_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return None
     if not {"avx2", "fma"} <= _cpu_flags():
@@ -78,6 +80,10 @@ def max_rows(dtype: torch.dtype) -> int:
     return 16
 
 
+QUANTIZED_ROWS = 16  # the int8/int4 kernels' limit; beyond it (a prefill) the quantized layers dequantize
+ANY_ROWS = 1 << 30  # the elementwise kernels (norm, rotary, attention) take any number of rows
+
+
 def _fast(x: Tensor, rows_limit: int) -> bool:
     """Whether `x` takes a kernel: on the CPU, no autograd, at most `rows_limit` rows."""
     return x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() // x.shape[-1] <= rows_limit
@@ -85,11 +91,12 @@ def _fast(x: Tensor, rows_limit: int) -> bool:
 
 def quantized_kernel(x: Tensor):
     """The compiled module when `x` should take the int8/int4 kernels (CPU, no autograd, <= 16 rows)."""
-    return kernels() if _fast(x, 16) else None
+    return kernels() if _fast(x, QUANTIZED_ROWS) else None
 
 
-def _bias(linear: nn.Module, x: Tensor) -> Tensor:
-    return EMPTY if linear.bias is None else linear.bias.to(x.dtype)
+def _bias(linear: nn.Module) -> Tensor:
+    """The bias as the kernels take it (any float dtype; they read it as fp32), or EMPTY."""
+    return EMPTY if linear.bias is None else linear.bias
 
 
 class GemvLinear(nn.Linear):
@@ -97,7 +104,7 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if _fast(x, max_rows(self.weight.dtype)):
-            (y,) = kernels().gemv(x.contiguous(), [self.weight], [_bias(self, x)])
+            (y,) = kernels().gemv(x.contiguous(), [self.weight], [_bias(self)])
             return y.view(*x.shape[:-1], self.out_features)
         if x.dtype != self.weight.dtype:  # fp32 activations over bf16 weights (see use_gemv_kernels): widen them
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -113,7 +120,7 @@ class KernelRMSNorm(RMSNorm):
     """RMSNorm in one kernel call for fp32 activations (several PyTorch ops otherwise)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and _fast(x, 1 << 30):
+        if x.dtype == torch.float32 and _fast(x, ANY_ROWS):
             return kernels().rms_norm(x.contiguous(), self.weight, self.eps)
         return super().forward(x)
 
@@ -125,13 +132,13 @@ class KernelAttention(Attention):
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         linears = (self.q_proj, self.k_proj, self.v_proj)
         if _plain(*linears) and _fast(x, max_rows(self.q_proj.weight.dtype)):
-            q, k, v = kernels().gemv(x.contiguous(), [m.weight for m in linears], [_bias(m, x) for m in linears])
+            q, k, v = kernels().gemv(x.contiguous(), [m.weight for m in linears], [_bias(m) for m in linears])
             return tuple(y.view(*x.shape[:-1], -1) for y in (q, k, v))
         return super().project(x)
 
     def rotate(self, q: Tensor, k: Tensor, step: Step) -> tuple[Tensor, Tensor]:
         if (q.dtype == torch.float32 and q.is_contiguous() and k.is_contiguous() and step.cos.dtype == torch.float32
-                and _fast(q, 1 << 30)):
+                and _fast(q, ANY_ROWS)):
             module = kernels()
             module.rope_(q, step.cos, step.sin)
             module.rope_(k, step.cos, step.sin)
@@ -139,7 +146,7 @@ class KernelAttention(Attention):
         return super().rotate(q, k, step)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
-        if step.cache is not None and q.shape[2] == 1 and k.dtype == torch.float32 and _fast(q, 1 << 30):
+        if step.cache is not None and q.shape[2] == 1 and k.dtype == torch.float32 and _fast(q, ANY_ROWS):
             return kernels().decode_attention(q, k, v, step.input_pos[:, -1], self.sliding_window or 0)
         return super().attend(q, k, v, step)
 
@@ -150,7 +157,7 @@ class KernelMLP(MLP):
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_proj, self.up_proj
         if x.dtype == torch.float32 and _plain(gate, up) and _fast(x, max_rows(gate.weight.dtype)):
-            h = kernels().swiglu(x.contiguous(), gate.weight, up.weight, _bias(gate, x), _bias(up, x))
+            h = kernels().swiglu(x.contiguous(), gate.weight, up.weight, _bias(gate), _bias(up))
             return self.down_proj(h.view(*x.shape[:-1], -1))
         return super().forward(x)
 
@@ -162,34 +169,56 @@ def _quantized_classes() -> tuple[type, ...]:
     return Int8Linear, Int4Linear
 
 
-def _decode_rows(linears: tuple[nn.Module, ...]) -> int:
-    """Up to how many rows the whole-block kernel takes these projections (0: it cannot, e.g. LoRA-wrapped)."""
-    rows = 1 << 30
-    for m in linears:
-        if type(m) is GemvLinear:
-            rows = min(rows, max_rows(m.weight.dtype))
-        elif type(m) in _quantized_classes() and m.in_features % 16 == 0:
-            rows = min(rows, 16)
-        else:
-            return 0
-    return rows
+@dataclass
+class _DecodePlan:
+    """What `decode_block` needs of a block's projections that only changes when they do: built on the first
+    decoding step and reused by every later one (gathering it every step cost ~10% of a small model's step)."""
+
+    linears: tuple[nn.Module, ...]
+    rows: int  # up to how many rows the kernel takes these projections (0: it cannot, e.g. LoRA-wrapped)
+    weights: list[Tensor] = field(default_factory=list)
+    scales: list[Tensor] = field(default_factory=list)
+    offsets: list[Tensor] = field(default_factory=list)
+    biases: list[Tensor] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, linears: tuple[nn.Module, ...]) -> "_DecodePlan":
+        rows = ANY_ROWS
+        for m in linears:
+            if type(m) is GemvLinear:
+                rows = min(rows, max_rows(m.weight.dtype))
+            elif type(m) in _quantized_classes() and m.in_features % 16 == 0:
+                rows = min(rows, QUANTIZED_ROWS)
+            else:
+                return cls(linears, 0)
+        return cls(linears, rows, [m.weight for m in linears], [getattr(m, "scales", EMPTY) for m in linears],
+                   [getattr(m, "offsets", EMPTY) for m in linears], [_bias(m) for m in linears])
+
+    def current(self, linears: tuple[nn.Module, ...]) -> bool:
+        """Whether the plan still describes these projections (none swapped, no weight or bias replaced)."""
+        return all(a is b for a, b in zip(self.linears, linears)) and (not self.rows or all(
+            w is m.weight and b is _bias(m) for w, b, m in zip(self.weights, self.biases, linears)))
 
 
 class KernelBlock(Block):
     """A whole block in one kernel call when decoding (one new token per row, fp32 activations and cache;
     dense, int8 or int4 projections); otherwise the usual path, through the modules above."""
 
+    _plan: _DecodePlan | None = None
+
     def forward(self, x: Tensor, step: Step) -> Tensor:
         attn, mlp = self.self_attn, self.mlp
-        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if (x.shape[1] == 1 and x.dtype == torch.float32 and step.cache is not None
-                and step.cache.k[attn.layer].dtype == torch.float32 and _fast(x, _decode_rows(linears))):
-            return kernels().decode_block(
-                x, [self.input_layernorm.weight, self.post_attention_layernorm.weight], [m.weight for m in linears],
-                [getattr(m, "scales", EMPTY) for m in linears], [getattr(m, "offsets", EMPTY) for m in linears],
-                [_bias(m, x) for m in linears], step.cos, step.sin, step.cache.k[attn.layer],
-                step.cache.v[attn.layer], step.row0, step.input_pos[:, -1], attn.n_heads, attn.sliding_window or 0,
-                self.input_layernorm.eps)
+        if x.shape[1] == 1 and x.dtype == torch.float32 and step.cache is not None:
+            linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            if self._plan is None or not self._plan.current(linears):
+                self._plan = _DecodePlan.of(linears)
+            plan = self._plan
+            if step.cache.k[attn.layer].dtype == torch.float32 and _fast(x, plan.rows):
+                return kernels().decode_block(
+                    x, [self.input_layernorm.weight, self.post_attention_layernorm.weight], plan.weights,
+                    plan.scales, plan.offsets, plan.biases, step.cos, step.sin, step.cache.k[attn.layer],
+                    step.cache.v[attn.layer], step.row0, step.input_pos[:, -1], attn.n_heads,
+                    attn.sliding_window or 0, self.input_layernorm.eps)
         return super().forward(x, step)
 
 
@@ -199,7 +228,8 @@ KERNEL_CLASSES = {nn.Linear: GemvLinear, RMSNorm: KernelRMSNorm, Attention: Kern
 
 def use_gemv_kernels(model: nn.Module) -> bool:
     """Point a CPU model's decoding at the kernels, in place (same parameters, no copy): every `nn.Linear`
-    becomes a `GemvLinear`, and norms, attention projections and MLPs take their fused paths.
+    becomes a `GemvLinear`, a decoding step runs each block in one `decode_block` call, and norms, attention
+    and MLPs take fused paths where it does not apply.
 
     A bf16 model on a CPU without bf16 arithmetic then computes its activations in fp32, as llama.cpp
     does: the weights stay bf16 and are widened in the kernels' registers, while norms, rotary and

@@ -80,14 +80,14 @@ inline float row_dot(const W* w, const float* xs, int64_t K16) {
 
 // y[m, n] = dot(W[n, :], x[m, :]) + bias[n] for weight rows [begin, end) and all M inputs.
 // xs holds x in the kernel's order (see kEvenOdd) for the first K16 columns; xf holds it plainly.
-template <typename W, typename B, typename Y>
+template <typename W, typename Y>
 void rows_dot(const W* w, const float* xs, const float* xf, int64_t M, int64_t K, int64_t begin, int64_t end,
-              const B* bias, Y* y, int64_t N) {
+              const float* bias, Y* y, int64_t N) {
   const int64_t K16 = K - K % 16;
   auto store = [&](int64_t n, int64_t m, float s) {
     const W* r = w + n * K;
     for (int64_t k = K16; k < K; ++k) s += to_float(r[k]) * xf[m * K + k];
-    y[m * N + n] = static_cast<Y>(s + (bias ? static_cast<float>(bias[n]) : 0.0f));
+    y[m * N + n] = static_cast<Y>(s + (bias ? bias[n] : 0.0f));
   };
   if (M == 1) {
     for (int64_t n = begin; n < end; ++n) store(n, 0, row_dot(w + n * K, xs, K16));
@@ -145,11 +145,12 @@ std::vector<torch::Tensor> gemv_typed(const torch::Tensor& x, const std::vector<
       std::copy(src, src + K, dst);
     }
   }
-  std::vector<torch::Tensor> ys;
+  std::vector<torch::Tensor> ys, bias;
   std::vector<int64_t> starts{0};  // the weights' rows laid end to end
-  for (const auto& w : ws) {
-    ys.push_back(torch::empty({M, w.size(0)}, x.options()));
-    starts.push_back(starts.back() + w.size(0));
+  for (size_t i = 0; i < ws.size(); ++i) {
+    ys.push_back(torch::empty({M, ws[i].size(0)}, x.options()));
+    bias.push_back(biases[i].numel() ? biases[i].to(torch::kFloat32).contiguous() : biases[i]);
+    starts.push_back(starts.back() + ws[i].size(0));
   }
   const int64_t total = starts.back();
   // Blocks of 64 rows keep both threads streaming; small products run on one thread.
@@ -158,9 +159,9 @@ std::vector<torch::Tensor> gemv_typed(const torch::Tensor& x, const std::vector<
     for (size_t i = 0; i < ws.size(); ++i) {
       const int64_t lo = std::max(b, starts[i]), hi = std::min(e, starts[i + 1]);
       if (lo >= hi) continue;
-      const X* bp = biases[i].numel() ? biases[i].data_ptr<X>() : nullptr;
-      rows_dot<W, X, X>(ws[i].data_ptr<W>(), xs.data(), xf.data(), M, K, lo - starts[i], hi - starts[i], bp,
-                         ys[i].data_ptr<X>(), ws[i].size(0));
+      const float* bp = bias[i].numel() ? bias[i].data_ptr<float>() : nullptr;
+      rows_dot<W, X>(ws[i].data_ptr<W>(), xs.data(), xf.data(), M, K, lo - starts[i], hi - starts[i], bp,
+                            ys[i].data_ptr<X>(), ws[i].size(0));
     }
   });
   return ys;
@@ -169,14 +170,13 @@ std::vector<torch::Tensor> gemv_typed(const torch::Tensor& x, const std::vector<
 }  // namespace
 
 // x: [M, K] fp32 or bf16 (a few rows: decoding M sequences); ws: [N_i, K] bf16/fp32 contiguous, one dtype;
-// biases: [N_i] in x's dtype, or empty. Returns [M, N_i] in x's dtype for each weight.
+// biases: [N_i] (any float dtype), or empty. Returns [M, N_i] in x's dtype for each weight.
 std::vector<torch::Tensor> gemv(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> biases) {
   TORCH_CHECK(!ws.empty() && ws.size() == biases.size(), "one bias (or an empty tensor) per weight");
   for (size_t i = 0; i < ws.size(); ++i) {
     TORCH_CHECK(ws[i].dim() == 2 && ws[i].is_contiguous() && ws[i].size(1) == ws[0].size(1) &&
                 ws[i].scalar_type() == ws[0].scalar_type(), "weights must be contiguous [N, K] matrices of one K and dtype");
-    TORCH_CHECK(!biases[i].numel() || (biases[i].scalar_type() == x.scalar_type() && biases[i].numel() == ws[i].size(0)),
-                "a bias must have x's dtype and one value per output");
+    TORCH_CHECK(!biases[i].numel() || biases[i].numel() == ws[i].size(0), "a bias must have one value per output");
   }
   TORCH_CHECK(x.is_contiguous() && x.numel() % ws[0].size(1) == 0, "x must be contiguous [M, K] with K = w's columns");
   const bool bf = x.scalar_type() == torch::kBFloat16;
@@ -191,14 +191,22 @@ std::vector<torch::Tensor> gemv(torch::Tensor x, std::vector<torch::Tensor> ws, 
   }
 }
 
+namespace {
+
+torch::Tensor silu_mul_(torch::Tensor g, const torch::Tensor& u) {  // g = silu(g) * u, both contiguous fp32
+  float* gp = g.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  for (int64_t i = 0, n = g.numel(); i < n; ++i) gp[i] = gp[i] / (1.0f + std::exp(-gp[i])) * up[i];
+  return g;
+}
+
+}  // namespace
+
 // silu(x @ wg.T + bg) * (x @ wu.T + bu): a SwiGLU MLP's first half in one call.
 torch::Tensor swiglu(torch::Tensor x, torch::Tensor wg, torch::Tensor wu, torch::Tensor bg, torch::Tensor bu) {
-  auto ys = gemv(x, {wg, wu}, {bg, bu});
   TORCH_CHECK(x.scalar_type() == torch::kFloat32, "swiglu takes fp32 activations");
-  float* g = ys[0].data_ptr<float>();
-  const float* u = ys[1].data_ptr<float>();
-  for (int64_t i = 0, n = ys[0].numel(); i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  return ys[0];
+  auto ys = gemv(x, {wg, wu}, {bg, bu});
+  return silu_mul_(ys[0], ys[1]);
 }
 
 // ---- Elementwise steps of a decode step, fused (fp32 activations) -----------------------------------
@@ -312,21 +320,20 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 }
 
 // ---- Weight-only int8 and int4 ------------------------------------------------------------------
-// The input rows are quantized to 14-bit integers per row (max |x| -> 8191), so weights widen to int16
-// and multiply-add pairwise in one instruction (_mm256_madd_epi16) into int32 lanes; the int32 sums are
-// moved to fp32 every 256 steps, far before they could overflow. Error: ~1e-4 of max |x| per element,
-// well below the weights' own quantization error.
+// int8: the input rows are quantized to 14-bit integers per row (max |x| -> 8191), so weights widen to
+// int16 and multiply-add pairwise in one instruction (_mm256_madd_epi16) into int32 lanes. Error: ~1e-4
+// of max |x| per element, well below the weights' own quantization error. int4: see int4_gemv.
 
 namespace {
 
 struct QuantRows {
   std::vector<int16_t> q;  // [M, K]
-  std::vector<float> scale, sum;  // per row: x ~= q * scale; sum of x (int4's zero points need it)
+  std::vector<float> scale;  // per row: x ~= q * scale
 };
 
 template <typename X>
 QuantRows quantize_rows(const X* x, int64_t M, int64_t K) {
-  QuantRows r{std::vector<int16_t>(M * K), std::vector<float>(M), std::vector<float>(M)};
+  QuantRows r{std::vector<int16_t>(M * K), std::vector<float>(M)};
   for (int64_t m = 0; m < M; ++m) {
     float amax = 0.f;
     for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(static_cast<float>(x[m * K + k])));
@@ -341,8 +348,6 @@ inline __m256i madd16(const int8_t* w, const int16_t* x) {  // 16 int8 weights .
   __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
   return _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
 }
-
-inline float hsum_i32(__m256i v) { return hsum(_mm256_cvtepi32_ps(v)); }
 
 }  // namespace
 
@@ -496,6 +501,19 @@ struct Linear {
   }
 };
 
+// Several projections of one input: dense ones of one dtype in a single parallel pass, others one by one.
+std::vector<torch::Tensor> project(const torch::Tensor& x, const std::vector<Linear>& lin) {
+  bool fused = true;
+  for (const auto& l : lin) fused = fused && l.dense() && l.w.scalar_type() == lin[0].w.scalar_type();
+  std::vector<torch::Tensor> ws, bs, ys;
+  for (const auto& l : lin) {
+    ws.push_back(l.w);
+    bs.push_back(l.bias);
+    if (!fused) ys.push_back(l(x));
+  }
+  return fused ? gemv(x, ws, bs) : ys;
+}
+
 void add_into(torch::Tensor& y, const torch::Tensor& x) {  // y += x, both contiguous fp32 of one size
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
@@ -529,11 +547,7 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> norms, st
   for (int64_t i = 0; i < B; ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < L, "position ", pp[i], " is outside the cache");
   x = x.contiguous().view({B, hidden});
 
-  auto h = rms_norm(x, norms[0], eps);
-  const bool fused = lin[0].dense() && lin[1].dense() && lin[2].dense() &&
-                     w[0].scalar_type() == w[1].scalar_type() && w[1].scalar_type() == w[2].scalar_type();
-  auto qkv = fused ? gemv(h, {w[0], w[1], w[2]}, {biases[0], biases[1], biases[2]})
-                   : std::vector<torch::Tensor>{lin[0](h), lin[1](h), lin[2](h)};
+  auto qkv = project(rms_norm(x, norms[0], eps), {lin[0], lin[1], lin[2]});
   auto q = qkv[0].view({B, 1, n_heads, D}), k = qkv[1].view({B, 1, KV, D}), v = qkv[2];
   rope_(q, cos, sin);
   rope_(k, cos, sin);
@@ -551,18 +565,8 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> norms, st
   auto o = lin[3](att.reshape({B, n_heads * D}));
   add_into(o, x);  // the attention residual
 
-  auto h2 = rms_norm(o, norms[1], eps);
-  torch::Tensor m;
-  if (lin[4].dense() && lin[5].dense() && w[4].scalar_type() == w[5].scalar_type()) {
-    m = swiglu(h2, w[4], w[5], biases[4], biases[5]);
-  } else {
-    m = lin[4](h2);
-    auto u = lin[5](h2);
-    float* g = m.data_ptr<float>();
-    const float* up = u.data_ptr<float>();
-    for (int64_t i = 0, n = m.numel(); i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * up[i];
-  }
-  auto y = lin[6](m);
+  auto gate_up = project(rms_norm(o, norms[1], eps), {lin[4], lin[5]});
+  auto y = lin[6](silu_mul_(gate_up[0], gate_up[1]));
   add_into(y, o);  // the MLP residual
   return y.view({B, 1, hidden});
 }
