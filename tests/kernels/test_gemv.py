@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(module is None, reason="GEMV kernels unavailable
 
 
 @pytest.mark.parametrize("n, k", [(64, 64), (2051, 771), (3, 16), (5, 40)])
-@pytest.mark.parametrize("m", [1, 2, 5, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 7, 16])  # blocks of four inputs and every tail
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 def test_gemv_equals_matmul(n, k, m, wdtype, xdtype):

@@ -32,26 +32,49 @@ template <typename W> constexpr bool kEvenOdd = std::is_same<W, c10::BFloat16>::
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(float v) { return v; }
 
+// The two fp32 halves of sixteen weights, one at a time (see load16), so a block holds only one half
+// of each row in registers.
+inline __m256 half_lo(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
+}
+inline __m256 half_hi(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), _mm256_set1_epi32(0xFFFF0000)));
+}
+inline __m256 half_lo(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 half_hi(const float* p) { return _mm256_loadu_ps(p + 8); }
+
 // A block of R weight rows times MX input rows: out[r][m] = dot(W[r, :K16], x[m, :K16]).
-// R * MX * 2 accumulators stay in registers; each converted weight vector serves MX inputs.
+// The R * MX accumulators (12 at most) and one half of each weight row fill the 16 vector registers:
+// each converted weight vector serves MX inputs, each input vector R rows, so the loop is bound by
+// the FMA units rather than by loads or conversions.
 template <int R, int MX, typename W>
-inline void block_dot(const W* w, int64_t K, int64_t K16, const float* xs, int64_t ldx, float out[R][MX]) {
-  __m256 acc[R][MX][2];
+inline void block_dot(const W* w, int64_t K, int64_t K16, const float* xs, int64_t ldx, float out[R][MX],
+                      const char* next = nullptr) {
+  static_assert(R * MX <= 12, "accumulators beyond the register file");
+  // Bytes of `next` (the rows after these, or null) to prefetch per step; past the weights' end that
+  // is a hint the CPU drops, never a fault.
+  constexpr int64_t kStep = R * 16 * sizeof(W);
+  __m256 acc[R][MX];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MX; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+    for (int m = 0; m < MX; ++m) acc[r][m] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K16; k += 16) {
-    __m256 lo[R], hi[R];
-    for (int r = 0; r < R; ++r) load16(w + r * K + k, lo[r], hi[r]);
+    if (next)
+      for (int64_t b = 0; b < kStep; b += 64) _mm_prefetch(next + k / 16 * kStep + b, _MM_HINT_T0);
+    __m256 h[R];
+    for (int r = 0; r < R; ++r) h[r] = half_lo(w + r * K + k);
     for (int m = 0; m < MX; ++m) {
-      const __m256 x0 = _mm256_loadu_ps(xs + m * ldx + k), x1 = _mm256_loadu_ps(xs + m * ldx + k + 8);
-      for (int r = 0; r < R; ++r) {
-        acc[r][m][0] = _mm256_fmadd_ps(lo[r], x0, acc[r][m][0]);
-        acc[r][m][1] = _mm256_fmadd_ps(hi[r], x1, acc[r][m][1]);
-      }
+      const __m256 xv = _mm256_loadu_ps(xs + m * ldx + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(h[r], xv, acc[r][m]);
+    }
+    for (int r = 0; r < R; ++r) h[r] = half_hi(w + r * K + k);
+    for (int m = 0; m < MX; ++m) {
+      const __m256 xv = _mm256_loadu_ps(xs + m * ldx + k + 8);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(h[r], xv, acc[r][m]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MX; ++m) out[r][m] = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
+    for (int m = 0; m < MX; ++m) out[r][m] = hsum(acc[r][m]);
 }
 
 // dot(W[n, :K16], x[:K16]) for one sequence: one weight row streamed front to back. A single sequential
@@ -78,6 +101,28 @@ inline float row_dot(const W* w, const float* xs, int64_t K16) {
   return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
+// Weight rows [n, n + R) times all M inputs, in blocks of four inputs, each result handed to store(row, m, dot).
+template <int R, typename W, typename Store>
+inline void rows_block(const W* w, const float* xs, int64_t M, int64_t K, int64_t K16, int64_t n, Store&& store) {
+  int64_t m = 0;
+  auto run = [&](auto mx) {
+    constexpr int MX = decltype(mx)::value;
+    float out[R][MX];
+    // The first pass brings the next rows' weights (contiguous after these) in while this block computes.
+    block_dot<R, MX>(w + n * K, K, K16, xs + m * K, K, out,
+                     m == 0 ? reinterpret_cast<const char*>(w + (n + R) * K) : nullptr);
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MX; ++i) store(n + r, m + i, out[r][i]);
+    m += MX;
+  };
+  for (; m + 4 <= M;) run(std::integral_constant<int, 4>());
+  switch (M - m) {
+    case 3: run(std::integral_constant<int, 3>()); break;
+    case 2: run(std::integral_constant<int, 2>()); break;
+    case 1: run(std::integral_constant<int, 1>()); break;
+  }
+}
+
 // y[m, n] = dot(W[n, :], x[m, :]) + bias[n] for weight rows [begin, end) and all M inputs.
 // xs holds x in the kernel's order (see kEvenOdd) for the first K16 columns; xf holds it plainly.
 template <typename W, typename Y>
@@ -93,36 +138,12 @@ void rows_dot(const W* w, const float* xs, const float* xf, int64_t M, int64_t K
     for (int64_t n = begin; n < end; ++n) store(n, 0, row_dot(w + n * K, xs, K16));
     return;
   }
-  // Several sequences: each pair of weight rows is read from memory once and reused from L1 for every input pair.
+  // Several sequences: each group of three weight rows is read from memory once and reused from L1 for
+  // every block of four inputs.
   int64_t n = begin;
-  for (; n < end; n += 2) {
-    const bool two = n + 1 < end;
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) {
-      float out[2][2];
-      if (two) {
-        block_dot<2, 2>(w + n * K, K, K16, xs + m * K, K, out);
-        store(n + 1, m, out[1][0]); store(n + 1, m + 1, out[1][1]);
-      } else {
-        float o[1][2];
-        block_dot<1, 2>(w + n * K, K, K16, xs + m * K, K, o);
-        out[0][0] = o[0][0]; out[0][1] = o[0][1];
-      }
-      store(n, m, out[0][0]); store(n, m + 1, out[0][1]);
-    }
-    if (m < M) {
-      float out[2][1];
-      if (two) {
-        block_dot<2, 1>(w + n * K, K, K16, xs + m * K, K, out);
-        store(n + 1, m, out[1][0]);
-      } else {
-        float o[1][1];
-        block_dot<1, 1>(w + n * K, K, K16, xs + m * K, K, o);
-        out[0][0] = o[0][0];
-      }
-      store(n, m, out[0][0]);
-    }
-  }
+  for (; n + 3 <= end; n += 3) rows_block<3>(w, xs, M, K, K16, n, store);
+  if (end - n == 2) rows_block<2>(w, xs, M, K, K16, n, store);
+  if (end - n == 1) rows_block<1>(w, xs, M, K, K16, n, store);
 }
 
 // y_i = x @ w_i.T + b_i for several weights sharing x (a layer's q/k/v, or gate/up): one pass over x's
