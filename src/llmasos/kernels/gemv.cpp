@@ -593,12 +593,14 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> norms, st
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "small-batch GEMV of several weights sharing an input, fp32 accumulation (fp32/bf16 weights)");
-  m.def("swiglu", &swiglu, "silu(x @ wg.T + bg) * (x @ wu.T + bu) for a few rows");
-  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (fp32 activations)");
-  m.def("rope_", &rope_, "rotary embedding in place on [B, S, H, D]");
-  m.def("decode_attention", &decode_attention, "attention of one new token per row over its cache row");
-  m.def("decode_block", &decode_block, "one decoder block for one new token per row (fp32 activations)");
-  m.def("int8_gemv", &int8_gemv, "small-batch GEMV over int8 weights with per-row scales");
-  m.def("int4_gemv", &int4_gemv, "small-batch GEMV over int4 weights in groups of 32");
+  // Every kernel lets go of the GIL: a server's event loop (streaming, HTTP) runs while a step computes.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("gemv", &gemv, "small-batch GEMV of several weights sharing an input, fp32 accumulation (fp32/bf16 weights)", nogil);
+  m.def("swiglu", &swiglu, "silu(x @ wg.T + bg) * (x @ wu.T + bu) for a few rows", nogil);
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (fp32 activations)", nogil);
+  m.def("rope_", &rope_, "rotary embedding in place on [B, S, H, D]", nogil);
+  m.def("decode_attention", &decode_attention, "attention of one new token per row over its cache row", nogil);
+  m.def("decode_block", &decode_block, "one decoder block for one new token per row (fp32 activations)", nogil);
+  m.def("int8_gemv", &int8_gemv, "small-batch GEMV over int8 weights with per-row scales", nogil);
+  m.def("int4_gemv", &int4_gemv, "small-batch GEMV over int4 weights in groups of 32", nogil);
 }
