@@ -37,17 +37,18 @@ inline float to_float(float v) { return v; }
 inline __m256 half_lo(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
 }
+// The high halves by two shifts rather than a mask: a mask would hold the register an input vector needs.
 inline __m256 half_hi(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(
-      _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), _mm256_set1_epi32(0xFFFF0000)));
+      _mm256_slli_epi32(_mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16), 16));
 }
 inline __m256 half_lo(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 half_hi(const float* p) { return _mm256_loadu_ps(p + 8); }
 
 // A block of R weight rows times MX input rows: out[r][m] = dot(W[r, :K16], x[m, :K16]).
-// The R * MX accumulators (12 at most) and one half of each weight row fill the 16 vector registers:
-// each converted weight vector serves MX inputs, each input vector R rows, so the loop is bound by
-// the FMA units rather than by loads or conversions.
+// The R * MX accumulators (12 at most), one half of each weight row and one input vector fill the 16
+// vector registers: each converted weight vector serves MX inputs, each input vector R rows, so the loop
+// is bound by the FMA units rather than by loads or conversions.
 template <int R, int MX, typename W>
 inline void block_dot(const W* w, int64_t K, int64_t K16, const float* xs, int64_t ldx, float out[R][MX],
                       const char* next = nullptr) {
