@@ -51,17 +51,18 @@ inline __m256 half_hi(const float* p) { return _mm256_loadu_ps(p + 8); }
 // is bound by the FMA units rather than by loads or conversions.
 template <int R, int MX, typename W>
 inline void block_dot(const W* w, int64_t K, int64_t K16, const float* xs, int64_t ldx, float out[R][MX],
-                      const char* next = nullptr) {
+                      const char* ahead = nullptr, int64_t ahead_bytes = 0) {
   static_assert(R * MX <= 12, "accumulators beyond the register file");
-  // Bytes of `next` (the rows after these, or null) to prefetch per step; past the weights' end that
-  // is a hint the CPU drops, never a fault.
-  constexpr int64_t kStep = R * 16 * sizeof(W);
   __m256 acc[R][MX];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MX; ++m) acc[r][m] = _mm256_setzero_ps();
+  // ahead[0, ahead_bytes) is prefetched evenly over the loop, a cache line whenever the credit allows
+  // (past the weights' end that is a hint the CPU drops, never a fault).
+  const int64_t per_line = K16 / 16 * 64;
+  int64_t credit = 0, line = 0;
   for (int64_t k = 0; k < K16; k += 16) {
-    if (next)
-      for (int64_t b = 0; b < kStep; b += 64) _mm_prefetch(next + k / 16 * kStep + b, _MM_HINT_T0);
+    for (credit += ahead_bytes; credit >= per_line; credit -= per_line, line += 64)
+      _mm_prefetch(ahead + line, _MM_HINT_T0);
     __m256 h[R];
     for (int r = 0; r < R; ++r) h[r] = half_lo(w + r * K + k);
     for (int m = 0; m < MX; ++m) {
@@ -103,15 +104,17 @@ inline float row_dot(const W* w, const float* xs, int64_t K16) {
 }
 
 // Weight rows [n, n + R) times all M inputs, in blocks of four inputs, each result handed to store(row, m, dot).
+// Meanwhile the next R rows (contiguous after these) are prefetched, spread over all the passes so that
+// memory is read at an even pace rather than in bursts (5-25% faster than prefetching in the first pass).
 template <int R, typename W, typename Store>
 inline void rows_block(const W* w, const float* xs, int64_t M, int64_t K, int64_t K16, int64_t n, Store&& store) {
+  const int64_t passes = (M + 3) / 4, share = (R * K * sizeof(W) / passes + 63) / 64 * 64;
+  const char* ahead = reinterpret_cast<const char*>(w + (n + R) * K);
   int64_t m = 0;
   auto run = [&](auto mx) {
     constexpr int MX = decltype(mx)::value;
     float out[R][MX];
-    // The first pass brings the next rows' weights (contiguous after these) in while this block computes.
-    block_dot<R, MX>(w + n * K, K, K16, xs + m * K, K, out,
-                     m == 0 ? reinterpret_cast<const char*>(w + (n + R) * K) : nullptr);
+    block_dot<R, MX>(w + n * K, K, K16, xs + m * K, K, out, ahead + m / 4 * share, share);
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < MX; ++i) store(n + r, m + i, out[r][i]);
     m += MX;
