@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <atomic>
+
 namespace {
 
 inline float hsum(__m256 v) {
@@ -178,17 +180,27 @@ std::vector<torch::Tensor> gemv_typed(const torch::Tensor& x, const std::vector<
     starts.push_back(starts.back() + ws[i].size(0));
   }
   const int64_t total = starts.back();
-  // Blocks of 64 rows keep both threads streaming; small products run on one thread.
-  const int64_t grain = total * K * M < (1 << 18) ? total : 64;
-  at::parallel_for(0, total, grain, [&](int64_t b, int64_t e) {
+  auto rows = [&](int64_t b, int64_t e) {
     for (size_t i = 0; i < ws.size(); ++i) {
       const int64_t lo = std::max(b, starts[i]), hi = std::min(e, starts[i + 1]);
       if (lo >= hi) continue;
       const float* bp = bias[i].numel() ? bias[i].data_ptr<float>() : nullptr;
       rows_dot<W, X>(ws[i].data_ptr<W>(), xs.data(), xf.data(), M, K, lo - starts[i], hi - starts[i], bp,
-                            ys[i].data_ptr<X>(), ws[i].size(0));
+                     ys[i].data_ptr<X>(), ws[i].size(0));
     }
-  });
+  };
+  if (total * K * M < (1 << 18)) {  // small products run on one thread
+    rows(0, total);
+  } else if (M == 1) {  // one sequence, bound by memory: each thread streams its contiguous share of rows
+    at::parallel_for(0, total, 64, rows);
+  } else {
+    // Several sequences, bound by arithmetic: threads take 48 rows at a time as they get to them, so a
+    // thread the OS preempts (a server's event loop, its clients) holds the step back by a chunk, not a half.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      for (int64_t b; (b = next.fetch_add(48)) < total;) rows(b, std::min(total, b + 48));
+    });
+  }
   return ys;
 }
 
