@@ -2,7 +2,7 @@
 and `use_gemv_kernels`, which points a model's linear layers, norms, attention projections and MLPs at
 them for decoding.
 
-`kernels()` returns None where they cannot be had (no AVX2/FMA, no compiler, not x86, or
+`kernels()` returns None where they cannot be had (no AVX2/FMA/F16C, no compiler, not x86, or
 LLMASOS_KERNELS=0); everything then runs on stock PyTorch.
 """
 
@@ -38,7 +38,7 @@ def kernels():
     `int8_gemv`, `int4_gemv`), or None."""
     if os.environ.get("LLMASOS_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return None
-    if not {"avx2", "fma"} <= _cpu_flags():
+    if not {"avx2", "fma", "f16c"} <= _cpu_flags():
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -49,7 +49,7 @@ def kernels():
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
         # Built into torch's extension cache (TORCH_EXTENSIONS_DIR); rebuilt only when the source changes.
         module = load(name="llmasos_gemv", sources=[str(Path(__file__).with_name("gemv.cpp"))],
-                      extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                      extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"],
                       verbose=False)
     except Exception as e:  # no compiler or headers: run on stock PyTorch, and say so once
         import warnings

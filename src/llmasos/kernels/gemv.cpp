@@ -433,12 +433,18 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
   return x.scalar_type() == torch::kFloat32 ? run(x.data_ptr<float>()) : run(x.data_ptr<c10::BFloat16>());
 }
 
+// Eight fp16 values as fp32 (F16C).
+inline __m256 load8h(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
 // int4 in groups of 32 along K: packed [N, K/2] uint8 where byte j of a group holds q[j] (low nibble) and
-// q[j + 16] (high nibble), q in 0..15; w = q * scale + offset per group (scale, offset: [N, K/32] fp32).
+// q[j + 16] (high nibble), q in 0..15; w = q * scale + offset per group (scale, offset: [N, K/32] fp16).
 torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
                         torch::Tensor bias) {
   const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / 32, G8 = G - G % 8, M = x.numel() / K;
   TORCH_CHECK(K % 32 == 0 && packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "packed must be contiguous uint8 [N, K/2]");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && offsets.scalar_type() == torch::kHalf && scales.is_contiguous() &&
+              offsets.is_contiguous() && scales.numel() == N * G && offsets.numel() == N * G,
+              "scales and offsets must be contiguous fp16 [N, K/32]");
   TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16), "x must be contiguous fp32/bf16");
   auto run = [&](auto* xp) {
     using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
@@ -467,8 +473,8 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
       }
     auto y = torch::empty({M, N}, x.options());
     X* yp = y.data_ptr<X>();
-    const float* sp = scales.data_ptr<float>();
-    const float* op = offsets.data_ptr<float>();
+    const at::Half* sp = scales.data_ptr<at::Half>();
+    const at::Half* op = offsets.data_ptr<at::Half>();
     torch::Tensor bf = bias.numel() ? bias.to(torch::kFloat32).contiguous() : bias;
     const float* bp = bias.numel() ? bf.data_ptr<float>() : nullptr;
     const uint8_t* wp = packed.data_ptr<uint8_t>();
@@ -480,8 +486,8 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
     at::parallel_for(0, N, N * K * M < (1 << 18) ? N : 64, [&](int64_t b, int64_t e) {
       for (int64_t n = b; n < e; ++n) {
         const uint8_t* row = wp + n * (K / 2);
-        const float* rs = sp + n * G;
-        const float* ro = op + n * G;
+        const at::Half* rs = sp + n * G;
+        const at::Half* ro = op + n * G;
         for (int64_t m = 0; m < M; ++m) {
           const int8_t* xr = xq.data() + m * K;
           const float* xs = xscale.data() + m * G;
@@ -501,8 +507,8 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
             }
             __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(r[0], r[1]), _mm256_hadd_epi32(r[2], r[3]));
             h = _mm256_permutevar8x32_epi32(h, order);  // the eight groups' sums, in order
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(_mm256_loadu_ps(rs + g), _mm256_loadu_ps(xs + g)), acc);
-            off = _mm256_fmadd_ps(_mm256_loadu_ps(ro + g), _mm256_loadu_ps(gs + g), off);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(load8h(rs + g), _mm256_loadu_ps(xs + g)), acc);
+            off = _mm256_fmadd_ps(load8h(ro + g), _mm256_loadu_ps(gs + g), off);
           }
           float tail = 0.f;
           for (int64_t g = G8; g < G; ++g) {  // the last G % 8 groups, inputs in plain order
@@ -511,7 +517,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
               const uint8_t byte = row[g * 16 + i];
               d += (byte & 0x0F) * xr[g * 32 + i] + (byte >> 4) * xr[g * 32 + 16 + i];
             }
-            tail += d * rs[g] * xs[g] + ro[g] * gs[g];
+            tail += d * static_cast<float>(rs[g]) * xs[g] + static_cast<float>(ro[g]) * gs[g];
           }
           yp[m * N + n] = static_cast<X>(hsum(_mm256_add_ps(acc, off)) + tail + (bp ? bp[n] : 0.f));
         }

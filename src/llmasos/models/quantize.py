@@ -28,24 +28,27 @@ def int8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def int4_quantize(w: Tensor, group_size: int = 32) -> tuple[Tensor, Tensor, Tensor]:
-    """[N, K] float -> packed uint8 [N, K/2], scales and offsets [N, K/group] (fp32), with
-    w ~= q * scale + offset inside each group, q in 0..15. Within a group of 32, byte j holds q[j] in
-    its low nibble and q[j + 16] in its high one (the layout `int4_gemv` reads)."""
+    """[N, K] float -> packed uint8 [N, K/2], scales and offsets [N, K/group] (fp16, as llama.cpp's q4_1:
+    20 bytes per 32 weights rather than 24 with fp32), with w ~= q * scale + offset inside each group,
+    q in 0..15. Within a group of 32, byte j holds q[j] in its low nibble and q[j + 16] in its high one
+    (the layout `int4_gemv` reads)."""
     n, k = w.shape
     groups = w.float().reshape(n, k // group_size, group_size)
     lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-    scales = (hi - lo).clamp(min=1e-8) / 15
-    q = torch.round((groups - lo) / scales).clamp(0, 15).to(torch.uint8)
+    offsets = lo.half()
+    # Rounded up to fp16 (and at least its smallest normal), so that offset + 15 * scale still reaches hi.
+    scales = ((hi - offsets.float()).clamp(min=15 * 2**-14) / 15 * (1 + 2**-10)).half()
+    q = torch.round((groups - offsets.float()) / scales.float()).clamp(0, 15).to(torch.uint8)
     half = group_size // 2
     packed = (q[..., :half] | (q[..., half:] << 4)).reshape(n, k // 2)
-    return packed.contiguous(), scales[..., 0].contiguous(), lo[..., 0].contiguous()
+    return packed.contiguous(), scales[..., 0].contiguous(), offsets[..., 0].contiguous()
 
 
 def int4_dequantize(packed: Tensor, scales: Tensor, offsets: Tensor, group_size: int = 32) -> Tensor:
     n = packed.shape[0]
     g = packed.view(n, -1, group_size // 2)
     q = torch.cat([g & 0x0F, g >> 4], dim=-1).float()
-    return (q * scales[..., None] + offsets[..., None]).reshape(n, -1)
+    return (q * scales.float()[..., None] + offsets.float()[..., None]).reshape(n, -1)
 
 
 class Int8Linear(nn.Module):
@@ -126,7 +129,7 @@ def linear_weight_bytes(model: nn.Module) -> int:
         if isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
         elif isinstance(m, Int8Linear):
-            total += m.weight.numel() + m.scales.numel() * 4
+            total += m.weight.numel() + m.scales.numel() * m.scales.element_size()
         elif isinstance(m, Int4Linear):
-            total += m.weight.numel() + (m.scales.numel() + m.offsets.numel()) * 4
+            total += m.weight.numel() + (m.scales.numel() + m.offsets.numel()) * m.scales.element_size()
     return total
