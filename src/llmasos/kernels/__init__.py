@@ -73,8 +73,8 @@ def max_rows(dtype: torch.dtype) -> int:
 
     Decoding (a few rows) is memory-bound and the kernel wins. With more rows a matmul is compute-bound:
     oneDNN wins in fp32, and in bf16 on CPUs with native bf16 dot products (AVX512_BF16, AMX). Without
-    them PyTorch emulates bf16 matmuls slowly; the kernel (bf16 widened to fp32 in registers) wins up to
-    about 64 rows, and beyond, widening the weight once and an fp32 matmul (measured here: 2x at 512)."""
+    them PyTorch emulates bf16 matmuls slowly; the kernel (bf16 widened to fp32 in registers) wins below
+    about 128 rows (1.2x at 64), and beyond, widening the weight once and an fp32 matmul (1.2x at 512)."""
     if dtype == torch.bfloat16 and not native_bf16():
         return 64
     return 16
