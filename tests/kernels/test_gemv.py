@@ -27,6 +27,26 @@ def test_gemv_equals_matmul(n, k, m, wdtype, xdtype):
     assert ((y.double() - expected).abs() / expected.abs().max()).max() < tol
 
 
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_gemv_of_several_weights_equals_their_matmuls(m, wdtype):
+    """Several weights in one call (a layer's q/k/v), large enough that threads share the rows in chunks that
+    cross from one weight to the next, with biases of each float dtype read in place, and none."""
+    g = torch.Generator().manual_seed(m)
+    rows, k = (100, 37, 300), 768
+    ws = [torch.randn(n, k, generator=g).to(wdtype) for n in rows]
+    biases = [torch.randn(rows[0], generator=g), torch.randn(rows[1], generator=g).bfloat16(), torch.empty(0)]
+    x = torch.randn(m, k, generator=g)
+    for y, w, b in zip(module.gemv(x, ws, biases), ws, biases):
+        expected = x.double() @ w.double().T + (b.double() if b.numel() else 0)
+        assert y.shape == (m, w.shape[0])
+        assert ((y.double() - expected).abs() / expected.abs().max()).max() < 1e-5
+    with pytest.raises(RuntimeError, match="one value per output"):
+        module.gemv(x, ws, [biases[1], biases[0], biases[2]])
+    with pytest.raises(RuntimeError, match="one value per output"):
+        module.int8_gemv(x, torch.zeros(4, k, dtype=torch.int8), torch.ones(4), torch.ones(5))
+
+
 @pytest.mark.parametrize("n, k", [(64, 64), (2051, 784), (5, 48)])
 @pytest.mark.parametrize("m", [1, 2, 5, 16])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])

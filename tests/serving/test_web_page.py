@@ -57,9 +57,20 @@ def test_stop_ends_the_answer_and_frees_the_slot_and_reset_clears(page, server):
     page.fill("#max-tokens", "500")
     page.fill("#input", "Tell me a long story")
     page.click("#send")
-    page.wait_for_function("(document.querySelectorAll('.msg.assistant')[1]?.textContent.length || 0) > 0",
-                           timeout=30_000)
-    page.click("#stop")
+    # Stop at the answer's first text, from inside the page: a round trip from here first could arrive after
+    # a fast tiny model has finished all 500 tokens.
+    page.evaluate("""() => new Promise(resolve => {
+        const stopOnText = () => {
+            const answer = document.querySelectorAll('.msg.assistant')[1];
+            if (!answer || !answer.textContent.length) return false;
+            document.getElementById('stop').click();
+            resolve();
+            return true;
+        };
+        if (stopOnText()) return;
+        const watch = new MutationObserver(() => { if (stopOnText()) watch.disconnect(); });
+        watch.observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+    })""")
     page.wait_for_function("document.querySelectorAll('.stats').length === 2", timeout=10_000)
     assert "finish: stopped" in page.inner_text(".stats >> nth=1")
     deadline = 50

@@ -95,7 +95,7 @@ def quantized_kernel(x: Tensor):
 
 
 def _bias(linear: nn.Module) -> Tensor:
-    """The bias as the kernels take it (any float dtype; they read it as fp32), or EMPTY."""
+    """The bias as the kernels take it (fp32, bf16 or fp16; they read it in place as fp32), or EMPTY."""
     return EMPTY if linear.bias is None else linear.bias
 
 

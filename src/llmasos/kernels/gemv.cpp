@@ -20,22 +20,10 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// Sixteen bf16 weights as two fp32 vectors: the even-indexed ones (low halves shifted up) and the
-// odd-indexed ones (high halves masked). x is stored in the same even/odd order once per call.
-inline void load16(const c10::BFloat16* p, __m256& even, __m256& odd) {
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF0000)));
-}
-inline void load16(const float* p, __m256& a, __m256& b) { a = _mm256_loadu_ps(p); b = _mm256_loadu_ps(p + 8); }
-// Whether x must be stored even/odd-interleaved per 16 for this weight type.
-template <typename W> constexpr bool kEvenOdd = std::is_same<W, c10::BFloat16>::value;
-
-inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float to_float(float v) { return v; }
-
-// The two fp32 halves of sixteen weights, one at a time (see load16), so a block holds only one half
-// of each row in registers.
+// Sixteen weights as two fp32 vectors, taken one at a time so that a block holds only one half of each
+// row in registers. bf16: the even-indexed weights (the low halves of the 32-bit lanes, shifted up) and
+// the odd-indexed ones (the high halves, low bits cleared); x is stored in the same even/odd order once
+// per call. fp32: the first eight and the last eight.
 inline __m256 half_lo(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
 }
@@ -46,6 +34,34 @@ inline __m256 half_hi(const c10::BFloat16* p) {
 }
 inline __m256 half_lo(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 half_hi(const float* p) { return _mm256_loadu_ps(p + 8); }
+// Whether x must be stored even/odd-interleaved per 16 for this weight type.
+template <typename W> constexpr bool kEvenOdd = std::is_same<W, c10::BFloat16>::value;
+
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(float v) { return v; }
+
+// A bias vector read as fp32 where it lies, whatever its float dtype (no conversion per call), or none.
+class Bias {
+ public:
+  Bias(const torch::Tensor& b, int64_t outputs) {
+    if (!b.numel()) return;
+    TORCH_CHECK(b.numel() == outputs, "a bias must have one value per output");
+    TORCH_CHECK(b.is_contiguous() && (b.scalar_type() == torch::kFloat32 || b.scalar_type() == torch::kBFloat16 ||
+                                      b.scalar_type() == torch::kHalf), "a bias must be a contiguous fp32, bf16 or fp16 vector");
+    p_ = b.data_ptr();
+    type_ = b.scalar_type();
+  }
+  float operator[](int64_t n) const {  // 0 where there is no bias
+    if (!p_) return 0.f;
+    if (type_ == torch::kBFloat16) return static_cast<float>(static_cast<const c10::BFloat16*>(p_)[n]);
+    if (type_ == torch::kHalf) return static_cast<float>(static_cast<const at::Half*>(p_)[n]);
+    return static_cast<const float*>(p_)[n];
+  }
+
+ private:
+  const void* p_ = nullptr;
+  c10::ScalarType type_ = torch::kFloat32;
+};
 
 // A block of R weight rows times MX input rows: out[r][m] = dot(W[r, :K16], x[m, :K16]).
 // The R * MX accumulators (12 at most), one half of each weight row and one input vector fill the 16
@@ -58,8 +74,7 @@ inline void block_dot(const W* w, int64_t K, int64_t K16, const float* xs, int64
   __m256 acc[R][MX];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MX; ++m) acc[r][m] = _mm256_setzero_ps();
-  // ahead[0, ahead_bytes) is prefetched evenly over the loop, a cache line whenever the credit allows
-  // (past the weights' end that is a hint the CPU drops, never a fault).
+  // ahead[0, ahead_bytes) is prefetched evenly over the loop, a cache line whenever the credit allows.
   const int64_t per_line = K16 / 16 * 64;
   int64_t credit = 0, line = 0;
   for (int64_t k = 0; k < K16; k += 16) {
@@ -85,22 +100,19 @@ inline void block_dot(const W* w, int64_t K, int64_t K16, const float* xs, int64
 // stream per thread with a prefetch ahead reads memory ~35% faster here than interleaving several rows.
 template <typename W>
 inline float row_dot(const W* w, const float* xs, int64_t K16) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, p, q, r, s;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t k = 0;
   for (; k + 32 <= K16; k += 32) {
     _mm_prefetch(reinterpret_cast<const char*>(w + k) + 1024, _MM_HINT_T0);
     if (sizeof(W) == 4) _mm_prefetch(reinterpret_cast<const char*>(w + k) + 1088, _MM_HINT_T0);
-    load16(w + k, p, q);
-    load16(w + k + 16, r, s);
-    a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(xs + k), a0);
-    a1 = _mm256_fmadd_ps(q, _mm256_loadu_ps(xs + k + 8), a1);
-    a2 = _mm256_fmadd_ps(r, _mm256_loadu_ps(xs + k + 16), a2);
-    a3 = _mm256_fmadd_ps(s, _mm256_loadu_ps(xs + k + 24), a3);
+    a0 = _mm256_fmadd_ps(half_lo(w + k), _mm256_loadu_ps(xs + k), a0);
+    a1 = _mm256_fmadd_ps(half_hi(w + k), _mm256_loadu_ps(xs + k + 8), a1);
+    a2 = _mm256_fmadd_ps(half_lo(w + k + 16), _mm256_loadu_ps(xs + k + 16), a2);
+    a3 = _mm256_fmadd_ps(half_hi(w + k + 16), _mm256_loadu_ps(xs + k + 24), a3);
   }
   if (k < K16) {
-    load16(w + k, p, q);
-    a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(xs + k), a0);
-    a1 = _mm256_fmadd_ps(q, _mm256_loadu_ps(xs + k + 8), a1);
+    a0 = _mm256_fmadd_ps(half_lo(w + k), _mm256_loadu_ps(xs + k), a0);
+    a1 = _mm256_fmadd_ps(half_hi(w + k), _mm256_loadu_ps(xs + k + 8), a1);
   }
   return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
@@ -109,9 +121,12 @@ inline float row_dot(const W* w, const float* xs, int64_t K16) {
 // Meanwhile the next R rows (contiguous after these) are prefetched, spread over all the passes so that
 // memory is read at an even pace rather than in bursts (5-25% faster than prefetching in the first pass).
 template <int R, typename W, typename Store>
-inline void rows_block(const W* w, const float* xs, int64_t M, int64_t K, int64_t K16, int64_t n, Store&& store) {
-  const int64_t passes = (M + 3) / 4, share = (R * K * sizeof(W) / passes + 63) / 64 * 64;
-  const char* ahead = reinterpret_cast<const char*>(w + (n + R) * K);
+inline void rows_block(const W* w, const float* xs, int64_t M, int64_t N, int64_t K, int64_t K16, int64_t n,
+                       Store&& store) {
+  const int64_t passes = (M + 3) / 4;
+  // Whole cache lines within the next rows, so nothing past the weights' end is touched.
+  const int64_t share = n + 2 * R <= N ? R * K * sizeof(W) / passes / 64 * 64 : 0;
+  const char* ahead = reinterpret_cast<const char*>(w + (share ? n + R : n) * K);
   int64_t m = 0;
   auto run = [&](auto mx) {
     constexpr int MX = decltype(mx)::value;
@@ -133,12 +148,12 @@ inline void rows_block(const W* w, const float* xs, int64_t M, int64_t K, int64_
 // xs holds x in the kernel's order (see kEvenOdd) for the first K16 columns; xf holds it plainly.
 template <typename W, typename Y>
 void rows_dot(const W* w, const float* xs, const float* xf, int64_t M, int64_t K, int64_t begin, int64_t end,
-              const float* bias, Y* y, int64_t N) {
+              const Bias& bias, Y* y, int64_t N) {
   const int64_t K16 = K - K % 16;
   auto store = [&](int64_t n, int64_t m, float s) {
     const W* r = w + n * K;
     for (int64_t k = K16; k < K; ++k) s += to_float(r[k]) * xf[m * K + k];
-    y[m * N + n] = static_cast<Y>(s + (bias ? bias[n] : 0.0f));
+    y[m * N + n] = static_cast<Y>(s + bias[n]);
   };
   if (M == 1) {
     for (int64_t n = begin; n < end; ++n) store(n, 0, row_dot(w + n * K, xs, K16));
@@ -147,9 +162,9 @@ void rows_dot(const W* w, const float* xs, const float* xf, int64_t M, int64_t K
   // Several sequences: each group of three weight rows is read from memory once and reused from L1 for
   // every block of four inputs.
   int64_t n = begin;
-  for (; n + 3 <= end; n += 3) rows_block<3>(w, xs, M, K, K16, n, store);
-  if (end - n == 2) rows_block<2>(w, xs, M, K, K16, n, store);
-  if (end - n == 1) rows_block<1>(w, xs, M, K, K16, n, store);
+  for (; n + 3 <= end; n += 3) rows_block<3>(w, xs, M, N, K, K16, n, store);
+  if (end - n == 2) rows_block<2>(w, xs, M, N, K, K16, n, store);
+  if (end - n == 1) rows_block<1>(w, xs, M, N, K, K16, n, store);
 }
 
 // y_i = x @ w_i.T + b_i for several weights sharing x (a layer's q/k/v, or gate/up): one pass over x's
@@ -172,11 +187,12 @@ std::vector<torch::Tensor> gemv_typed(const torch::Tensor& x, const std::vector<
       std::copy(src, src + K, dst);
     }
   }
-  std::vector<torch::Tensor> ys, bias;
+  std::vector<torch::Tensor> ys;
+  std::vector<Bias> bias;
   std::vector<int64_t> starts{0};  // the weights' rows laid end to end
   for (size_t i = 0; i < ws.size(); ++i) {
     ys.push_back(torch::empty({M, ws[i].size(0)}, x.options()));
-    bias.push_back(biases[i].numel() ? biases[i].to(torch::kFloat32).contiguous() : biases[i]);
+    bias.emplace_back(biases[i], ws[i].size(0));
     starts.push_back(starts.back() + ws[i].size(0));
   }
   const int64_t total = starts.back();
@@ -184,8 +200,7 @@ std::vector<torch::Tensor> gemv_typed(const torch::Tensor& x, const std::vector<
     for (size_t i = 0; i < ws.size(); ++i) {
       const int64_t lo = std::max(b, starts[i]), hi = std::min(e, starts[i + 1]);
       if (lo >= hi) continue;
-      const float* bp = bias[i].numel() ? bias[i].data_ptr<float>() : nullptr;
-      rows_dot<W, X>(ws[i].data_ptr<W>(), xs.data(), xf.data(), M, K, lo - starts[i], hi - starts[i], bp,
+      rows_dot<W, X>(ws[i].data_ptr<W>(), xs.data(), xf.data(), M, K, lo - starts[i], hi - starts[i], bias[i],
                      ys[i].data_ptr<X>(), ws[i].size(0));
     }
   };
@@ -207,13 +222,12 @@ std::vector<torch::Tensor> gemv_typed(const torch::Tensor& x, const std::vector<
 }  // namespace
 
 // x: [M, K] fp32 or bf16 (a few rows: decoding M sequences); ws: [N_i, K] bf16/fp32 contiguous, one dtype;
-// biases: [N_i] (any float dtype), or empty. Returns [M, N_i] in x's dtype for each weight.
+// biases: [N_i] (fp32, bf16 or fp16, read in place), or empty. Returns [M, N_i] in x's dtype for each weight.
 std::vector<torch::Tensor> gemv(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> biases) {
   TORCH_CHECK(!ws.empty() && ws.size() == biases.size(), "one bias (or an empty tensor) per weight");
   for (size_t i = 0; i < ws.size(); ++i) {
     TORCH_CHECK(ws[i].dim() == 2 && ws[i].is_contiguous() && ws[i].size(1) == ws[0].size(1) &&
                 ws[i].scalar_type() == ws[0].scalar_type(), "weights must be contiguous [N, K] matrices of one K and dtype");
-    TORCH_CHECK(!biases[i].numel() || biases[i].numel() == ws[i].size(0), "a bias must have one value per output");
   }
   TORCH_CHECK(x.is_contiguous() && x.numel() % ws[0].size(1) == 0, "x must be contiguous [M, K] with K = w's columns");
   const bool bf = x.scalar_type() == torch::kBFloat16;
@@ -399,8 +413,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
     auto y = torch::empty({M, N}, x.options());
     X* yp = y.data_ptr<X>();
     const float* sp = scale.data_ptr<float>();
-    torch::Tensor bf = bias.numel() ? bias.to(torch::kFloat32).contiguous() : bias;
-    const float* bp = bias.numel() ? bf.data_ptr<float>() : nullptr;
+    const Bias bp(bias, N);
     const int8_t* wp = w.data_ptr<int8_t>();
     // One weight row at a time (a single sequential stream per thread, prefetched ahead), four int32
     // accumulators; the int32 lanes move to fp32 every 4096 columns, far before they could overflow.
@@ -424,7 +437,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
             for (; k < end; k += 16) a0 = _mm256_add_epi32(a0, madd16(r + k, xr + k));
             f = _mm256_add_ps(f, _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3))));
           }
-          yp[m * N + n] = static_cast<X>(hsum(f) * xq.scale[m] * sp[n] + (bp ? bp[n] : 0.f));
+          yp[m * N + n] = static_cast<X>(hsum(f) * xq.scale[m] * sp[n] + bp[n]);
         }
       }
     });
@@ -475,8 +488,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
     X* yp = y.data_ptr<X>();
     const at::Half* sp = scales.data_ptr<at::Half>();
     const at::Half* op = offsets.data_ptr<at::Half>();
-    torch::Tensor bf = bias.numel() ? bias.to(torch::kFloat32).contiguous() : bias;
-    const float* bp = bias.numel() ? bf.data_ptr<float>() : nullptr;
+    const Bias bp(bias, N);
     const uint8_t* wp = packed.data_ptr<uint8_t>();
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -519,7 +531,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
             }
             tail += d * static_cast<float>(rs[g]) * xs[g] + static_cast<float>(ro[g]) * gs[g];
           }
-          yp[m * N + n] = static_cast<X>(hsum(_mm256_add_ps(acc, off)) + tail + (bp ? bp[n] : 0.f));
+          yp[m * N + n] = static_cast<X>(hsum(_mm256_add_ps(acc, off)) + tail + bp[n]);
         }
       }
     });
@@ -549,12 +561,15 @@ std::vector<torch::Tensor> project(const torch::Tensor& x, const std::vector<Lin
   bool fused = true;
   for (const auto& l : lin) fused = fused && l.dense() && l.w.scalar_type() == lin[0].w.scalar_type();
   std::vector<torch::Tensor> ws, bs, ys;
+  if (!fused) {
+    for (const auto& l : lin) ys.push_back(l(x));
+    return ys;
+  }
   for (const auto& l : lin) {
     ws.push_back(l.w);
     bs.push_back(l.bias);
-    if (!fused) ys.push_back(l(x));
   }
-  return fused ? gemv(x, ws, bs) : ys;
+  return gemv(x, ws, bs);
 }
 
 void add_into(torch::Tensor& y, const torch::Tensor& x) {  // y += x, both contiguous fp32 of one size

@@ -131,5 +131,5 @@ def linear_weight_bytes(model: nn.Module) -> int:
         elif isinstance(m, Int8Linear):
             total += m.weight.numel() + m.scales.numel() * m.scales.element_size()
         elif isinstance(m, Int4Linear):
-            total += m.weight.numel() + (m.scales.numel() + m.offsets.numel()) * m.scales.element_size()
+            total += m.weight.numel() + m.scales.numel() * m.scales.element_size() + m.offsets.numel() * m.offsets.element_size()
     return total
