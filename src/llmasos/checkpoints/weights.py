@@ -10,8 +10,10 @@ whose pages stay resident until the file is closed and would double the peak. Wr
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+MAX_HEADER_BYTES = 100_000_000  # the `safetensors` library's limit
 
 
 @dataclass
@@ -41,7 +44,10 @@ class TensorEntry:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse a safetensors header and check that every tensor's bytes are inside the file."""
+    """Parse a safetensors header and check it as the `safetensors` library does: a header of at most
+    100 MB, known dtypes, shapes of non-negative sizes, and tensors whose byte ranges (dtype x shape long)
+    lie back to back and cover the data exactly. Our messages name the file and the tensor (the library's
+    often name neither); `test_weights.py` checks that the library refuses every file we refuse."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -49,6 +55,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
             if len(raw) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (header_len,) = struct.unpack("<Q", raw)
+            if header_len > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: not a safetensors file (a header of {header_len} bytes; "
+                                      f"the limit is {MAX_HEADER_BYTES})")
             if 8 + header_len > size:
                 raise CheckpointError(f"{path}: truncated safetensors file (header of {header_len} bytes, file of {size})")
             header = json.loads(f.read(header_len))
@@ -56,27 +65,50 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
         raise CheckpointError(f"{path}: weight file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a safetensors file (bad header: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (the header is a JSON {type(header).__name__}, "
+                              f"not an object)")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map names to strings, found {metadata!r:.100}")
     base = 8 + header_len
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-        start, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        shape = tuple(info["shape"])
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - start != numel * dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes for shape {list(shape)} {info['dtype']}")
-        if base + end > size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {name} needs bytes up to {base + end} but the file has {size}"
-            )
-        entries[name] = TensorEntry(path, dtype, shape, base + start, base + end)
+    entries = {name: _header_entry(path, name, info, base, size) for name, info in header.items()}
+    end = base
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if entry.start != end:
+            raise CheckpointError(f"{path}: tensor {name} starts at byte {entry.start - base} of the data, expected "
+                                  f"{end - base} (tensors must follow each other without overlaps or gaps)")
+        end = entry.end
+    if end != size:
+        raise CheckpointError(f"{path}: {size - end} bytes after the last tensor (not a safetensors file)")
     return entries
+
+
+def _header_entry(path: Path, name: str, info: object, base: int, size: int) -> TensorEntry:
+    """One tensor's header entry, checked; its offsets are relative to the data, which starts at `base`."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: tensor {name}: expected an object with dtype, shape and data_offsets, "
+                              f"found {info!r:.100}")
+    dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise CheckpointError(f"{path}: tensor {name} has shape {shape!r:.100}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path}: tensor {name} has data_offsets {offsets!r:.100}, not [start, end] "
+                              f"with 0 <= start <= end")
+    start, end = offsets
+    if end - start != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes for shape {shape} {info['dtype']}")
+    if base + end > size:
+        raise CheckpointError(f"{path}: truncated: tensor {name} needs bytes up to {base + end} but the file has {size}")
+    return TensorEntry(path, dtype, tuple(shape), base + start, base + end)
+
+
+def _is_size(value: object) -> bool:
+    return type(value) is int and value >= 0  # JSON's true/false are not sizes
 
 
 def read_pickled(path: Path) -> dict[str, TensorEntry]:
@@ -86,10 +118,25 @@ def read_pickled(path: Path) -> dict[str, TensorEntry]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: weight file not found") from None
     except Exception as e:  # torch raises several types for corrupt or unsafe pickles
+        if _is_legacy_pickle(path):
+            raise CheckpointError(
+                f"{path}: a PyTorch file in the legacy (pre-1.6, non-zip) format, which cannot be memory-mapped. "
+                f"Convert the model to safetensors with transformers (AutoModelForCausalLM.from_pretrained(DIR)"
+                f".save_pretrained(OUT, safe_serialization=True)), use the model's .safetensors files if it has "
+                f"them, or re-save this file in the zip format: torch.save(torch.load(FILE, weights_only=True), "
+                f"NEW_FILE)"
+            ) from None
         raise CheckpointError(f"{path}: cannot be read as a PyTorch weights file: {e}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     return {k: TensorEntry(path, v.dtype, tuple(v.shape), tensor=v) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _is_legacy_pickle(path: Path) -> bool:
+    """`torch.save(..., _use_new_zipfile_serialization=False)`'s format: a bare pickle (it opens with the
+    pickle PROTO opcode) rather than a zip archive."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80" and not zipfile.is_zipfile(path)
 
 
 def read_into(entry: TensorEntry, out: torch.Tensor, name: str = "") -> torch.Tensor:
