@@ -76,6 +76,18 @@ def test_hub_id_offline_is_a_clear_error(home):
     assert not models_dir().exists() or list(models_dir().iterdir()) == []
 
 
+def test_a_name_with_a_trailing_newline_is_refused(home, hf_dir):
+    with pytest.raises(LLMasOSError, match=r"invalid model name 'evil\\n'"):
+        pull(str(hf_dir), name="evil\n")
+    assert not models_dir().exists() or list(models_dir().iterdir()) == []
+
+
+def test_a_hub_id_with_a_trailing_newline_is_not_a_hub_id(home, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LLMasOSError, match="no such file or directory, and not a hub id"):
+        pull("someone/some-model\n")
+
+
 def test_unknown_model_name_says_where_it_looked(home):
     with pytest.raises(LLMasOSError, match="not in the store .* import one with `llmasos pull"):
         resolve("nope")

@@ -6,18 +6,17 @@ renames it into place, so a failed or interrupted pull leaves nothing half-writt
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
-from typing import Iterator
 
 from llmasos.errors import CheckpointError, LLMasOSError
+from llmasos.outputs import atomic_dir
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-NAME = re.compile(r"^[A-Za-z0-9][\w.+-]*$")
+# Checked with fullmatch: `$` also matches before a trailing newline, which let "evil\n" in.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+NAME = re.compile(r"[A-Za-z0-9][\w.+-]*")
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                 "chat_template.jinja", "chat_template.json"]
@@ -44,7 +43,7 @@ def resolve(model: str | Path) -> Path:
     if path.exists():
         return path
     stored = models_dir() / str(model)
-    if NAME.match(str(model)) and stored.is_dir():
+    if NAME.fullmatch(str(model)) and stored.is_dir():
         return stored
     names = ", ".join(p.name for p in stored_models()) or "none yet"
     raise LLMasOSError(
@@ -57,30 +56,8 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-@contextlib.contextmanager
-def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
-    """Yield a temporary dir beside `final`; on success it becomes `final`, on failure it is removed."""
-    if final.exists() and not replace:
-        raise LLMasOSError(f"{final} already exists (use --force to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def default_name(source: str) -> str:
-    name = Path(source.rstrip("/")).name if not HUB_ID.match(source) or Path(source).exists() else source.split("/")[-1]
+    name = Path(source.rstrip("/")).name if not HUB_ID.fullmatch(source) or Path(source).exists() else source.split("/")[-1]
     name = name.removesuffix(".gguf")
     return re.sub(r"[^\w.+-]", "-", name).lower() or "model"
 
@@ -104,12 +81,12 @@ def pull(source: str, name: str | None = None, force: bool = False, progress: bo
     from llmasos.models.zoo import hf_id
 
     name = name or default_name(source)
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise LLMasOSError(f"invalid model name {name!r}: use letters, digits, '.', '-', '_' or '+'")
     final = models_dir() / name
     path = Path(source).expanduser()
     if not path.exists():
-        repo = hf_id(source) or (source if HUB_ID.match(source) else None)
+        repo = hf_id(source) or (source if HUB_ID.fullmatch(source) else None)
         if repo is None:
             raise LLMasOSError(f"{source}: no such file or directory, and not a hub id (owner/name) or zoo name")
         with atomic_dir(final, replace=force) as tmp:
