@@ -6,15 +6,13 @@ renames it into place, so a failed or interrupted pull leaves nothing half-writt
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
-from typing import Iterator
 
 from llmasos.errors import CheckpointError, LLMasOSError
+from llmasos.outputs import atomic_dir
 
 # Checked with fullmatch: `$` also matches before a trailing newline, which let "evil\n" in.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -56,28 +54,6 @@ def resolve(model: str | Path) -> Path:
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
-    """Yield a temporary dir beside `final`; on success it becomes `final`, on failure it is removed."""
-    if final.exists() and not replace:
-        raise LLMasOSError(f"{final} already exists (use --force to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def default_name(source: str) -> str:
