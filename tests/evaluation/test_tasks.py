@@ -97,3 +97,30 @@ def test_a_hub_dataset_offline_fails_with_a_clear_message(tmp_path, monkeypatch)
     body = 'kind: qa\ndata: "hub:rajpurkar/squad"\nsplit: validation\nprompt: "{{ question }}"\ntarget: "{{ answers }}"\n'
     with pytest.raises(TaskError, match="hub dataset 'rajpurkar/squad' cannot be downloaded: HF_HUB_OFFLINE is set"):
         load_task(write_task(tmp_path, body))
+
+
+@pytest.mark.parametrize("key", ["prompt", "target"])
+def test_a_template_reaching_for_python_internals_is_refused_and_runs_nothing(tmp_path, key):
+    """The report: this prompt ran a shell command during `llmasos eval`; task templates render sandboxed."""
+    marker = tmp_path / "pwned"
+    write_jsonl(tmp_path / "d.jsonl", [{"q": "1+1?", "a": "2"}])
+    templates = {"prompt": "{{ q }}", "target": "{{ a }}",
+                 key: f"{{{{ cycler.__init__.__globals__.os.popen('touch {marker}').read() }}}}"}
+    body = f"kind: qa\ndata: d.jsonl\nprompt: \"{templates['prompt']}\"\ntarget: \"{templates['target']}\"\n"
+    with pytest.raises(TaskError, match=rf"task.yaml: {key} is not allowed in a task template \(.*unsafe"):
+        load_task(write_task(tmp_path, body))
+    assert not marker.exists()
+
+
+def test_the_reported_payload_is_refused_when_the_task_loads(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"q": "1+1?", "a": "2"}])
+    body = "kind: qa\ndata: d.jsonl\nprompt: \"{{ cycler.__init__.__globals__.os.popen('id').read() }}\"\ntarget: a\n"
+    with pytest.raises(TaskError, match="task.yaml: prompt is not allowed in a task template"):
+        load_task(write_task(tmp_path, body))
+
+
+def test_a_template_that_fails_on_a_record_is_named(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"q": "1+1?", "a": "2"}])
+    body = 'kind: qa\ndata: d.jsonl\nprompt: "{{ q.missing }}"\ntarget: "{{ a }}"\n'
+    with pytest.raises(TaskError, match="task.yaml: prompt cannot be rendered \\(UndefinedError"):
+        load_task(write_task(tmp_path, body))

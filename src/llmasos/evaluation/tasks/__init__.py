@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -153,17 +154,18 @@ class Task:
                     if missing:
                         raise TaskError(f"{self.path}: {key} names the field {missing[0]!r}, which record {i + 1} of "
                                         f"the {label} lacks (its fields: {', '.join(record) or 'none'})")
+        self.render(self.records[0])  # an unsafe template fails here, before any model is loaded
 
     # ---- rendering ----------------------------------------------------------------------------------
 
     def render(self, record: dict[str, Any]) -> Example:
         references = self._references(record)
         if self.kind != "multiple_choice":
-            return Example(_render(self.prompt, record), references)
+            return Example(self._render("prompt", self.prompt, record), references)
         if isinstance(self.choices, str):
             choices = [str(c) for c in record[self.choices]]
         else:
-            choices = [_render(t, record) for t in self.choices]
+            choices = [self._render(f"choices[{i}]", t, record) for i, t in enumerate(self.choices)]
         target = references[0]
         if target in choices:
             answer = choices.index(target)
@@ -171,7 +173,19 @@ class Task:
             answer = int(target)
         else:
             raise TaskError(f"{self.path}: the target {target!r} is neither one of the choices {choices} nor an index")
-        return Example(_render(self.prompt, record), [choices[answer]], choices, answer)
+        return Example(self._render("prompt", self.prompt, record), [choices[answer]], choices, answer)
+
+    def _render(self, key: str, template: str, record: dict[str, Any]) -> str:
+        """A template rendered on a record; an unsafe or failing template is a TaskError naming the file and key."""
+        from jinja2 import TemplateError
+        from jinja2.sandbox import SecurityError
+
+        try:
+            return _env().from_string(template).render(**record)
+        except SecurityError as e:
+            raise TaskError(f"{self.path}: {key} is not allowed in a task template ({e})") from None
+        except TemplateError as e:
+            raise TaskError(f"{self.path}: {key} cannot be rendered ({type(e).__name__}: {e})") from None
 
     def _references(self, record: dict[str, Any]) -> list[str]:
         from jinja2 import meta
@@ -180,7 +194,7 @@ class Task:
         if len(names) == 1 and isinstance(record[next(iter(names))], list) \
                 and self.target.strip("{} ") == next(iter(names)):
             return [str(v) for v in record[next(iter(names))]]
-        return [_render(self.target, record)]
+        return [self._render("target", self.target, record)]
 
     def examples(self, limit: int | None = None) -> list[Example]:
         """The evaluation items, in file order (the first `limit` of them)."""
@@ -208,14 +222,15 @@ class Task:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+@lru_cache(maxsize=1)
 def _env():
-    from jinja2 import Environment, StrictUndefined
+    """Sandboxed, as chat templates are: a task file may come from anyone, and Jinja's plain environment
+    lets a template reach Python's internals (`cycler.__init__.__globals__.os`). Not the chat templates'
+    environment: its `trim_blocks`/`lstrip_blocks` would change how prompts render."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    return Environment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
-
-
-def _render(template: str, record: dict[str, Any]) -> str:
-    return _env().from_string(template).render(**record)
+    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
 
 def read_records(file: Path, what: str) -> list[dict[str, Any]]:
