@@ -5,12 +5,18 @@ Requests wait in a queue; between decode steps they are admitted while cache row
 sequences always occupy rows 0..n-1: when one leaves, the last row is copied into its place, so
 every decode step is a single batched forward on a contiguous slice of the cache.
 
+Faults stay with their request: a request whose prefill or sampling raises is failed alone (its output
+carries the error) while the others go on with exactly the tokens they would have had anyway. With a
+`cache_budget`, the KV cache never grows past it: a request that could never fit is refused at `add`, one
+that fits later waits, and a cache grown for long requests is given back when the engine goes idle.
+
 `generate`, `chat`, `eval` and `serve` all run on this one engine.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,8 +25,10 @@ import torch
 from torch import Tensor
 
 from llmasos.errors import ContextLengthError, InvalidRequestError, LLMasOSError
-from llmasos.inference.sampling import SamplingParams, apply_penalties, draw, filter_logits
+from llmasos.inference.sampling import SEEDS, SamplingParams, apply_penalties, draw, filter_logits
 from llmasos.tokenization import StreamDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +58,8 @@ class RequestOutput:
     arrival: float = 0.0
     first_token_at: float | None = None
     finished_at: float | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # for prompt tokens 2.. (SamplingParams.prompt_logprobs)
+    error: str | None = None  # why the engine failed this request (its samples end with "abort")
 
     # The first sample, for the common n=1 case (`outs[0].text`).
     @property
@@ -89,7 +99,7 @@ class Sequence:
         params = request.params
         self.generator = None
         if params.seed is not None:
-            self.generator = torch.Generator(device="cpu").manual_seed(params.seed + index)
+            self.generator = torch.Generator(device="cpu").manual_seed((params.seed + index) % SEEDS)
         self.decoder = StreamDecoder(request.tokenizer)
         self.full_text = ""  # decoded so far, stop strings included
         self.emitted = 0  # characters of full_text already handed out
@@ -146,16 +156,23 @@ class Request:
 
 
 # Prompts admitted in one step are prefilled together while their padded batch holds at most this
-# many tokens (one longer prompt goes alone).
+# many tokens (one longer prompt goes alone); prompts only scored take at most this many tokens a step.
 PREFILL_TOKENS = 2048
+# The cache's length grows in steps of this many slots; a cache longer than this is given back when idle.
+CACHE_STEP = 256
 
 
 class Engine:
-    """Continuous batching for one model: `add` requests, call `step` until `has_work` is false."""
+    """Continuous batching for one model: `add` requests, call `step` until `has_work` is false.
 
-    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 16, max_seq_len: int | None = None):
+    cache_budget: bytes the KV cache may take (None: no limit). It also caps `max_seq_len`, so that one
+    sequence always fits; a `max_seq_len` asked for that cannot fit is an error."""
+
+    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 16, max_seq_len: int | None = None,
+                 cache_budget: int | None = None):
         self.model, self.tokenizer = model, tokenizer
-        context = model.config.max_position_embeddings
+        config = model.config
+        context = config.max_position_embeddings
         self.max_seq_len = min(max_seq_len or context, context)
         self.max_batch_size = max_batch_size
         self.cache = None
@@ -164,24 +181,26 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.device = model.model.embed_tokens.weight.device
+        # Bytes one cache slot (one position of one row, keys and values of every layer) takes.
+        self.slot_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim \
+            * self.cache_dtype.itemsize
+        self.cache_budget = cache_budget
+        if cache_budget is not None:
+            fits = self.fit_len(1)
+            if fits < 1:
+                raise LLMasOSError(f"a KV cache budget of {_mib(cache_budget)} cannot hold one sequence of "
+                                   f"{min(CACHE_STEP, self.max_seq_len)} tokens ({_mib(self._bytes(1, 1))})")
+            if max_seq_len is not None and max_seq_len > fits:
+                raise LLMasOSError(f"a max length of {max_seq_len} tokens does not fit the KV cache budget of "
+                                   f"{_mib(cache_budget)}: at most {fits} tokens do")
+            self.max_seq_len = min(self.max_seq_len, fits)
 
     # ---- requests -------------------------------------------------------------------------------
 
     def add(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> RequestOutput:
-        """Queue a request (a string, or token ids); refused before any work if it cannot fit the context."""
-        ids = self._prompt_ids(prompt)
-        if params.n > self.max_batch_size:
-            raise InvalidRequestError(f"n={params.n} is more than the engine's max batch size {self.max_batch_size}",
-                                      param="n")
-        room = self.max_seq_len - len(ids)
-        if room < 1:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}, "
-                                     "leaving no room to generate", param="prompt")
-        max_tokens = room if params.max_tokens is None else params.max_tokens
-        if max_tokens > room:
-            raise ContextLengthError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                                     f"the context of {self.max_seq_len} tokens; lower max_tokens to at most {room}",
-                                     param="max_tokens")
+        """Queue a request (a string, or token ids); refused before any work if it cannot fit the context
+        or the cache budget. max_tokens=0 (with prompt_logprobs) only scores the prompt."""
+        ids, max_tokens = self.check(prompt, params)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise LLMasOSError(f"request id {request_id!r} is already in use")
@@ -190,29 +209,53 @@ class Engine:
         self.waiting.append(req)
         return req.output
 
+    def check(self, prompt: str | list[int], params: SamplingParams) -> tuple[list[int], int]:
+        """The prompt's ids and the tokens to generate, or the error `add` would raise."""
+        if params.n > self.max_batch_size:
+            raise InvalidRequestError(f"n={params.n} is more than the engine's max batch size {self.max_batch_size}",
+                                      param="n")
+        ids = self._prompt_ids(prompt)
+        room = self.max_seq_len - len(ids)
+        if params.max_tokens == 0:
+            if room < 0:
+                raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}",
+                                         param="prompt")
+            return ids, 0
+        if room < 1:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}, "
+                                     "leaving no room to generate", param="prompt")
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if max_tokens > room:
+            raise ContextLengthError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                                     f"the context of {self.max_seq_len} tokens; lower max_tokens to at most {room}",
+                                     param="max_tokens")
+        if not self._fits(params.n, len(ids) + max_tokens):
+            fits = self.fit_len(params.n)
+            what = f"n={params.n} sequences" if params.n > 1 else "one sequence"
+            raise ContextLengthError(
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) for {what} needs "
+                f"{_mib(self._bytes(params.n, len(ids) + max_tokens))} of KV cache; the budget of "
+                f"{_mib(self.cache_budget)} holds at most {fits} tokens per sequence for {what}"
+                + (f": lower max_tokens to at most {fits - len(ids)}" if fits > len(ids) else ""),
+                param="max_tokens" if fits > len(ids) else "prompt")
+        return ids, max_tokens
+
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidRequestError("the prompt is empty (no tokens)", param="prompt")
         vocab = self.model.config.vocab_size
-        if not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         return ids
 
-    @torch.inference_mode()
     def prompt_logprobs(self, prompt: str | list[int], top: int = 0) -> list[TokenLogprob]:
-        """How likely each prompt token is after the ones before it (one forward, no cache): an entry per
-        token from the second on, with its `top` likeliest alternatives. For scoring (lm-eval's log-likelihood)."""
-        ids = self._prompt_ids(prompt)
-        if len(ids) > self.max_seq_len:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}",
-                                     param="prompt")
-        tokens = torch.tensor(ids, device=self.device)
-        logprobs = self.model(tokens[None])[0, :-1].float().log_softmax(-1)
-        chosen = logprobs.gather(1, tokens[1:, None])[:, 0].tolist()
-        alts = logprobs.topk(top, dim=-1) if top else None
-        top_ids, top_lps = (alts.indices.tolist(), alts.values.tolist()) if alts else ([[]] * len(chosen),) * 2
-        return [TokenLogprob(t, lp, list(zip(i, v))) for t, lp, i, v in zip(ids[1:], chosen, top_ids, top_lps)]
+        """How likely each prompt token is after the ones before it: an entry per token from the second on,
+        with its `top` likeliest alternatives. For scoring (lm-eval's log-likelihood); other requests advance too."""
+        out = self.run([self.add(prompt, SamplingParams(max_tokens=0, prompt_logprobs=top))])[0]
+        if out.error is not None:
+            raise LLMasOSError(f"scoring failed: {out.error}")
+        return out.prompt_logprobs
 
     @torch.inference_mode()  # the cache holds inference tensors; moving rows must happen in the same mode
     def abort(self, request_id: str) -> None:
@@ -227,6 +270,7 @@ class Engine:
                 seq.completion.finish_reason = "abort"
         self._release([s for s in self.running if s.request is req])
         self._finish_request(req)
+        self._give_back_cache()
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -246,19 +290,34 @@ class Engine:
         """Admit what fits (their prompts prefilled together), then one decode step for every running sequence."""
         deltas: list[Delta] = []
         group: list[Request] = []
-        rows = len(self.running)
-        while self.waiting and rows + self.waiting[0].params.n <= self.max_batch_size:
-            req = self.waiting.popleft()
+        rows, length, scored = len(self.running), self._running_len(), 0
+        while self.waiting:
+            req = self.waiting[0]
+            if req.max_tokens == 0:  # scored only: one forward without the cache, no row taken
+                if scored and scored + len(req.prompt_ids) > PREFILL_TOKENS:
+                    break
+                scored += len(self.waiting.popleft().prompt_ids)
+                deltas += self._score(req)
+                continue
+            need = max(length, len(req.prompt_ids) + req.max_tokens)
+            if rows + req.params.n > self.max_batch_size or not self._fits(rows + req.params.n, need):
+                break
+            self.waiting.popleft()
+            rows, length = rows + req.params.n, need
             longest = max([len(req.prompt_ids)] + [len(r.prompt_ids) for r in group])
-            if group and (len(group) + 1) * longest > PREFILL_TOKENS:
+            alone = req.params.prompt_logprobs is not None  # needs the logits of every position
+            if group and (alone or (len(group) + 1) * longest > PREFILL_TOKENS):
                 deltas += self._prefill(group)
                 group = []
             group.append(req)
-            rows += req.params.n
+            if alone:
+                deltas += self._prefill(group)
+                group = []
         if group:
             deltas += self._prefill(group)
         if self.running:
             deltas += self._decode()
+        self._give_back_cache()
         return deltas
 
     @property
@@ -272,34 +331,78 @@ class Engine:
             return torch.float32
         return dtype
 
+    # ---- the KV cache and its budget ----------------------------------------------------------
+
+    def _slots(self, length: int) -> int:
+        """The cache length allocated for sequences of up to `length` tokens."""
+        return min(self.max_seq_len, -(-length // CACHE_STEP) * CACHE_STEP)
+
+    def _bytes(self, rows: int, length: int) -> int:
+        return rows * self._slots(length) * self.slot_bytes
+
+    def _fits(self, rows: int, length: int) -> bool:
+        return self.cache_budget is None or self._bytes(rows, length) <= self.cache_budget
+
+    def fit_len(self, rows: int) -> int:
+        """The longest sequences (prompt + max_tokens) of which `rows` fit the cache budget."""
+        if self.cache_budget is None:
+            return self.max_seq_len
+        slots = self.cache_budget // (rows * self.slot_bytes)
+        return self.max_seq_len if slots >= self.max_seq_len else slots // CACHE_STEP * CACHE_STEP
+
+    def _running_len(self) -> int:
+        return max((len(s.request.prompt_ids) + s.request.max_tokens for s in self.running), default=0)
+
     def _ensure_cache(self, rows: int, length: int) -> None:
         """A cache of at least `rows` rows and `length` slots, grown (old contents copied) when it is not.
 
-        Its length follows what admitted requests can reach (prompt + max_tokens, in steps of 256, at most
-        the context), not the context itself: zeroing a full-context cache for 16 rows took seconds here."""
+        Its length follows what admitted requests can reach (prompt + max_tokens, in steps of CACHE_STEP, at
+        most the context), not the context itself: zeroing a full-context cache for 16 rows took seconds here.
+        A regrowth takes room for a full batch and twice the length, as far as the budget allows."""
         old = self.cache
         if old is not None and old.rows >= rows and old.max_len >= length:
             return
-        old_len = old.max_len if old is not None else 0
-        new_rows = max(rows, self.max_batch_size) if old is not None else rows
-        want = max(length, 2 * old_len) if length > old_len else old_len  # doubling: few regrowths
-        self.cache = self.model.new_cache(new_rows, min(self.max_seq_len, -(-want // 256) * 256), self.cache_dtype)
         if old is not None:
+            full = max(rows, self.max_batch_size)
+            longer = max(length, 2 * old.max_len) if length > old.max_len else old.max_len
+            rows, length = next(((r, n) for r, n in ((full, longer), (full, length), (rows, length))
+                                 if self._fits(r, n)), (rows, length))
+        self.cache = self.model.new_cache(rows, self._slots(length), self.cache_dtype)
+        if old is not None:
+            r, n = min(rows, old.rows), min(self.cache.max_len, old.max_len)
             for new, prev in zip(self.cache.k + self.cache.v, old.k + old.v):
-                new[:prev.shape[0], :, :prev.shape[2]] = prev
+                new[:r, :, :n] = prev[:r, :, :n]
+
+    def _give_back_cache(self) -> None:
+        """Idle: free a cache grown past the first step of length (long requests), keep a small one warm."""
+        if not self.has_work() and self.cache is not None and self.cache.max_len > CACHE_STEP:
+            self.cache = None
+
+    # ---- prefill, decode, sampling --------------------------------------------------------------
 
     def _prefill(self, reqs: list[Request]) -> list[Delta]:
         """One forward pass over the prompts of `reqs`, right-padded to the longest, into the rows after the
         running ones (a padded tail writes cache slots that are overwritten before they are attended to).
-        Further samples of a request (n > 1) get copies of its prompt's row."""
+        Further samples of a request (n > 1) get copies of its prompt's row. If the pass fails, each request
+        is tried alone, and one that still fails is failed by itself."""
         row0 = len(self.running)
-        self._ensure_cache(row0 + sum(r.params.n for r in reqs), max(len(r.prompt_ids) + r.max_tokens for r in reqs))
         lengths = [len(r.prompt_ids) for r in reqs]
-        ids = torch.zeros(len(reqs), max(lengths), dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, :lengths[i]] = r.prompt_tensor
-        last = torch.tensor(lengths, device=self.device) - 1
-        logits = self.model(ids.to(self.device), cache=self.cache, cache_row=row0, logits_at=last)[:, -1].float()
+        try:
+            self._ensure_cache(row0 + sum(r.params.n for r in reqs),
+                               max([self._running_len()] + [len(r.prompt_ids) + r.max_tokens for r in reqs]))
+            ids = torch.zeros(len(reqs), max(lengths), dtype=torch.long)
+            for i, r in enumerate(reqs):
+                ids[i, :lengths[i]] = r.prompt_tensor
+            full = reqs[0].params.prompt_logprobs is not None  # a request that wants them is prefilled alone
+            last = None if full else torch.tensor(lengths, device=self.device) - 1
+            logits = self.model(ids.to(self.device), cache=self.cache, cache_row=row0, logits_at=last).float()
+            if full:
+                self._record_prompt_logprobs(reqs[0], logits[0])
+            logits = logits[:, -1]
+        except Exception as e:
+            if len(reqs) > 1:
+                return [d for r in reqs for d in self._prefill([r])]
+            return self._fail(reqs[0], e)
         seqs, source = [r.sequences[0] for r in reqs], list(range(len(reqs)))
         for i, r in enumerate(reqs):
             for seq in r.sequences[1:]:
@@ -314,6 +417,29 @@ class Engine:
             r.output.first_token_at = now
         return self._sample(logits[torch.tensor(source, device=logits.device)], seqs)
 
+    def _score(self, req: Request) -> list[Delta]:
+        """A request that only scores its prompt: one forward without the cache, then it is finished."""
+        try:
+            self._record_prompt_logprobs(req, self.model(req.prompt_tensor[None].to(self.device))[0].float())
+        except Exception as e:
+            return self._fail(req, e)
+        req.output.first_token_at = time.perf_counter()
+        for c in req.output.outputs:
+            c.finish_reason = "length"
+        self._finish_request(req)
+        return [Delta(req.output, i, "", [], True) for i in range(req.params.n)]
+
+    def _record_prompt_logprobs(self, req: Request, logits: Tensor) -> None:
+        """logits [S, vocab] of the prompt's positions -> each next prompt token's logprob and top alternatives."""
+        logprobs = logits[:len(req.prompt_ids) - 1].log_softmax(-1)
+        tokens = req.prompt_tensor.to(logprobs.device)
+        chosen = logprobs.gather(1, tokens[1:, None])[:, 0].tolist()
+        top = req.params.prompt_logprobs
+        alts = logprobs.topk(top, dim=-1) if top else None
+        top_ids, top_lps = (alts.indices.tolist(), alts.values.tolist()) if alts else ([[]] * len(chosen),) * 2
+        req.output.prompt_logprobs = [TokenLogprob(t, lp, list(zip(i, v)))
+                                      for t, lp, i, v in zip(req.prompt_ids[1:], chosen, top_ids, top_lps)]
+
     def _decode(self) -> list[Delta]:
         seqs = self.running
         tokens = torch.tensor([[s.completion.token_ids[-1]] for s in seqs], device=self.device)
@@ -324,6 +450,43 @@ class Engine:
         return self._sample(logits[:, -1].float(), list(seqs))
 
     def _sample(self, logits: Tensor, seqs: list[Sequence]) -> list[Delta]:
+        """Pick and take one token for each of `seqs`, all rows at once. If that raises, each row is done
+        alone (same arithmetic, same tokens) and a row that still raises fails its request alone."""
+        states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
+        try:
+            picked = [(seq, token, logprob) for seq, (token, logprob) in zip(seqs, self._pick(logits, seqs))]
+        except Exception:
+            for seq, state in zip(seqs, states):  # rows drawn before the failure draw again, the same
+                if state is not None:
+                    seq.generator.set_state(state)
+            picked = []
+            for i, seq in enumerate(seqs):
+                try:
+                    token, logprob = self._pick(logits[i:i + 1], [seq])[0]
+                    picked.append((seq, token, logprob))
+                except Exception as e:
+                    picked.append((seq, e, None))
+        deltas, failed = [], {}
+        for seq, token, logprob in picked:
+            if isinstance(token, Exception):
+                failed.setdefault(seq.request, token)
+                continue
+            try:
+                deltas.append(seq.append(token, logprob))
+            except Exception as e:
+                failed.setdefault(seq.request, e)
+        done = [s for s in seqs if s.completion.finish_reason is not None and s.request not in failed]
+        if done:
+            self._release(done)
+            for req in {s.request for s in done}:
+                if all(c.finish_reason for c in req.output.outputs):
+                    self._finish_request(req)
+        for req, error in failed.items():
+            deltas += self._fail(req, error)
+        return deltas
+
+    def _pick(self, logits: Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
+        """The sampler: penalties, greedy or filtered draws, logprobs; one (token, logprob) per row."""
         params = [s.request.params for s in seqs]
         if any(p.penalized for p in params):
             logits = logits.clone()
@@ -356,14 +519,20 @@ class Engine:
                 top = lp[j].topk(k) if k else None
                 alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
                 logprobs[i] = TokenLogprob(int(chosen[i]), float(lp[j, chosen[i]]), alts)
-        deltas = [s.append(t, lp) for s, t, lp in zip(seqs, chosen.tolist(), logprobs)]
-        done = [s for s in seqs if s.completion.finish_reason is not None]
-        if done:
-            self._release(done)
-            for req in {s.request for s in done}:
-                if all(c.finish_reason for c in req.output.outputs):
-                    self._finish_request(req)
-        return deltas
+        return list(zip(chosen.tolist(), logprobs))
+
+    def _fail(self, req: Request, error: Exception) -> list[Delta]:
+        """End `req` alone with `error` (its rows freed); a finished delta per sample tells its listener."""
+        log.error("request %s failed: %s: %s", req.id, type(error).__name__, error, exc_info=error)
+        req.output.error = f"{type(error).__name__}: {error}"
+        if req in self.waiting:
+            self.waiting.remove(req)
+        for seq in req.sequences:
+            if seq.completion.finish_reason is None:
+                seq.completion.finish_reason = "abort"
+        self._release([s for s in self.running if s.request is req])
+        self._finish_request(req)
+        return [Delta(req.output, i, "", [], True) for i in range(req.params.n)]
 
     def _release(self, seqs: list[Sequence]) -> None:
         """Take sequences out of the running set, moving the last rows into the holes they leave."""
@@ -396,3 +565,7 @@ class Engine:
         if bar is not None:
             bar.close()
         return outputs
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"

@@ -34,16 +34,20 @@ class LLM:
     """Load once, then `generate`, `stream` or `chat`. `.model` is the nn.Module, `.tokenizer` the tokenizer."""
 
     def __init__(self, model, tokenizer, path: Path | None = None, max_batch_size: int = 16,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, cache_budget: int | None = None):
         self.model, self.tokenizer, self.path = model, tokenizer, path
-        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                             cache_budget=cache_budget)
 
     @classmethod
     def load(cls, name_or_path: str | Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
              quantize: str | None = None, compile: bool = False, max_batch_size: int = 16,
-             max_seq_len: int | None = None, progress: bool = False, kernels: bool = True) -> "LLM":
+             max_seq_len: int | None = None, progress: bool = False, kernels: bool = True,
+             cache_budget: int | None = None) -> "LLM":
         """A stored model's name or a model dir. quantize: None, "int8" or "int4" (weight-only).
 
+        max_seq_len: the longest sequence (prompt + generated tokens), at most the model's context.
+        cache_budget: bytes the KV cache may take (None: no limit); it caps max_seq_len too.
         kernels: on a CPU, decode with the hand-written kernels (`llmasos.kernels`).
         compile: torch.compile the model instead (stock PyTorch ops; the first calls compile for minutes)."""
         from llmasos.checkpoints.load import load_model, open_checkpoint
@@ -63,7 +67,8 @@ class LLM:
             use_gemv_kernels(model)
         if compile:
             model.compile_decode()
-        return cls(model, Tokenizer(path), path, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        return cls(model, Tokenizer(path), path, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                   cache_budget=cache_budget)
 
     @property
     def config(self):
@@ -75,8 +80,11 @@ class LLM:
         params = params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        outputs = [self.engine.add(p, params) for p in prompts]
-        return self.engine.run(outputs, progress=progress)
+        outputs = self.engine.run([self.engine.add(p, params) for p in prompts], progress=progress)
+        failed = [o for o in outputs if o.error is not None]
+        if failed:
+            raise LLMasOSError(f"generation failed for {len(failed)} of {len(outputs)} prompts: {failed[0].error}")
+        return outputs
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Text deltas of the (first) sample as they are decoded. Closing the iterator cancels the request."""
@@ -86,6 +94,8 @@ class LLM:
                 for delta in self.engine.step():
                     if delta.request is output and delta.index == 0 and delta.text:
                         yield delta.text
+            if output.error is not None:
+                raise LLMasOSError(f"generation failed: {output.error}")
         finally:
             if not output.finished:
                 self.engine.abort(output.request_id)

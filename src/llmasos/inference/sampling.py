@@ -14,11 +14,22 @@ from torch import Tensor
 from llmasos.errors import InvalidRequestError
 
 
+# A temperature below this divides logits into infinities: it is greedy (vLLM's threshold).
+GREEDY_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 512
+MAX_TOP_K = 2**31 - 1
+SEEDS = 2**64  # seeds are taken modulo this (torch's generators hold 64 bits)
+
+
 @dataclass
 class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy; top_k <= 0, top_p 1 and min_p 0 disable their filter."""
+    """How to pick tokens. temperature 0 is greedy; top_k <= 0, top_p 1 and min_p 0 disable their filter.
 
-    max_tokens: int | None = 16  # None: up to the end of the context
+    Every value is checked here, so the engine never meets a NaN, an infinity or an integer that overflows
+    a tensor: the server and the Python API refuse the same things with the same words."""
+
+    max_tokens: int | None = 16  # None: up to the end of the context; 0 only with prompt_logprobs (scoring)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -31,36 +42,54 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k alternatives
+    prompt_logprobs: int | None = None  # as logprobs, for every prompt token after the first (vLLM's field)
     n: int = 1
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> None:
-            raise InvalidRequestError(f"SamplingParams.{name}={getattr(self, name)!r}: {rule}", param=name)
+            value = repr(getattr(self, name))
+            value = value if len(value) <= 60 else value[:57] + "..."
+            raise InvalidRequestError(f"SamplingParams.{name}={value}: {rule}", param=name)
 
-        if self.max_tokens is not None and self.max_tokens < 1:
-            bad("max_tokens", "must be at least 1")
-        if self.temperature < 0:
-            bad("temperature", "must be >= 0 (0 is greedy)")
-        if not 0 < self.top_p <= 1:
+        def number(name: str, low: float, high: float, rule: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                bad(name, rule)  # NaN fails every comparison, so it lands here too
+
+        def integer(name: str, low: int, high: int, rule: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                bad(name, rule)
+
+        inf = float("inf")
+        if self.max_tokens is not None:
+            low = 0 if self.prompt_logprobs is not None else 1
+            integer("max_tokens", low, 2**63 - 1, f"must be an integer of at least {low}")
+        number("temperature", 0, 1e300, "must be a finite number >= 0 (0 is greedy)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             bad("top_p", "must be in (0, 1]")
-        if not 0 <= self.min_p <= 1:
-            bad("min_p", "must be in [0, 1]")
-        if self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be > 0 (1 disables it)")
-        if not -2 <= self.presence_penalty <= 2:
-            bad("presence_penalty", "must be in [-2, 2]")
-        if not -2 <= self.frequency_penalty <= 2:
-            bad("frequency_penalty", "must be in [-2, 2]")
-        if self.n < 1:
-            bad("n", "must be at least 1")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            bad("logprobs", "must be between 0 and 20")
+        number("min_p", 0, 1, "must be in [0, 1]")
+        number("repetition_penalty", 1e-300, 1e300, "must be a finite number > 0 (1 disables it)")
+        number("presence_penalty", -2, 2, "must be in [-2, 2]")
+        number("frequency_penalty", -2, 2, "must be in [-2, 2]")
+        integer("top_k", -inf, MAX_TOP_K, f"must be an integer of at most {MAX_TOP_K} (0 or less disables it)")
+        if self.seed is not None:
+            integer("seed", -SEEDS // 2, SEEDS - 1, "must be an integer in [-2**63, 2**64)")
+        integer("n", 1, 2**63 - 1, "must be an integer of at least 1")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                integer(name, 0, MAX_LOGPROBS, f"must be between 0 and {MAX_LOGPROBS}")
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else [s for s in (self.stop or []) if s]
+        if len(self.stop_strings) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop_strings):
+            bad("stop", f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters each")
+        if self.stop_token_ids is not None and not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**63 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be token ids (integers >= 0)")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def penalized(self) -> bool:

@@ -4,6 +4,12 @@ One model, many clients: every request goes to the continuous-batching engine, w
 thread owns (`engine_thread`). Handlers validate, tokenize and format; the engine thread computes.
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and a client mistake is
 always a 4xx that leaves the server serving.
+
+What keeps one request from hurting another: every value is checked before any work (`SamplingParams`);
+text that cannot fit the context is refused before it is encoded, and encoding and chat templates run on
+worker threads, so the event loop always answers; every prompt, scored or generated, is admitted through
+the engine's queue; the engine fails a request that raises by itself; and an unexpected error is a bare
+500 (logged, counted) that never shows the exception.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import ipaddress
+import logging
 import signal
 import time
 import uuid
@@ -29,21 +37,44 @@ from starlette.middleware.cors import CORSMiddleware
 
 from llmasos.errors import ContextLengthError, InvalidRequestError, LLMasOSError
 from llmasos.inference import LLM, SamplingParams
-from llmasos.inference.engine import Completion, RequestOutput, TokenLogprob
+from llmasos.inference.engine import RequestOutput, TokenLogprob
 from llmasos.serving import schemas as s
 from llmasos.serving.engine_thread import EngineFailure, EngineThread, QueueFullError, Stream
 from llmasos.serving.metrics import Metrics
 
+log = logging.getLogger(__name__)
+
 MAX_BODY_BYTES = 8 * 2**20
+# A token is never longer than the tokenizer's longest piece, so text longer than the context times that
+# cannot fit; below 64 characters a token, normalizers that drop characters could still make it fit.
+MIN_CHARS_PER_TOKEN = 64
+# Logprob entries one echo+logprobs request may ask for (prompt tokens x (1 + alternatives)): ~15 MB of JSON.
+MAX_SCORED_ENTRIES = 2**18
 ROLES = ("system", "user", "assistant", "developer")  # "developer" is OpenAI's newer name for "system"
 ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
           "/detokenize", "/tokenizer_info"}
 # What --api-key guards; the page, /health and /metrics stay open.
-PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info", "/docs", "/redoc", "/openapi.json")
+LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost", "ip6-loopback"}
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                503: "server_overloaded"}
+
+
+def is_loopback(host: str) -> bool:
+    """A loopback name or address, as a Host header or a bind address carries it (port and brackets allowed)."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:  # 127.0.0.1:8000, localhost:8000
+        host = host.partition(":")[0]
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class APIError(Exception):
@@ -64,10 +95,14 @@ class APIError(Exception):
 
 
 class Guard:
-    """The API key and the body-size limit, checked before any routing or parsing."""
+    """The Host header, the API key and the body-size limit, checked before any routing or parsing.
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    loopback_only: answer only requests addressed to a loopback name, so that a web page whose domain
+    an attacker re-points at 127.0.0.1 (DNS rebinding) cannot reach a server bound to loopback."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, loopback_only: bool = False):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        self.loopback_only = loopback_only
 
     def authorized(self, headers: dict[str, str]) -> bool:
         given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -77,6 +112,10 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.loopback_only and not is_loopback(headers.get("host", "")):
+            error = APIError(400, "the Host header must name this machine (localhost or a loopback address): "
+                                  "the server is bound to loopback", code="invalid_host")
+            return await error.response()(scope, receive, send)
         if (self.api_key and scope["method"] != "OPTIONS" and scope["path"].startswith(PROTECTED)
                 and not self.authorized(headers)):
             error = APIError(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'",
@@ -97,6 +136,34 @@ class Guard:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class CatchAll:
+    """An unexpected error (a bug: there should be none) is logged with an id and counted; the client gets a
+    500 in OpenAI's shape with that id and nothing of the exception. Inside CORS, so browsers can read it."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("unexpected error %s in %s %s", error_id, scope["method"], scope["path"])
+            self.metrics.unexpected_errors.inc()
+            if not started:  # a stream already under way can only be cut
+                message = f"internal server error (id {error_id}; the server's log has the details)"
+                await APIError(500, message, code="internal_error").response()(scope, receive, send)
 
 
 class CountRequests:
@@ -160,6 +227,7 @@ class Service:
         self.created = int(time.time())
         self.piece = functools.lru_cache(maxsize=1 << 16)(
             lambda token: self.tokenizer.decode([token], skip_special_tokens=False))
+        self.max_chars = llm.engine.max_seq_len * max(MIN_CHARS_PER_TOKEN, self.tokenizer.max_token_chars)
 
     # ---- shared steps ----
 
@@ -169,16 +237,29 @@ class Service:
                            param="model", code="model_not_found")
 
     @staticmethod
-    def sampling(body: s.SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling(body: s.SamplingFields, max_tokens: int | None, logprobs: int | None,
+                 prompt_logprobs: int | None = None) -> SamplingParams:
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
         return SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
             repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos,
-            logprobs=logprobs, n=body.n)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, n=body.n)
 
-    def chat_prompt(self, messages: list[s.ChatMessage]) -> list[int]:
+    def check_length(self, chars: int, param: str) -> None:
+        """Refuse text that cannot fit the context before spending time on encoding it."""
+        if chars > self.max_chars:
+            raise APIError(400, f"{param} has {chars:,} characters: far more than the context of "
+                                f"{self.llm.engine.max_seq_len} tokens can hold (at most {self.max_chars:,} characters)",
+                           param=param, code="context_length_exceeded")
+
+    async def encode(self, texts: list[str], param: str, add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of each text, encoded on a worker thread (a long text takes seconds)."""
+        self.check_length(sum(map(len, texts)), param)
+        return await asyncio.to_thread(lambda: [self.tokenizer.encode(t, add_special_tokens) for t in texts])
+
+    async def chat_prompt(self, messages: list[s.ChatMessage]) -> list[int]:
         if not messages:
             raise APIError(400, "messages is empty: send at least one message", param="messages")
         for i, m in enumerate(messages):
@@ -186,10 +267,20 @@ class Service:
                 raise APIError(400, f"messages[{i}].role is {m.role!r}; use one of {', '.join(ROLES)}",
                                param=f"messages[{i}].role")
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-        try:
-            return self.llm.chat_prompt(turns)
+        self.check_length(sum(len(t["content"]) for t in turns), "messages")
+        try:  # rendering a long conversation takes seconds too
+            return await asyncio.to_thread(self.llm.chat_prompt, turns)
         except LLMasOSError as e:  # the template refused the conversation (e.g. roles that do not alternate)
             raise APIError(400, str(e), param="messages") from None
+
+    def check_ids(self, prompts: list[list[int]], param: str) -> None:
+        vocab = self.llm.config.vocab_size
+        for i, p in enumerate(prompts):
+            bad = next((t for t in p if not 0 <= t < vocab), None)
+            if bad is not None:
+                where = param if len(prompts) == 1 else f"{param}[{i}]"
+                raise APIError(400, f"{where} holds the token id {str(bad)[:40]}; ids must be in [0, {vocab})",
+                               param=param)
 
     async def run_to_end(self, stream: Stream, request: Request) -> bool:
         """Wait for every request of `stream`; False (and everything aborted) if the client leaves first."""
@@ -237,31 +328,29 @@ class Service:
             raise APIError(400, "prompt is empty", param="prompt")
         texts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt[0], str) else None
         if texts is not None:
-            prompts = [self.tokenizer.encode(t) for t in texts]
+            prompts = await self.encode(texts, "prompt")
         else:
             prompts = [prompt] if isinstance(prompt[0], int) else prompt
-            texts = [self.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
-        score_only = body.echo and body.max_tokens == 0  # lm-eval's log-likelihood: the prompt's logprobs only
-        params = self.sampling(body, 1 if score_only else body.max_tokens, body.logprobs)
-        scored: list[list[TokenLogprob]] | None = None
-        start = time.perf_counter()
-        if body.echo and body.logprobs is not None:
-            scored = await self.worker.call(lambda engine: [engine.prompt_logprobs(p, body.logprobs) for p in prompts])
-        if score_only:
-            end = time.perf_counter()
-            outputs = [RequestOutput(f"score-{i}", p, [Completion(j, finish_reason="length") for j in range(body.n)],
-                                     True, start, end, end) for i, p in enumerate(prompts)]
-            scores = self.completion_response(body, outputs, texts, scored)
-            if body.stream:  # one chunk holds it all
-                return StreamingResponse(iter([_sse(scores.model_dump_json()), _sse("[DONE]")]),
-                                         media_type="text/event-stream")
-            return JSONResponse(scores.model_dump())
+            self.check_ids(prompts, "prompt")
+        # echo with logprobs (lm-eval's log-likelihood) or with max_tokens 0: the prompt is scored too, in the
+        # engine's queue like any prompt; max_tokens 0 generates nothing.
+        scoring = body.echo and (body.logprobs is not None or body.max_tokens == 0)
+        if scoring and body.logprobs:
+            entries = sum(map(len, prompts)) * (1 + body.logprobs)
+            if entries > MAX_SCORED_ENTRIES:
+                raise APIError(400, f"scoring these prompts asks for {entries:,} logprob entries (prompt tokens x "
+                                    f"(1 + logprobs)); one request may ask for at most {MAX_SCORED_ENTRIES:,}: send "
+                                    "fewer prompts per request, or fewer logprobs", param="prompt")
+        params = self.sampling(body, body.max_tokens, body.logprobs, (body.logprobs or 0) if scoring else None)
         stream = await self.worker.submit(prompts, params)
+        if body.echo and texts is None:
+            texts = await asyncio.to_thread(lambda: [self.tokenizer.decode(p, skip_special_tokens=False)
+                                                     for p in prompts])
         if body.stream:
-            return self.streaming(stream, self.completion_chunks(body, stream, texts, scored))
+            return self.streaming(stream, self.completion_chunks(body, stream, texts))
         if not await self.run_to_end(stream, request):
             return Response(status_code=499)
-        return JSONResponse(self.completion_response(body, stream.outputs, texts, scored).model_dump())
+        return JSONResponse(self.completion_response(body, stream.outputs, texts).model_dump())
 
     def completion_logprobs(self, tokens: list[int], entries: list[TokenLogprob | None],
                             into: s.CompletionLogprobs) -> None:
@@ -274,22 +363,22 @@ class Service:
             into.token_logprobs.append(entry.logprob if entry else None)
             into.top_logprobs.append({self.piece(t): lp for t, lp in entry.top} if entry else None)
 
-    def echoed(self, body: s.CompletionRequest, i: int, texts: list[str],
-               scored: list[list[TokenLogprob]] | None, prompt_ids: list[int]) -> tuple[str, s.CompletionLogprobs | None]:
-        """The start of choice text for prompt i: the prompt itself when echoing, with its logprobs."""
+    def echoed(self, body: s.CompletionRequest, out: RequestOutput,
+               text: str | None) -> tuple[str, s.CompletionLogprobs | None]:
+        """The start of a choice's text: the prompt itself when echoing, with its logprobs."""
         logprobs = s.CompletionLogprobs() if body.logprobs is not None else None
         if not body.echo:
             return "", logprobs
         if logprobs is not None:
-            self.completion_logprobs(prompt_ids, [None, *scored[i]], logprobs)
-        return texts[i], logprobs
+            self.completion_logprobs(out.prompt_token_ids, [None, *out.prompt_logprobs], logprobs)
+        return text, logprobs
 
-    def completion_response(self, body: s.CompletionRequest, outputs: list[RequestOutput], texts: list[str],
-                            scored: list[list[TokenLogprob]] | None) -> s.CompletionResponse:
+    def completion_response(self, body: s.CompletionRequest, outputs: list[RequestOutput],
+                            texts: list[str] | None) -> s.CompletionResponse:
         choices = []
         for i, out in enumerate(outputs):
             for c in out.outputs:
-                text, logprobs = self.echoed(body, i, texts, scored, out.prompt_token_ids)
+                text, logprobs = self.echoed(body, out, texts[i] if body.echo else None)
                 if logprobs is not None:
                     self.completion_logprobs(c.token_ids, c.logprobs or [], logprobs)
                 choices.append(s.CompletionChoice(index=i * body.n + c.index, text=text + c.text, logprobs=logprobs,
@@ -297,23 +386,25 @@ class Service:
         return s.CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
                                     choices=choices, usage=_usage(outputs), timings=_timings(outputs))
 
-    async def completion_chunks(self, body: s.CompletionRequest, stream: Stream, texts: list[str],
-                                scored: list[list[TokenLogprob]] | None) -> AsyncIterator[s.CompletionResponse]:
+    async def completion_chunks(self, body: s.CompletionRequest, stream: Stream,
+                                texts: list[str] | None) -> AsyncIterator[s.CompletionResponse]:
         rid, created, outputs = f"cmpl-{uuid.uuid4().hex}", int(time.time()), stream.outputs
         index = {o.request_id: i for i, o in enumerate(outputs)}
         seen = [[0] * body.n for _ in outputs]  # tokens already sent, per choice
         left = len(outputs) * body.n
+        prompt_sent: set[int] = set()
 
         def chunk(choices: list[s.CompletionChoice], last: bool = False) -> s.CompletionResponse:
             return s.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
                                         timings=_timings(outputs) if last else None)
 
-        if body.echo:
-            yield chunk([s.CompletionChoice(index=i * body.n + j, text=text, logprobs=logprobs)
-                         for i, out in enumerate(outputs) for j in range(body.n)
-                         for text, logprobs in [self.echoed(body, i, texts, scored, out.prompt_token_ids)]])
         async for d in stream:
             i = index[d.request.request_id]
+            if body.echo and i not in prompt_sent:  # the prompt's logprobs exist once it has been prefilled
+                prompt_sent.add(i)
+                text, logprobs = self.echoed(body, d.request, texts[i])
+                yield chunk([s.CompletionChoice(index=i * body.n + j, text=text, logprobs=logprobs)
+                             for j in range(body.n)])
             c = d.request.outputs[d.index]
             logprobs = None
             if body.logprobs is not None:
@@ -332,7 +423,7 @@ class Service:
 
     async def chat(self, body: s.ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
-        prompt = self.chat_prompt(body.messages)
+        prompt = await self.chat_prompt(body.messages)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         new_name = body.max_completion_tokens is not None
@@ -399,18 +490,15 @@ class Service:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send either prompt or messages", param="prompt")
         if body.messages is not None:
-            tokens = self.chat_prompt(body.messages)
+            tokens = await self.chat_prompt(body.messages)
         else:
-            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            tokens = (await self.encode([body.prompt], "prompt", body.add_special_tokens))[0]
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.llm.engine.max_seq_len}
 
     async def detokenize(self, body: s.DetokenizeRequest) -> dict[str, Any]:
         self.check_model(body.model)
-        vocab = self.llm.config.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"token ids must be in [0, {vocab}); got {bad[:5]}", param="tokens")
-        return {"prompt": self.tokenizer.decode(body.tokens)}
+        self.check_ids([body.tokens], "tokens")
+        return {"prompt": await asyncio.to_thread(self.tokenizer.decode, body.tokens)}
 
     async def tokenizer_info(self) -> dict[str, Any]:
         """vLLM's route, which lm-eval's `tokenizer_backend=remote` reads (with /tokenize and /detokenize)."""
@@ -445,11 +533,14 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
 
 
 def create_app(llm: LLM, served_model_name: str = "llmasos", api_key: str | None = None, max_queue: int = 256,
-               cors_origins: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               cors_origins: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               loopback_only: bool = False) -> FastAPI:
     """The app for one loaded model. Its engine thread starts and stops with the app's lifespan.
 
     max_queue: sequences that may wait for a free row (the running batch is the engine's max_batch_size);
-    beyond that a request gets 503 at once. cors_origins: browser origins allowed to call the API."""
+    beyond that a request gets 503 at once. cors_origins: browser origins allowed to call the API.
+    loopback_only: refuse requests whose Host header is not a loopback name (`serve` sets it for a
+    loopback bind). With api_key, the API docs need the key too."""
     worker = EngineThread(llm.engine, max_queue)
     metrics = Metrics(worker)
     service = Service(llm, worker, metrics, served_model_name)
@@ -472,8 +563,6 @@ def create_app(llm: LLM, served_model_name: str = "llmasos", api_key: str | None
         400, str(e), param=getattr(e, "param", None)).response())
     app.add_exception_handler(QueueFullError, lambda request, e: APIError(
         503, f"{e}; retry later", code="queue_full", headers={"Retry-After": "1"}).response())
-    app.add_exception_handler(Exception, lambda request, e: APIError(
-        500, f"internal error: {type(e).__name__}: {e}").response())
 
     app.get("/", include_in_schema=False)(service.page)
     app.get("/health")(service.health)
@@ -485,7 +574,8 @@ def create_app(llm: LLM, served_model_name: str = "llmasos", api_key: str | None
     app.post("/detokenize")(service.detokenize)
     app.get("/tokenizer_info")(service.tokenizer_info)
 
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(CatchAll, metrics=metrics)  # innermost: its 500 is counted and passes through CORS
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, loopback_only=loopback_only)
     app.add_middleware(CountRequests, metrics=metrics)
     if cors_origins:  # outermost: answers preflights itself and labels every answer, errors included
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
@@ -498,7 +588,7 @@ def serve(llm: LLM, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout:
     `shutdown_timeout` seconds (then abort them), and return (the process exits 0)."""
     import uvicorn
 
-    app = create_app(llm, **options)
+    app = create_app(llm, loopback_only=is_loopback(host), **options)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
     # uvicorn re-raises the signal once it has drained; a drained server is a success, not a kill.
     signal.signal(signal.SIGTERM, lambda *_: None)

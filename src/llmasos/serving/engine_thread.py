@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from llmasos.errors import InvalidRequestError
 from llmasos.inference.engine import Delta, Engine, RequestOutput
 from llmasos.inference.sampling import SamplingParams
 
@@ -30,7 +31,7 @@ class QueueFullError(Exception):
 
 
 class EngineFailure(Exception):
-    """The engine raised while stepping; the requests it was running are lost."""
+    """The engine failed this request (or, raising in a step, every request it was running)."""
 
 
 class _End:
@@ -104,8 +105,9 @@ class EngineThread:
         self._commands.put((lambda engine: self._abort(engine, request_id), None))
 
     async def submit(self, prompts: list[list[int]], params: SamplingParams) -> Stream:
-        """Queue one request per prompt (all or none). Raises the engine's errors (context length, bad ids)
-        and `QueueFullError` before any work is done."""
+        """Queue one request per prompt (all or none). Raises, before any work is done, the engine's errors
+        (context length, bad ids), `InvalidRequestError` for more sequences than the server ever holds at once,
+        and `QueueFullError` when there is no room now."""
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         ids = [f"req-{uuid.uuid4().hex}" for _ in prompts]
@@ -117,8 +119,16 @@ class EngineThread:
                 pass
 
         def add(engine: Engine) -> list[RequestOutput]:
+            wanted, capacity = params.n * len(prompts), engine.max_batch_size + self.max_queue
+            if wanted > capacity:
+                raise InvalidRequestError(
+                    f"this request asks for {wanted} sequences (n={params.n} for each of {len(prompts)} prompts); "
+                    f"the server holds at most {capacity} at once ({engine.max_batch_size} running, {self.max_queue} "
+                    "waiting)", param="n" if params.n > 1 else "prompt")
+            for prompt in prompts:
+                engine.check(prompt, params)
             busy = engine.num_running + sum(r.params.n for r in engine.waiting)
-            if busy + params.n * len(prompts) > engine.max_batch_size + self.max_queue:
+            if busy + wanted > capacity:
                 raise QueueFullError(f"the server is busy: {engine.num_running} sequences running and "
                                      f"{engine.num_waiting} requests waiting (the queue holds {self.max_queue})")
             outputs: list[RequestOutput] = []
@@ -184,8 +194,9 @@ class EngineThread:
             put = self._sinks.get(request_id)
             if put is None:
                 continue
-            put(batch)
-            if batch[0].request.finished:
+            request = batch[0].request
+            put(EngineFailure(request.error) if request.error is not None else batch)
+            if request.finished:
                 put(_End(request_id))
                 del self._sinks[request_id]
 

@@ -19,6 +19,8 @@ class Metrics:
         self.prompt_tokens = Counter("llmasos_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("llmasos_generation_tokens", "Tokens generated (every sample, aborted "
                                          "ones included)", registry=r)
+        self.unexpected_errors = Counter("llmasos_unexpected_errors", "Requests that met an unexpected error "
+                                         "(a bug: the log has each one's traceback)", registry=r)
         running = Gauge("llmasos_num_sequences_running", "Sequences in the running batch", registry=r)
         running.set_function(lambda: worker.num_running)
         waiting = Gauge("llmasos_num_requests_waiting", "Requests waiting for a free row", registry=r)

@@ -7,6 +7,7 @@ equal `AutoTokenizer`'s.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -133,6 +134,14 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tk.get_vocab_size(with_added_tokens=True) if self._tk else self._sp.GetPieceSize()
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest piece in the vocabulary, in characters: no token stands for more text than this
+        (byte-level and SentencePiece pieces are at least as long as the text they decode to)."""
+        if self._tk is not None:
+            return max(map(len, self._tk.get_vocab(with_added_tokens=True)), default=1)
+        return max((len(self._sp.IdToPiece(i)) for i in range(self._sp.GetPieceSize())), default=1)
 
     def token_to_id(self, token: str | None) -> int | None:
         if token is None:
