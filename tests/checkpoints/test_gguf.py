@@ -1,6 +1,7 @@
 """GGUF export and import, checked with the `gguf` library's reader and, where it is installed, llama.cpp itself."""
 
 import json
+import shutil
 
 import gguf
 import numpy as np
@@ -378,6 +379,79 @@ def test_a_file_that_is_not_gguf_is_refused(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        load_model(bad)
+
+
+def _patched(source, target, change):
+    """A copy of `source` with values overwritten in place: change(reader) assigns into the reader's memory map."""
+    shutil.copy(source, target)
+    reader = gguf.GGUFReader(target, "r+")
+    change(reader)
+    reader.data.flush()
+    return target
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("llama.attention.head_count", 0, "head_count is 0; expected an integer from 1 to 64 \\(the embedding width\\)"),
+    ("llama.attention.head_count_kv", 0, "head_count_kv is 0; expected an integer from 1 to 4 \\(the head count\\)"),
+    ("llama.attention.head_count", 65, "head_count is 65; expected an integer from 1 to 64"),
+    ("llama.block_count", 100_000, "block_count is 100000; expected an integer from 1 to \\d+ \\(the file holds \\d+ "
+                                   "tensors\\)"),
+    ("llama.feed_forward_length", 2**32 - 1, "feed_forward_length is 4294967295; expected .* \\(the file has \\d+ bytes"),
+])
+def test_gguf_counts_and_sizes_are_bounded_by_the_file(exports, tmp_path, key, value, message):
+    def change(reader):
+        reader.fields[key].parts[-1][0] = value
+
+    bad = _patched(exports["f32"], tmp_path / "bad.gguf", change)
+    with pytest.raises(CheckpointError, match=f"bad.gguf: .*{message}"):
+        load_model(bad)
+
+
+def test_gguf_head_dim_beyond_the_file_is_refused(exports, tmp_path):
+    """Our export writes no key_length (head_dim is hidden / heads); one of 2**32 - 1, with a rotary
+    dimension to match, is refused."""
+    reader = gguf.GGUFReader(exports["f32"])
+    writer = gguf.GGUFWriter(tmp_path / "bad.gguf", "llama")
+    writer.add_key_length(2**32 - 1)
+    writer.add_rope_dimension_count(2**32 - 1)
+    for f in reader.fields.values():
+        if not f.name.startswith("GGUF.") and f.name not in ("general.architecture", "llama.rope.dimension_count"):
+            sub = {"sub_type": f.types[-1]} if f.types[0] == gguf.GGUFValueType.ARRAY else {}
+            writer.add_key_value(f.name, f.contents(), f.types[0], **sub)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_shape=tuple(reversed(t.shape.tolist())))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match=r"key_length is 4294967295; expected an integer from 1 to \d+ "
+                                              r"\(the file has \d+ bytes\)"):
+        load_model(tmp_path / "bad.gguf")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in scalar add:RuntimeWarning")  # the reader's own sum
+def test_gguf_tensor_offset_that_wraps_around_onto_the_metadata_is_refused(exports, tmp_path):
+    """The report: offset 2**64 - 616 made the reader's uint64 sum point into the metadata, read as weights."""
+    def change(reader):
+        t = next(t for t in reader.tensors if t.name == "output_norm.weight")
+        t.field.parts[-1][0] = 2**64 - reader.data_offset + 24
+
+    bad = _patched(exports["f32"], tmp_path / "bad.gguf", change)
+    assert next(t for t in gguf.GGUFReader(bad).tensors if t.name == "output_norm.weight").data_offset == 24
+    with pytest.raises(CheckpointError, match=r"bad.gguf: tensor output_norm.weight's data \(bytes \d+ to \d+\) "
+                                              r"lies outside the file"):
+        load_model(bad)
+
+
+def test_gguf_tensor_dimension_of_zero_or_beyond_the_file_is_refused(exports, tmp_path):
+    """[2**40, 0] holds no bytes, so no data check catches it, yet it is no model's shape."""
+    def change(reader):
+        next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight").field.parts[3][:] = [2**40, 0]
+
+    bad = _patched(exports["f32"], tmp_path / "bad.gguf", change)
+    with pytest.raises(CheckpointError, match=r"bad.gguf: tensor blk.0.attn_q.weight has dimensions "
+                                              r"\[1099511627776, 0\]; each must be from 1 to the file's size"):
         load_model(bad)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import uuid
 import warnings
@@ -371,6 +372,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, TensorEntry]]:
     """The config and our-named tensors of a GGUF file. Plain F32/F16/BF16 tensors are memory-mapped;
     quantized ones (and Q/K, which change layout) are dequantised to float32 when read."""
     reader = open_reader(path)
+    _check_tensor_data(reader, path)
     arch = _field(reader, "general.architecture")
     if arch not in HF_ARCHS:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
@@ -400,18 +402,49 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, TensorEntry]]:
     return config, entries
 
 
+def _check_tensor_data(reader: gguf.GGUFReader, path: Path) -> None:
+    """Every tensor's dimensions are from 1 to the file's size and its data lies inside the file. The reader
+    adds offsets as uint64, so an offset near 2**64 wraps around onto the metadata; here sums are Python ints."""
+    size = len(reader.data)
+    for t in reader.tensors:
+        dims = [int(d) for d in t.shape]
+        if not all(1 <= d <= size for d in dims):
+            raise CheckpointError(f"{path}: tensor {t.name} has dimensions {dims}; each must be from 1 to the "
+                                  f"file's size ({size} bytes)")
+        block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        start = reader.data_offset + int(t.field.parts[-1][0])  # the offset as stored, from the data section
+        end = start + math.prod(dims) // block * type_size
+        if end > size:
+            raise CheckpointError(f"{path}: tensor {t.name}'s data (bytes {start} to {end}) lies outside the "
+                                  f"file ({size} bytes)")
+
+
 def _config(reader: gguf.GGUFReader, arch: str, tensors: dict[str, gguf.ReaderTensor], path: Path) -> ModelConfig:
     """A `ModelConfig` from the `{arch}.*` keys (and the shapes where a key may be absent)."""
 
     def key(name: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{name}", default)
 
+    def count(name: str, high: int, bound: str, default: int | None = None) -> int:
+        """A count or size key: an integer from 1 to `high`; beyond it the file cannot hold such a model."""
+        value = key(name, default)
+        if value is None:
+            raise CheckpointError(f"{path}: the key {arch}.{name} is missing")
+        if type(value) is not int or not 1 <= value <= high:
+            raise CheckpointError(f"{path}: {arch}.{name} is {value!r}; expected an integer from 1 to {high} "
+                                  f"({bound})")
+        return value
+
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path}: tensor token_embd.weight is missing")
-    hidden, vocab = (int(d) for d in tensors["token_embd.weight"].shape[:2])
-    heads = int(key("attention.head_count"))
-    head_dim = int(key("attention.key_length", hidden // heads))
-    if int(key("rope.dimension_count", head_dim)) != head_dim:
+    embedding = [int(d) for d in tensors["token_embd.weight"].shape]
+    if len(embedding) != 2:
+        raise CheckpointError(f"{path}: tensor token_embd.weight has dimensions {embedding}, expected 2")
+    hidden, vocab = embedding
+    nbytes, in_file = len(reader.data), f"the file has {len(reader.data)} bytes"
+    heads = count("attention.head_count", hidden, "the embedding width")
+    head_dim = count("attention.key_length", nbytes, in_file, hidden // heads)
+    if key("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(f"{path}: rotary embedding on part of each head "
                               f"({key('rope.dimension_count')} of {head_dim} dims) is not supported")
     rope_scaling = None
@@ -424,12 +457,16 @@ def _config(reader: gguf.GGUFReader, arch: str, tensors: dict[str, gguf.ReaderTe
     dtype = {Q.F16: "float16", Q.BF16: "bfloat16"}
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
+    intermediate = count("feed_forward_length", nbytes, in_file)
+    layers = count("block_count", len(tensors), f"the file holds {len(tensors)} tensors")
+    kv_heads = count("attention.head_count_kv", heads, "the head count", heads)
+    context = count("context_length", 2**32 - 1, "llama.cpp's limit", 4096)
     try:
         config = ModelConfig(
             architecture=HF_ARCHS[arch], vocab_size=vocab, hidden_size=hidden,
-            intermediate_size=int(key("feed_forward_length")), num_hidden_layers=int(key("block_count")),
-            num_attention_heads=heads, num_key_value_heads=int(key("attention.head_count_kv", heads)),
-            head_dim=head_dim, max_position_embeddings=int(key("context_length", 4096)),
+            intermediate_size=intermediate, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads,
+            head_dim=head_dim, max_position_embeddings=context,
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
             tie_word_embeddings="output.weight" not in tensors,
@@ -440,7 +477,7 @@ def _config(reader: gguf.GGUFReader, arch: str, tensors: dict[str, gguf.ReaderTe
             pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
             dtype=dtype.get(next(iter(types)), "float32") if len(types) == 1 else "float32",
         )
-    except (LLMasOSError, TypeError) as e:
+    except (LLMasOSError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     if ROPE_FREQS in tensors:
         config = _llama3_rope(config, tensors[ROPE_FREQS], path)
