@@ -2,8 +2,9 @@
 and `use_gemv_kernels`, which points a model's linear layers, norms, attention projections and MLPs at
 them for decoding.
 
-`kernels()` returns None where they cannot be had (no AVX2/FMA/F16C, no compiler, not x86, or
-LLMASOS_KERNELS=0); everything then runs on stock PyTorch.
+`kernels()` returns None where they cannot be had (no AVX2/FMA/F16C, no compiler, not x86,
+LLMASOS_KERNELS=0, or another process still compiling them after `BUILD_WAIT_S`); everything then runs
+on stock PyTorch.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,39 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+BUILD_WAIT_S = 300.0  # how long to wait for another process compiling the kernels (a build takes ~1 minute)
+
+
+def _build_lock(build_dir: Path, timeout: float) -> IO | None:
+    """Our lock on the kernels' build dir, held by the open file returned (None: still busy after `timeout`).
+
+    It is an flock, which the OS drops when its holder dies, unlike torch's own `lock` file, which a process
+    killed mid-build leaves behind and torch then waits on forever. Every build takes ours first, so a torch
+    lock found while holding ours was left by a dead process, and is removed."""
+    import fcntl
+
+    def acquired() -> bool:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    f = open(build_dir / "llmasos.lock", "w")
+    if not acquired():
+        print(f"llmasos: waiting up to {timeout:.0f} s for another process compiling the CPU kernels in {build_dir}",
+              file=sys.stderr, flush=True)
+        deadline = time.monotonic() + timeout
+        while not acquired():
+            if time.monotonic() >= deadline:
+                f.close()
+                return None
+            time.sleep(0.2)
+    (build_dir / "lock").unlink(missing_ok=True)
+    return f
+
+
 @lru_cache(maxsize=None)
 def kernels():
     """The compiled module (`gemv`, `swiglu`, `rms_norm`, `rope_`, `decode_attention`, `decode_block`,
@@ -41,22 +78,26 @@ def kernels():
     if not {"avx2", "fma", "f16c"} <= _cpu_flags():
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
         # torch looks for `ninja` on PATH; the one pip installed beside this interpreter counts too.
         bindir = str(Path(sys.executable).parent)
         if bindir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
         # Built into torch's extension cache (TORCH_EXTENSIONS_DIR); rebuilt only when the source changes.
-        module = load(name="llmasos_gemv", sources=[str(Path(__file__).with_name("gemv.cpp"))],
-                      extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                      verbose=False)
+        build_dir = Path(_get_build_directory("llmasos_gemv", verbose=False))
+        lock = _build_lock(build_dir, BUILD_WAIT_S)
+        if lock is None:
+            warnings.warn(f"llmasos: another process has been compiling the CPU kernels in {build_dir} for "
+                          f"{BUILD_WAIT_S:.0f} s; using stock PyTorch this time")
+            return None
+        with lock:
+            return load(name="llmasos_gemv", sources=[str(Path(__file__).with_name("gemv.cpp"))],
+                        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     except Exception as e:  # no compiler or headers: run on stock PyTorch, and say so once
-        import warnings
-
         warnings.warn(f"llmasos: CPU kernels unavailable, using stock PyTorch ({type(e).__name__}: {e})")
         return None
-    return module
 
 
 EMPTY = torch.empty(0)  # "no scale" / "no bias" for the kernels
