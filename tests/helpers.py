@@ -140,6 +140,40 @@ def live_server(llm, **options) -> Iterator[str]:
         thread.join(30)
 
 
+class StepGate:
+    """The test's own clock for an engine: `hold_after(k)` lets k more steps run, then holds every step
+    (commands such as aborts still run; nothing is generated) until `release()`. A test that needs a
+    request still running, or a client to leave first, holds it there instead of hoping the machine is slow."""
+
+    def __init__(self, engine):
+        self.engine, self._step = engine, engine.step
+        self._left: int | None = None  # None: every step runs
+        self._lock = threading.Lock()
+        engine.step = self.step
+
+    def step(self):
+        with self._lock:
+            held = self._left == 0
+            if self._left:
+                self._left -= 1
+        if held:
+            time.sleep(0.002)
+            return []
+        return self._step()
+
+    def hold_after(self, steps: int = 0) -> None:
+        with self._lock:
+            self._left = steps
+
+    def release(self) -> None:
+        with self._lock:
+            self._left = None
+
+    def remove(self) -> None:
+        self.release()
+        del self.engine.step  # the instance attribute; the class's method shows through again
+
+
 # ---- evaluation and fine-tuning data ---------------------------------------------------------------
 
 MC_RECORDS = [

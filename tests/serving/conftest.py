@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import API_KEY, live_server, make_hf_model, write_bpe_tokenizer
+from helpers import API_KEY, StepGate, live_server, make_hf_model, write_bpe_tokenizer
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -41,8 +41,10 @@ def llm(tiny_dir):
 
 @pytest.fixture(scope="package")
 def server(llm) -> Iterator[str]:
-    """The shared server: an API key, up to 16 running sequences and 64 waiting, bodies up to 1 MiB."""
-    with live_server(llm, served_model_name="tiny", api_key=API_KEY, max_queue=64, max_body_bytes=2**20) as url:
+    """The shared server: an API key, up to 16 running sequences and 64 waiting, bodies up to 1 MiB, and only
+    requests addressed to a loopback name (as `llmasos serve` on 127.0.0.1)."""
+    with live_server(llm, served_model_name="tiny", api_key=API_KEY, max_queue=64, max_body_bytes=2**20,
+                     loopback_only=True) as url:
         yield url
 
 
@@ -59,3 +61,11 @@ def http(server):
 
     with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
         yield c
+
+
+@pytest.fixture
+def gate(llm) -> Iterator[StepGate]:
+    """The shared server's engine steps, under the test's control (released and removed afterwards)."""
+    gate = StepGate(llm.engine)
+    yield gate
+    gate.remove()

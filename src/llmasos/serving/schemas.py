@@ -3,15 +3,36 @@
 Types are checked here (a wrong type is a 422); value ranges are checked by `SamplingParams` and the
 engine, so the server and the Python API refuse the same things with the same words (a 400).
 Unknown request fields are ignored, as OpenAI's servers do.
+
+Validation runs on the event loop, so it must stay cheap for any body: lists of prompts and messages have
+a length limit checked before their items, and a prompt's form is picked from its first item instead of
+trying each form of the union in turn (a 4 MB list of ids once took seconds that way).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Discriminator, Field, Tag
 
 StrOrList = str | list[str] | None
+MAX_PROMPTS = 4096  # prompts in one completions request (the engine's queue holds fewer anyway)
+MAX_MESSAGES = 16384
+
+
+def _prompt_form(value: Any) -> str:
+    if isinstance(value, str):
+        return "text"
+    first = value[0] if isinstance(value, list) and value else None
+    return "texts" if isinstance(first, str) else "token_lists" if isinstance(first, list) else "tokens"
+
+
+Prompt = Annotated[
+    Annotated[str, Tag("text")]
+    | Annotated[list[str], Field(max_length=MAX_PROMPTS), Tag("texts")]
+    | Annotated[list[int], Tag("tokens")]
+    | Annotated[list[list[int]], Field(max_length=MAX_PROMPTS), Tag("token_lists")],
+    Discriminator(_prompt_form)]
 
 
 class StreamOptions(BaseModel):
@@ -39,7 +60,7 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     echo: bool = False
     logprobs: int | None = None  # the chosen token's logprob and this many alternatives
     max_tokens: int | None = 16  # OpenAI's default for completions
@@ -62,7 +83,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)]
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are given
     logprobs: bool = False
     top_logprobs: int | None = None
@@ -71,7 +92,7 @@ class ChatCompletionRequest(SamplingFields):
 class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)] | None = None
     add_special_tokens: bool = True
 
 
