@@ -237,7 +237,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     stats = SourceStats()
     docs = (d.text for d in iter_documents(args.inputs, glob=args.glob, text_field=args.text_field,
                                            on_error=args.on_error, stats=stats))
-    out = train_bpe(docs, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    out = train_bpe(docs, args.vocab_size, args.out, min_frequency=args.min_frequency, inputs=args.inputs,
+                    force=args.force)
     tok = Tokenizer(out)
     skipped = f", {stats.skipped} records skipped" if stats.skipped else ""
     print(f"trained a byte-level BPE of {tok.vocab_size} tokens on {stats.documents} documents from "
@@ -254,7 +255,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     meta, stats, sources = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction,
                                    workers=args.workers, glob=args.glob, text_field=args.text_field,
-                                   on_error=args.on_error)
+                                   on_error=args.on_error, force=args.force)
     table = Table(title=f"Prepared {args.out}", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
@@ -285,7 +286,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         config = TrainConfig.from_yaml(args.config, overrides)
     else:
         config = TrainConfig.from_dict(overrides, where="flags")
-    run = pretrain(config, resume=bool(args.resume))
+    run = pretrain(config, resume=bool(args.resume), force=args.force, inputs=[args.config])
     print(f"trained {config.total_steps} steps; the model is in {run / 'final'}; metrics in {run / 'metrics.csv'}, "
           f"loss curve in {run / 'loss.png'}")
     print(f"next: llmasos generate {run / 'final'} -p 'Hello'")
@@ -315,7 +316,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
             if not any(k in overrides for k in ("max_steps", "max_tokens", "epochs")):
                 defaults["epochs"] = 1.0
             config = TrainConfig.from_dict({**defaults, **overrides, "model": args.model}, where="flags")
-    run = finetune(config, resume=bool(args.resume))
+    run = finetune(config, resume=bool(args.resume), force=args.force, inputs=[args.config])
     print(f"fine-tuned {config.total_steps} steps; metrics in {run / 'metrics.csv'}, loss curve in {run / 'loss.png'}")
     for name, what in (("adapter", "the LoRA adapter (PEFT format)"), ("final", "the fine-tuned model (HF dir)")):
         if (run / name).exists():
@@ -324,9 +325,12 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from rich.console import Console
 
-    from llmasos.evaluation.runner import EvalConfig, compare_table, evaluate, plan, results_table, write_results
+    from llmasos.evaluation.runner import (EvalConfig, check_results_path, compare_table, evaluate, plan,
+                                           results_table, write_results)
 
     if args.model == "compare":
         Console().print(compare_table(args.results))
@@ -336,6 +340,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     config = EvalConfig(tasks=[t for t in (args.tasks or "").split(",") if t], limit=args.limit,
                         batch_size=args.batch_size, num_fewshot=args.num_fewshot, include_path=args.include_path,
                         perplexity=args.perplexity, stride=args.stride)
+    if args.out:
+        inputs = [args.model, args.perplexity, args.include_path, *config.tasks]
+        check_results_path(Path(args.out), inputs, args.force)  # before the model is loaded
     work = plan(config)  # a bad task or path is reported before the model is loaded
     llm = _load_llm(args, max_batch_size=args.batch_size)
     rows = evaluate(llm, config, args.model, work)
@@ -380,13 +387,13 @@ def cmd_export(args: argparse.Namespace) -> None:
         dtypes = {"auto": "float32", "f32": "float32", "f16": "float16"}
         if args.dtype not in dtypes:
             raise LLMasOSError(f"--dtype {args.dtype}: an ONNX export is f32 (the default) or f16")
-        print(f"wrote {export_onnx(path, out, dtype=dtypes[args.dtype])}")
+        print(f"wrote {export_onnx(path, out, dtype=dtypes[args.dtype], force=args.force)}")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from llmasos.quickstart import run
 
-    run(minutes=args.minutes, out=args.out, corpus_mb=args.corpus_mb)
+    run(minutes=args.minutes, out=args.out, corpus_mb=args.corpus_mb, force=args.force)
 
 
 # ---- parser ----------------------------------------------------------------------------------------
@@ -417,13 +424,27 @@ def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--stop", action="append", help="stop at this string (repeatable)")
 
 
-def _train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """--config, --resume, and every TrainConfig key as a flag (`--max-steps 100`); a yes/no key also
+def _force_option(p: argparse.ArgumentParser, does: str = "replace what is at --out",
+                  ours: str = "it is an empty dir or this same command wrote it (a dir it writes carries a .llmasos "
+                              "marker)") -> None:
+    """--force, with the rule it overrides: nothing the user owns is replaced without it, and no input ever."""
+    p.add_argument("--force", action="store_true",
+                   help=f"{does}, even if LLMasOS did not write it. Without --force an existing --out is used only "
+                        f"if {ours}. An --out that is or contains an input is refused even with "
+                        f"--force")
+
+
+def _train_options(p: argparse.ArgumentParser, command: str, skip: tuple[str, ...] = ()) -> None:
+    """--config, --resume, --force, and every TrainConfig key as a flag (`--max-steps 100`); a yes/no key also
     works bare (`--merge`)."""
     from llmasos.training.config import TrainConfig
 
     p.add_argument("--config", help="a YAML file of the keys below (flags override it)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                                                       "(from step 0, with its saved config, if it has none yet)")
+    _force_option(p, "delete what is at --out and start a new run there",
+                  f"it is an empty dir, or `llmasos {command}` wrote it (its .llmasos marker) and it holds no "
+                  f"checkpoints yet")
     for key, hint in TrainConfig.keys().items():
         if key in skip:
             continue
@@ -467,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
               "  llmasos prepare a.jsonl b.parquet --text-field content --tokenizer llama2 --out ./data --workers 2")
     p.add_argument("inputs", nargs="+", help="text files, directories (recursive), .jsonl or .parquet files")
     p.add_argument("--tokenizer", required=True, help="a tokenizer dir, a model dir or a stored model's name")
-    p.add_argument("--out", required=True, help="the data dir to write (replaced if it exists)")
+    p.add_argument("--out", required=True, help="the data dir to write")
+    _force_option(p)
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation (0.01)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     _corpus_options(p)
@@ -476,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
               "  llmasos pretrain --config pretrain.yaml\n"
               "  llmasos pretrain --model tiny-gqa --data ./data --out runs/tiny --max-steps 200 --lr 1e-3\n"
               "  llmasos pretrain --resume runs/tiny              # continue an interrupted run exactly")
-    _train_options(p)
+    _train_options(p, "pretrain")
 
     p = _verb(sub, "finetune", cmd_finetune,
               "fine-tune a model (full, LoRA or QLoRA) on instruction data or a prepared corpus (every YAML key is a flag)",
@@ -486,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
               "  torchrun --nproc-per-node 2 -m llmasos finetune my-model --data a.jsonl --strategy fsdp --out runs/ft\n"
               "  llmasos finetune --resume runs/ft")
     p.add_argument("model", nargs="?", help="the model to start from: a store name or a model dir")
-    _train_options(p, skip=("model",))
+    _train_options(p, "finetune", skip=("model",))
 
     p = _verb(sub, "export", cmd_export, "write a model as an HF dir, a GGUF file (llama.cpp, Ollama) or ONNX",
               "  llmasos export my-model --format gguf --dtype q8_0 --out ./export   # + an Ollama Modelfile\n"
@@ -500,7 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="gguf: a .gguf path, or a dir for MODEL-DTYPE.gguf (the Modelfile goes beside it); "
                         "hf/onnx: a dir")
-    p.add_argument("--force", action="store_true", help="replace what is at --out")
+    _force_option(p, "replace what is at --out (for gguf: the .gguf file and the Modelfile beside it)",
+                  "it is an empty dir or this same command wrote it (a dir it writes carries a .llmasos marker, a "
+                  "Modelfile says so in its first line; a .gguf is never replaced without --force)")
 
     p = _verb(sub, "quickstart", cmd_quickstart,
               "the whole life cycle offline: train a tokenizer and a small LLaMA on Python's stdlib, evaluate, "
@@ -508,7 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
               "  llmasos quickstart                 # about 4 minutes on 2 CPU cores\n"
               "  llmasos quickstart --minutes 20    # train longer: a better model")
     p.add_argument("--minutes", type=float, default=3.5, help="pretraining time budget (default 3.5)")
-    p.add_argument("--out", default="runs/quickstart", help="the run dir (default runs/quickstart)")
+    p.add_argument("--out", default="runs/quickstart", help="the run dir (default runs/quickstart); a rerun "
+                                                             "reuses its tokenizer and data")
+    _force_option(p)
     p.add_argument("--corpus-mb", type=float, default=6.0, help="megabytes of stdlib source to use (default 6)")
 
     p = _verb(sub, "tokenizer", None, "tokenizers: `llmasos tokenizer train` trains a byte-level BPE",
@@ -522,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("inputs", nargs="+", help="text files, directories (recursive), .jsonl or .parquet files")
     t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, special ones included")
     t.add_argument("--out", required=True, help="directory to write the tokenizer into")
+    _force_option(t)
     t.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
     _corpus_options(t)
 
@@ -558,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or of a prepared data dir's val split")
     p.add_argument("--stride", type=int, help="perplexity window stride in tokens (default half the context)")
     p.add_argument("--out", help="write the results as JSON here")
+    _force_option(p, ours="it is a results file `llmasos eval` wrote")
 
     _verb(sub, "tasks", cmd_tasks, "list the built-in evaluation tasks (name, kind, samples, metrics)",
           "  llmasos tasks")

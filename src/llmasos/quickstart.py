@@ -4,7 +4,8 @@ The corpus is the running Python's own standard library (found through `sysconfi
 train a byte-level BPE on it, prepare packed shards, pretrain a small LLaMA for a few minutes,
 measure validation perplexity before and after, store the model as `quickstart-stdlib`, and
 complete a Python prompt with it. A rerun reuses the tokenizer and the prepared data; an
-interrupted run resumes from its last checkpoint.
+interrupted run resumes from its last checkpoint. Its `out` dir is marked as its own (`.llmasos`): a
+dir it did not write is taken only with `force`, and everything inside its own dir is its to replace.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 STORE_NAME = "quickstart-stdlib"
+COMMAND = "llmasos quickstart"
 MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
 VOCAB = 4096
@@ -41,7 +43,7 @@ def stdlib_files(max_bytes: int) -> list[Path]:
 
 
 def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: float = 6.0, store: bool = True,
-        console: Console | None = None) -> dict:
+        console: Console | None = None, force: bool = False) -> dict:
     import torch
 
     from llmasos import LLM, SamplingParams
@@ -49,27 +51,32 @@ def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: fl
     from llmasos.data.prepare import PackedData, prepare
     from llmasos.data.sources import iter_documents
     from llmasos.kernels import native_bf16
+    from llmasos.outputs import check_output, mark, remove, written_by
     from llmasos.tokenization.train import train_bpe
     from llmasos.training import trainer
     from llmasos.training.config import TrainConfig
 
     console = console or Console()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    files = stdlib_files(int(corpus_mb * 2**20))
+    check_output(out, files, force, COMMAND)
+    if force and (out.exists() or out.is_symlink()) and written_by(out) != COMMAND:
+        remove(out)
+    mark(out, COMMAND)
     settings = {"corpus_mb": corpus_mb, "vocab": VOCAB, "python": sysconfig.get_python_version()}
     stamp = out / "corpus.json"
     fresh = not stamp.exists() or json.loads(stamp.read_text()) != settings
-    files = stdlib_files(int(corpus_mb * 2**20))
     console.print(f"[bold]1. Corpus[/bold]: {len(files)} files of the Python {settings['python']} standard library "
                   f"({sum(f.stat().st_size for f in files) / 2**20:.1f} MB) from {files[0].parent}")
     if fresh or not (out / "tokenizer" / "tokenizer.json").exists():
         console.print(f"[bold]2. Tokenizer[/bold]: training a byte-level BPE of {VOCAB} tokens")
-        train_bpe((d.text for d in iter_documents(files)), VOCAB, out / "tokenizer", model_max_length=SEQ_LEN * 2)
+        train_bpe((d.text for d in iter_documents(files)), VOCAB, out / "tokenizer", model_max_length=SEQ_LEN * 2,
+                  force=True)
     else:
         console.print(f"[bold]2. Tokenizer[/bold]: reusing {out / 'tokenizer'}")
     if fresh or not (out / "data" / "metadata.json").exists():
         console.print("[bold]3. Data[/bold]: cleaning, deduplicating, tokenizing, packing")
-        prepare(files, out / "tokenizer", out / "data", val_fraction=0.05, workers=2)
+        prepare(files, out / "tokenizer", out / "data", val_fraction=0.05, workers=2, force=True)
         stamp.write_text(json.dumps(settings))
     else:
         console.print(f"[bold]3. Data[/bold]: reusing {out / 'data'}")
@@ -90,7 +97,7 @@ def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: fl
         # Calibrate: time a few steps of this shape here, then size the run to the budget.
         probe = TrainConfig.from_dict({**base, "max_steps": 4, "out": str(out / "probe"), "eval_every": 1000,
                                        "checkpoint_every": 1000, "log_every": 1})
-        trainer.pretrain(probe, progress=False)
+        trainer.pretrain(probe, progress=False, force=True)
         rates = [float(r.split(",")[3]) for r in (out / "probe" / "metrics.csv").read_text().splitlines()[2:]]
         step_seconds = probe.global_batch_size * SEQ_LEN / sorted(rates)[len(rates) // 2]
         import shutil
@@ -99,8 +106,6 @@ def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: fl
         steps = max(10, int(minutes * 60 / step_seconds))
         config = TrainConfig.from_dict({**base, "max_steps": steps, "warmup_steps": max(1, min(50, steps // 10)),
                                         "eval_every": max(10, steps // 5), "checkpoint_every": max(10, steps // 10)})
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
         console.print(f"[bold]4. Pretraining[/bold]: {steps} steps of {config.global_batch_size} x {SEQ_LEN} tokens "
                       f"(~{minutes:g} min at {step_seconds:.2f} s/step, {precision})")
 
@@ -114,7 +119,7 @@ def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: fl
     untrained.init_weights(generator=torch.Generator().manual_seed(config.seed))
     before = math.exp(evaluate(untrained, val, config))
     del untrained
-    trainer.pretrain(config, resume=resume)
+    trainer.pretrain(config, resume=resume, force=True)
     llm = LLM.load(run_dir / "final")
     after = math.exp(evaluate(llm.model, val, config))
 

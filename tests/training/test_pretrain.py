@@ -66,6 +66,34 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(data, tmp_pat
     assert torch.equal(load_model(cut / "final")(x), load_model(whole / "final")(x))
 
 
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(data, tmp_path, monkeypatch, capsys):
+    from llmasos.cli import main
+
+    def flags(out):
+        return ["pretrain", "--model", "tiny-gqa", "--data", str(data), "--out", str(out), "--seq-len", "32",
+                "--micro-batch-size", "2", "--global-batch-size", "2", "--max-steps", "3", "--log-every", "1"]
+
+    assert main(flags(tmp_path / "whole")) == 0
+
+    real_batch = trainer.batch_at
+
+    def ctrl_c_at_step_0(data_, cfg, step, micro, split_seed=0):
+        if split_seed == 0:
+            raise KeyboardInterrupt
+        return real_batch(data_, cfg, step, micro, split_seed)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "batch_at", ctrl_c_at_step_0)
+        assert main(flags(tmp_path / "cut")) == 1
+    cut = tmp_path / "cut"
+    assert trainer.latest_checkpoint(cut) is None and (cut / "config.yaml").exists()
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(cut)]) == 0
+    assert f"no checkpoint in {cut} yet: starting it over from step 0" in capsys.readouterr().err
+    assert losses(cut) == losses(tmp_path / "whole") and len(losses(cut)) == 3
+    assert (cut / "final" / "config.json").exists()
+
+
 def test_kill_9_leaves_the_last_checkpoint_loadable(data, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "llmasos", "pretrain", "--model", "tiny-gqa", "--data", str(data), "--out", str(out),

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from llmasos.checkpoints.meta import interleave_rotary, permute_rotary
-from llmasos.checkpoints.ollama import write_modelfile
+from llmasos.checkpoints.ollama import modelfile_path, write_modelfile, written_by_export
 from llmasos.checkpoints.weights import TensorEntry, load_tensor
 from llmasos.errors import CheckpointError, LLMasOSError
 from llmasos.models.config import ModelConfig
@@ -160,6 +160,7 @@ def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", for
     an Ollama `Modelfile` is written beside it.
     """
     from llmasos.checkpoints.load import build_meta_model, check_entries, open_checkpoint
+    from llmasos.outputs import check_output
     from llmasos.tokenization import Tokenizer
 
     model_dir, out = Path(model_dir), Path(out)
@@ -172,8 +173,9 @@ def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", for
     name = model_dir.stem if model_dir.is_file() else model_dir.name  # a .gguf re-exported, or a dir
     if out.suffix != ".gguf":
         out = out / f"{name}-{dtype}.gguf"
-    if out.exists() and not force:
-        raise LLMasOSError(f"{out} already exists (use --force to replace it)")
+    # A GGUF carries no mark of ours: one already there is replaced only with force.
+    check_output(out, [model_dir], force, "llmasos export", owned=lambda path: False)
+    check_output(modelfile_path(out), [model_dir], force, "llmasos export", owned=written_by_export)
     tokenizer = Tokenizer(model_dir)
 
     writer = gguf.GGUFWriter(None, GGUF_ARCHS[config.architecture])

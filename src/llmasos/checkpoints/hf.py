@@ -111,17 +111,18 @@ HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 def export_hf(model_dir: Path, out_dir: Path, dtype: str = "auto", force: bool = False) -> Path:
     """Any model we read (HF or Meta dir, GGUF file) as an HF dir transformers loads, in `dtype`
-    (auto: as stored; a GGUF's quantized tensors come out dequantised)."""
+    (auto: as stored; a GGUF's quantized tensors come out dequantised). `out_dir` may replace a dir
+    `llmasos export` wrote, anything else only with `force`; never the model itself."""
     from llmasos.checkpoints.gguf import tokenizer_dir
     from llmasos.checkpoints.load import load_model
-    from llmasos.checkpoints.store import atomic_dir
+    from llmasos.outputs import output_dir
 
     model_dir = Path(model_dir)
     if dtype != "auto" and dtype not in HF_DTYPES:
         raise LLMasOSError(f"dtype {dtype!r} cannot be written to an HF dir; use auto, {', '.join(HF_DTYPES)} "
                            f"(q8_0 and q4_0 are GGUF types: --format gguf)")
-    model = load_model(model_dir, HF_DTYPES.get(dtype))
-    with atomic_dir(Path(out_dir), replace=force) as tmp:
+    with output_dir(Path(out_dir), [model_dir], force, "llmasos export") as tmp:
+        model = load_model(model_dir, HF_DTYPES.get(dtype))
         save_model(model, tmp, tokenizer_dir=tokenizer_dir(model_dir) if model_dir.is_file() else model_dir)
     return Path(out_dir)
 

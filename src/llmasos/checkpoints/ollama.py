@@ -7,6 +7,7 @@ token is left out: llama.cpp adds it, as the GGUF's `add_bos_token` says.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 LLAMA3 = ("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
@@ -30,6 +31,7 @@ FORMATS = {
     "llama2": ("[INST]", LLAMA2, ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]),
 }
 MAX_NUM_CTX = 8192  # Ollama allocates the whole context's KV cache up front
+HEADER = "# Ollama model file, written by `llmasos export`"  # the first line: how a rerun knows the file is ours
 
 
 def chat_format(template: str) -> str:
@@ -44,7 +46,7 @@ def modelfile(gguf_name: str, chat_template: str, stop_tokens: list[str], contex
     stops = list(dict.fromkeys(stops + stop_tokens))
     num_ctx = min(context_length, MAX_NUM_CTX)
     lines = [
-        "# Ollama model file, written by `llmasos export`: ollama create NAME -f Modelfile",
+        f"{HEADER}: ollama create NAME -f Modelfile",
         f"FROM ./{gguf_name}",
         f"# The {fmt} chat format, from the model's chat template.",
         f'TEMPLATE """{template}"""',
@@ -57,8 +59,23 @@ def modelfile(gguf_name: str, chat_template: str, stop_tokens: list[str], contex
     return "\n".join(lines) + "\n"
 
 
+def modelfile_path(gguf_path: Path) -> Path:
+    return gguf_path.parent / "Modelfile"
+
+
+def written_by_export(path: Path) -> bool:
+    """Whether the Modelfile at `path` is one `llmasos export` wrote, which a later export may replace."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith(HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def write_modelfile(gguf_path: Path, chat_template: str, stop_tokens: list[str], context_length: int) -> Path:
-    """`Modelfile` in the GGUF's directory (replacing an older one there)."""
-    path = gguf_path.parent / "Modelfile"
-    path.write_text(modelfile(gguf_path.name, chat_template, stop_tokens, context_length), encoding="utf-8")
+    """`Modelfile` in the GGUF's directory (the caller has checked that any one there may be replaced)."""
+    path = modelfile_path(gguf_path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(modelfile(gguf_path.name, chat_template, stop_tokens, context_length), encoding="utf-8")
+    tmp.replace(path)
     return path

@@ -132,25 +132,34 @@ def quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def export_onnx(model_path: Path | str, out_dir: Path, *, dtype: str = "float32") -> Path:
+def export_onnx(model_path: Path | str, out_dir: Path, *, dtype: str = "float32", force: bool = False) -> Path:
     """Write `model.onnx` (weights in `model.onnx.data` above 1.5 GB), `genai_config.json`, the model's config,
-    generation config and tokenizer files into `out_dir`, which must be new or empty; returns `model.onnx`'s path.
+    generation config and tokenizer files into `out_dir`; returns `model.onnx`'s path. `out_dir` may replace
+    a dir `llmasos export` wrote, anything else only with `force`; never the model itself.
 
     model_path: a store name or a model dir. dtype: float32 or float16 (onnxruntime has few bf16 kernels)."""
+    from llmasos.checkpoints.store import resolve
+    from llmasos.outputs import check_inputs, output_dir
+
+    if dtype not in DTYPES:
+        raise LLMasOSError(f"ONNX export: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    out_dir = Path(out_dir)
+    with output_dir(out_dir, [model_path], force, "llmasos export") as tmp:
+        path = resolve(model_path)
+        check_inputs(out_dir, [path])  # a store name's dir, which the check above could not see
+        _export(path, tmp, dtype)
+    return out_dir / "model.onnx"
+
+
+def _export(path: Path, out_dir: Path, dtype: str) -> None:
+    """The export itself, writing into `out_dir` (a fresh temporary dir)."""
     from llmasos.checkpoints.hf import copy_tokenizer_files, write_generation_config
     from llmasos.checkpoints.load import load_model
-    from llmasos.checkpoints.store import atomic_dir, resolve
 
     try:
         from onnxscript import ir
     except ImportError:
         raise LLMasOSError("ONNX export needs onnx and onnxscript: pip install 'llmasos[onnx]'") from None
-    if dtype not in DTYPES:
-        raise LLMasOSError(f"ONNX export: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise LLMasOSError(f"{out_dir} already exists and is not an empty dir; choose a new --out dir")
-    path = resolve(model_path)
     model = load_model(path, dtype=DTYPES[dtype])
     config = model.config
     n = config.num_hidden_layers
@@ -168,14 +177,12 @@ def export_onnx(model_path: Path | str, out_dir: Path, *, dtype: str = "float32"
                                     output_names=output_names(n), dynamic_shapes=shapes, dynamo=True, verbose=False)
     mask = program.model.graph.inputs[1]  # its length is past + seq, which torch.export cannot be told
     mask.shape = ir.Shape(["batch", "past + seq"])
-    with atomic_dir(out_dir, replace=True) as tmp:
-        program.save(tmp / "model.onnx")
-        stored = dataclasses.replace(config, dtype=str(DTYPES[dtype]).removeprefix("torch."))
-        (tmp / "config.json").write_text(stored.to_json() + "\n")
-        (tmp / "genai_config.json").write_text(json.dumps(genai_config(config), indent=2) + "\n")
-        if (path / "generation_config.json").exists():
-            shutil.copy2(path / "generation_config.json", tmp)
-        else:
-            write_generation_config(config, tmp)
-        copy_tokenizer_files(path, tmp)
-    return out_dir / "model.onnx"
+    program.save(out_dir / "model.onnx")
+    stored = dataclasses.replace(config, dtype=str(DTYPES[dtype]).removeprefix("torch."))
+    (out_dir / "config.json").write_text(stored.to_json() + "\n")
+    (out_dir / "genai_config.json").write_text(json.dumps(genai_config(config), indent=2) + "\n")
+    if (path / "generation_config.json").exists():
+        shutil.copy2(path / "generation_config.json", out_dir)
+    else:
+        write_generation_config(config, out_dir)
+    copy_tokenizer_files(path, out_dir)

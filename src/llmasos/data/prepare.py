@@ -108,9 +108,12 @@ def sha256_file(path: Path) -> str:
 
 def prepare(inputs: list[str | Path], tokenizer: str | Path, out: Path | str, val_fraction: float = 0.01,
             workers: int = 1, glob: str = "*", text_field: str = "text", on_error: str = "fail",
-            progress: bool = True) -> tuple[dict, PrepareStats, SourceStats]:
-    """Write the data dir; returns its metadata and the counts for the summary."""
-    from llmasos.checkpoints.store import atomic_dir, resolve
+            progress: bool = True, force: bool = False) -> tuple[dict, PrepareStats, SourceStats]:
+    """Write the data dir; returns its metadata and the counts for the summary.
+
+    `out` may replace a data dir `llmasos prepare` wrote, anything else only with `force`; never an input."""
+    from llmasos.checkpoints.store import resolve
+    from llmasos.outputs import output_dir
     from llmasos.tokenization import Tokenizer
 
     if not 0 <= val_fraction < 1:
@@ -138,8 +141,7 @@ def prepare(inputs: list[str | Path], tokenizer: str | Path, out: Path | str, va
             split_of.append("val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train")
             yield text
 
-    out = Path(out)
-    with atomic_dir(out, replace=True) as tmp:
+    with output_dir(Path(out), [*inputs, tokenizer_path], force, "llmasos prepare") as tmp:
         writers = {s: ShardWriter(tmp, s, dtype) for s in ("train", "val")}
         bar = None
         if progress:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -156,10 +158,29 @@ def run_perplexity(llm, config: EvalConfig, model_name: str, progress: bool = Tr
 # ---- files and tables ---------------------------------------------------------------------------------
 
 
+def check_results_path(path: Path, inputs: Iterable[Path | str | None], force: bool) -> None:
+    """Before any work: `eval --out` may replace a results file it wrote, anything else only with force;
+    never an input, and never a directory."""
+    from llmasos.outputs import check_output
+
+    check_output(path, inputs, force, "llmasos eval", owned=is_results_file)
+    if path.is_dir():
+        raise LLMasOSError(f"--out {path} is a directory: name the results file to write")
+
+
+def is_results_file(path: Path) -> bool:
+    """Whether `path` holds results `llmasos eval --out` wrote (so a rerun may replace it)."""
+    try:
+        read_results(path)
+    except (LLMasOSError, OSError, ValueError):
+        return False
+    return True
+
+
 def write_results(rows: list[Result], path: Path | str, model: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps({"model": model, "results": [asdict(r) for r in rows]}, indent=2) + "\n")
     tmp.replace(path)
     return path

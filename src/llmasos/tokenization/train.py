@@ -21,13 +21,28 @@ SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out: Path | str, min_frequency: int = 2,
-              model_max_length: int = 2048, progress: bool = True) -> Path:
-    """Train on `texts` and write `tokenizer.json` + `tokenizer_config.json` into `out`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+              model_max_length: int = 2048, progress: bool = True, inputs: Iterable[Path | str] = (),
+              force: bool = False) -> Path:
+    """Train on `texts` and write `tokenizer.json` + `tokenizer_config.json` into `out`.
+
+    inputs: the files the texts come from, which `out` must not be or contain. `out` may replace a dir
+    `llmasos tokenizer train` wrote, anything else only with `force`; it is checked before training."""
+    from llmasos.outputs import output_dir
 
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise LLMasOSError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least "
                            f"{256 + len(SPECIAL_TOKENS)} (256 bytes and {len(SPECIAL_TOKENS)} special tokens)")
+    out = Path(out)
+    with output_dir(out, inputs, force, "llmasos tokenizer train") as tmp:
+        _train(texts, vocab_size, tmp, min_frequency, model_max_length, progress)
+    return out
+
+
+def _train(texts: Iterable[str], vocab_size: int, out: Path, min_frequency: int, model_max_length: int,
+           progress: bool) -> None:
+    """The training itself, writing into `out` (a fresh temporary dir)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
@@ -40,11 +55,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: Path | str, min_freque
     bos = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                        special_tokens=[(BOS, bos)])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
               "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
               "chat_template": LLAMA3_TEMPLATE}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    return out

@@ -11,6 +11,7 @@ A run dir holds the usual checkpoints, metrics and loss curve, and:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from llmasos.data.instruct import IGNORE, Example
 from llmasos.errors import ConfigError, LLMasOSError
 from llmasos.training import distributed
 from llmasos.training.config import TrainConfig
-from llmasos.training.trainer import Job, save_full_model, packed_job, train
+from llmasos.training.trainer import Job, claim_run, save_full_model, packed_job, train
 
 
 @lru_cache(maxsize=4)
@@ -111,8 +112,12 @@ def _save_adapter(base: Path, lora, config: TrainConfig):
     return save
 
 
-def finetune(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Fine-tune `config.model` on `config.data` or `config.task`; returns the run dir."""
+def finetune(config: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False,
+             inputs: Iterable[Path | str | None] = ()) -> Path:
+    """Fine-tune `config.model` on `config.data` or `config.task`; returns the run dir.
+
+    A new run's dir (`out`) may be one `llmasos finetune` wrote without checkpoints, anything else only with
+    `force` (which clears it); never the model, the data, the task file or `inputs` (the config's YAML)."""
     from llmasos.checkpoints.store import resolve
     from llmasos.tokenization.tokenizer import Tokenizer
 
@@ -123,6 +128,8 @@ def finetune(config: TrainConfig, resume: bool = False, progress: bool = True) -
     base = resolve(config.model)
     cluster = distributed.init_cluster()
     try:
+        if not resume:
+            claim_run(config, cluster, "finetune", [base, config.data, config.task, *inputs], force)
         torch.manual_seed(config.seed)
         model, lora = _load_base(base, config, cluster.device)
         save_final = _save_adapter(base, lora, config) if lora else save_full_model(model.config, base)

@@ -15,8 +15,9 @@ import csv
 import json
 import math
 import shutil
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,9 +135,11 @@ def plot_losses(run: Path) -> Path | None:
     except ImportError:
         return None
     rows = list(csv.DictReader(open(run / "metrics.csv")))
-    fig, ax = plt.subplots(figsize=(7, 4))
     train = [(int(r["step"]), float(r["loss"])) for r in rows if r["loss"]]
     val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
+    if not train and not val:  # stopped before its first step
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
     if val:
@@ -169,6 +172,25 @@ def _weights_to_save(model: nn.Module, trainable_only: bool) -> set[str]:
     return names
 
 
+def claim_run(config: TrainConfig, cluster: distributed.Cluster, command: str, inputs: Iterable[Path | str | None],
+              force: bool) -> None:
+    """Before any heavy work, refuse a run dir that is or contains an input, or (unless force) holds what
+    `llmasos COMMAND` did not write or an earlier run's checkpoints; then rank 0 marks it as this run's,
+    with force after clearing what was there."""
+    from llmasos.outputs import check_output, mark, remove
+
+    run, owner = Path(config.out), f"llmasos {command}"
+    check_output(run, inputs, force, owner)
+    if not force and latest_checkpoint(run) is not None:
+        raise LLMasOSError(f"{run} already holds checkpoints: resume it with --resume {run}, choose another --out, "
+                           f"or pass --force to start it over")
+    distributed.all_sum(0, cluster)  # every rank has looked before rank 0 changes anything
+    if cluster.main:
+        if force and (run.exists() or run.is_symlink()):
+            remove(run)
+        mark(run, owner)
+
+
 def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: bool, progress: bool,
           command: str = "pretrain") -> Path:
     """The loop: returns the run dir. Every rank runs it; rank 0 alone writes files."""
@@ -177,10 +199,12 @@ def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: b
 
     run = Path(config.out)
     ckpt = latest_checkpoint(run) if resume else None
-    if resume and ckpt is None:
-        raise LLMasOSError(f"{run}: no checkpoint to resume from")
-    if not resume and latest_checkpoint(run) is not None:
-        raise LLMasOSError(f"{run} already holds checkpoints: resume it with --resume {run}, or choose another --out")
+    if resume and ckpt is None:  # killed before its first checkpoint: its config is all there is to go on
+        if not (run / "config.yaml").exists():
+            raise LLMasOSError(f"{run}: nothing to resume (no checkpoint and no config.yaml)")
+        if cluster.main:
+            print(f"no checkpoint in {run} yet: starting it over from step 0", file=sys.stderr)
+        resume = False
     per_step = config.micro_batch_size * cluster.world
     if config.global_batch_size % per_step:
         raise ConfigError(f"global_batch_size {config.global_batch_size} is not a multiple of micro_batch_size "
@@ -325,8 +349,12 @@ def packed_job(model: nn.Module, config: TrainConfig, data_dir: Path, device: to
                if has_val else None, save_final, trainable_only)
 
 
-def pretrain(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train a new model on prepared data; returns the run dir, whose `final/` is an HF model dir."""
+def pretrain(config: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False,
+             inputs: Iterable[Path | str | None] = ()) -> Path:
+    """Train a new model on prepared data; returns the run dir, whose `final/` is an HF model dir.
+
+    A new run's dir (`out`) may be one `llmasos pretrain` wrote without checkpoints, anything else only with
+    `force` (which clears it); never the data or `inputs` (say, the YAML the config came from)."""
     from llmasos.data.prepare import PackedData
     from llmasos.models.llama import Transformer
 
@@ -335,6 +363,8 @@ def pretrain(config: TrainConfig, resume: bool = False, progress: bool = True) -
     cluster = distributed.init_cluster()
     try:
         model_config = build_model_config(config, PackedData(config.data, "train").metadata)
+        if not resume:
+            claim_run(config, cluster, "pretrain", [config.data, *inputs], force)
         torch.manual_seed(config.seed)
         model = Transformer(model_config)
         model.init_weights(generator=torch.Generator().manual_seed(config.seed))
