@@ -146,8 +146,16 @@ def test_eos_stops_by_default(llm):
     assert eos in llm.tokenizer.stop_ids
 
 
-@pytest.mark.parametrize("field, value", [("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("max_tokens", 0),
-                                          ("n", 0), ("min_p", 2)])
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("max_tokens", 0), ("n", 0), ("min_p", 2),
+    ("temperature", NAN), ("temperature", INF), ("top_p", NAN), ("min_p", NAN), ("repetition_penalty", NAN),
+    ("repetition_penalty", INF), ("presence_penalty", NAN), ("frequency_penalty", -INF), ("top_k", 2**64),
+    ("seed", 2**64), ("seed", -2**63 - 1), ("max_tokens", 2**64), ("n", 2**64), ("logprobs", 21),
+    ("prompt_logprobs", -1), ("stop", ["x"] * 17), ("stop", "x" * 513), ("stop_token_ids", [-1]),
+    ("temperature", "hot"), ("top_k", 2.5)])
 def test_bad_sampling_params_are_named(field, value):
     with pytest.raises(LLMasOSError, match=f"SamplingParams.{field}="):
         SamplingParams(**{field: value})
@@ -174,3 +182,83 @@ def test_context_errors_name_the_parameter(llm):
     with pytest.raises(ContextLengthError) as e:
         llm.engine.prompt_logprobs([5] * 129)
     assert e.value.param == "prompt"
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(llm):
+    tiny = SamplingParams(max_tokens=16, temperature=1e-40, ignore_eos=True)
+    assert llm.generate([PROMPTS[1]], tiny)[0].token_ids == llm.generate([PROMPTS[1]], GREEDY)[0].token_ids[:16]
+
+
+def test_a_request_that_fails_in_sampling_fails_alone(llm):
+    """The second line of defence: a value that slipped past the checks fails its own request; greedy and
+    seeded neighbours in the same batch keep exactly the tokens they have alone."""
+    prompts = [[(5 * i + j) % 390 + 5 for j in range(2 + i)] for i in range(8)]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=12, temperature=0.8, seed=7, ignore_eos=True)
+    alone = [o.token_ids for o in llm.generate(prompts, greedy)] + [llm.generate([prompts[0]], seeded)[0].token_ids]
+    poisoned = SamplingParams(max_tokens=12, temperature=0.8, seed=3)
+    poisoned.temperature = NAN  # past __post_init__: what a bug would let through
+    engine = llm.engine
+    outs = [engine.add(p, greedy) for p in prompts] + [engine.add(prompts[0], seeded)]
+    bad = engine.add(prompts[1], poisoned)
+    engine.run(outs + [bad])
+    assert [o.token_ids for o in outs] == alone
+    assert bad.finished and bad.error and bad.finish_reason == "abort" and engine.num_running == 0
+
+
+def test_a_prompt_whose_prefill_raises_fails_alone(llm, monkeypatch):
+    engine, real = llm.engine, llm.engine.model
+
+    class Faulty:  # the model, except that a prefill holding token 399 raises
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, ids, *args, **kwargs):
+            if ids.shape[1] > 1 and bool((ids == 399).any()):
+                raise RuntimeError("simulated failure")
+            return real(ids, *args, **kwargs)
+
+    alone = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    monkeypatch.setattr(engine, "model", Faulty())
+    outs = [engine.add(p, GREEDY) for p in PROMPTS]
+    bad = engine.add([5, 399, 6], GREEDY)  # admitted and prefilled together with the others
+    engine.run(outs + [bad])
+    assert [o.token_ids for o in outs] == alone
+    assert "simulated failure" in bad.error and bad.token_ids == []
+    with pytest.raises(LLMasOSError, match="simulated failure"):
+        llm.generate([[5, 399, 6]], GREEDY)
+
+
+def test_scoring_is_a_queued_request_that_generates_nothing(llm):
+    prompt = PROMPTS[1]
+    direct = llm.engine.prompt_logprobs(prompt, top=2)
+    out = llm.engine.add(prompt, SamplingParams(max_tokens=0, prompt_logprobs=2))
+    assert llm.engine.num_waiting == 1  # queued like any request, until a step
+    llm.engine.run([out])
+    assert out.token_ids == [] and out.finish_reason == "length" and out.prompt_logprobs == direct
+    both = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=2, ignore_eos=True))[0]
+    assert [e.token_id for e in both.prompt_logprobs] == prompt[1:] and len(both.token_ids) == 4
+    assert [e.logprob for e in both.prompt_logprobs] == pytest.approx([e.logprob for e in direct], abs=1e-4)
+    assert both.token_ids == llm.generate([prompt], GREEDY)[0].token_ids[:4]
+
+
+def test_the_cache_budget_refuses_what_never_fits_queues_what_fits_later_and_is_given_back(tiny):
+    from llmasos.errors import ContextLengthError
+
+    whole = LLM.load(tiny[0], max_batch_size=4)
+    slot = whole.engine.slot_bytes
+    with pytest.raises(LLMasOSError, match="cannot hold one sequence of 128 tokens"):
+        LLM.load(tiny[0], max_batch_size=4, cache_budget=100 * slot)
+    llm = LLM.load(tiny[0], max_batch_size=4, cache_budget=128 * slot)  # one full-context sequence
+    engine = llm.engine
+    assert engine.max_seq_len == 128 and engine.fit_len(2) == 0
+    with pytest.raises(ContextLengthError, match="holds at most 0 tokens per sequence for n=2"):
+        engine.add([5, 6], SamplingParams(max_tokens=8, n=2))
+    params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+    first, second = engine.add(PROMPTS[0], params), engine.add(PROMPTS[2], params)
+    engine.step()
+    assert engine.num_running == 1 and engine.num_waiting == 1  # the second waits for room, not for a row
+    engine.run([first, second])
+    for prompt, out in zip([PROMPTS[0], PROMPTS[2]], [first, second]):
+        assert out.token_ids == whole.generate([prompt], params)[0].token_ids
+    assert engine.cache is None or engine.cache.max_len <= 256  # given back once idle

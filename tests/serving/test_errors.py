@@ -206,9 +206,11 @@ def test_an_engine_failure_ends_the_stream_with_an_error_and_the_server_serves_o
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as r:
             events = [line for line in r.iter_lines() if line]
         assert r.status_code == 200 and events[-1] == "data: [DONE]"
-        assert "out of memory (simulated)" in json.loads(events[-2][6:])["error"]["message"]
+        error = json.loads(events[-2][6:])["error"]
+        assert error["code"] == "internal_error" and "memory" not in error["message"]  # nothing internal shows
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "hello", "max_tokens": 5}, timeout=30)
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "memory" not in r.json()["error"]["message"] and metric(base, "llmasos_unexpected_errors_total") == 2
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "hello", "max_tokens": 5, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
         assert metric(base, "llmasos_num_sequences_running") == 0

@@ -188,11 +188,11 @@ class Engine:
         if cache_budget is not None:
             fits = self.fit_len(1)
             if fits < 1:
-                raise LLMasOSError(f"a KV cache budget of {_mib(cache_budget)} cannot hold one sequence of "
-                                   f"{min(CACHE_STEP, self.max_seq_len)} tokens ({_mib(self._bytes(1, 1))})")
+                raise LLMasOSError(f"a KV cache budget of {_size(cache_budget)} cannot hold one sequence of "
+                                   f"{min(CACHE_STEP, self.max_seq_len)} tokens ({_size(self._bytes(1, 1))})")
             if max_seq_len is not None and max_seq_len > fits:
                 raise LLMasOSError(f"a max length of {max_seq_len} tokens does not fit the KV cache budget of "
-                                   f"{_mib(cache_budget)}: at most {fits} tokens do")
+                                   f"{_size(cache_budget)}: at most {fits} tokens do")
             self.max_seq_len = min(self.max_seq_len, fits)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -234,8 +234,8 @@ class Engine:
             what = f"n={params.n} sequences" if params.n > 1 else "one sequence"
             raise ContextLengthError(
                 f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) for {what} needs "
-                f"{_mib(self._bytes(params.n, len(ids) + max_tokens))} of KV cache; the budget of "
-                f"{_mib(self.cache_budget)} holds at most {fits} tokens per sequence for {what}"
+                f"{_size(self._bytes(params.n, len(ids) + max_tokens))} of KV cache; the budget of "
+                f"{_size(self.cache_budget)} holds at most {fits} tokens per sequence for {what}"
                 + (f": lower max_tokens to at most {fits - len(ids)}" if fits > len(ids) else ""),
                 param="max_tokens" if fits > len(ids) else "prompt")
         return ids, max_tokens
@@ -567,5 +567,5 @@ class Engine:
         return outputs
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+def _size(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"

@@ -138,6 +138,14 @@ class Guard:
         await self.app(scope, limited_receive, send)
 
 
+def unexpected(metrics: Metrics, where: str) -> str:
+    """Log the exception being handled under a new id, count it, and return what the client may read."""
+    error_id = uuid.uuid4().hex[:12]
+    log.exception("unexpected error %s in %s", error_id, where)
+    metrics.unexpected_errors.inc()
+    return f"internal server error (id {error_id}; the server's log has the details)"
+
+
 class CatchAll:
     """An unexpected error (a bug: there should be none) is logged with an id and counted; the client gets a
     500 in OpenAI's shape with that id and nothing of the exception. Inside CORS, so browsers can read it."""
@@ -158,11 +166,8 @@ class CatchAll:
         try:
             await self.app(scope, receive, watched_send)
         except Exception:
-            error_id = uuid.uuid4().hex[:12]
-            log.exception("unexpected error %s in %s %s", error_id, scope["method"], scope["path"])
-            self.metrics.unexpected_errors.inc()
+            message = unexpected(self.metrics, f"{scope['method']} {scope['path']}")
             if not started:  # a stream already under way can only be cut
-                message = f"internal server error (id {error_id}; the server's log has the details)"
                 await APIError(500, message, code="internal_error").response()(scope, receive, send)
 
 
@@ -309,8 +314,9 @@ class Service:
             try:
                 async for chunk in chunks:
                     yield _sse(chunk.model_dump_json())
-            except EngineFailure as e:
-                info = s.ErrorInfo(message=f"generation failed: {e}", type="server_error")
+            except EngineFailure:
+                info = s.ErrorInfo(message=unexpected(self.metrics, "a stream"), type="server_error",
+                                   code="internal_error")
                 yield _sse(s.ErrorResponse(error=info).model_dump_json())
             finally:  # also when the client disconnects: this is what frees its rows at once
                 stream.cancel()
@@ -580,6 +586,18 @@ def create_app(llm: LLM, served_model_name: str = "llmasos", api_key: str | None
     if cors_origins:  # outermost: answers preflights itself and labels every answer, errors included
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
     return app
+
+
+def default_cache_budget() -> int:
+    """Half of the memory available now (Linux's MemAvailable; the free pages elsewhere)."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available // 2
 
 
 def serve(llm: LLM, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
