@@ -4,6 +4,7 @@ only by the verbs that need it, so `llmasos --help` answers at once."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -121,11 +122,25 @@ def cmd_info(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
-def _load_llm(args: argparse.Namespace, max_batch_size: int = 16):
+def _load_llm(args: argparse.Namespace, max_batch_size: int = 16, **options):
     from llmasos import LLM
 
     return LLM.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                    compile=args.compile, max_batch_size=max_batch_size, progress=True)
+                    compile=args.compile, max_batch_size=max_batch_size, progress=True, **options)
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+              "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def _size(text: str) -> int:
+    """A memory size: bytes, or a number with a unit (512MiB, 4GiB, 2G)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 512MiB, 4GiB, 2G)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
 def _sampling(args: argparse.Namespace, **overrides):
@@ -219,12 +234,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from llmasos.serving import serve
+    from llmasos.serving.app import default_cache_budget
 
     if args.max_running < 1 or args.max_queue < 0:
         raise LLMasOSError("--max-running must be at least 1 and --max-queue at least 0")
-    llm = _load_llm(args, max_batch_size=args.max_running)
+    budget = args.kv_cache_memory or default_cache_budget()
+    llm = _load_llm(args, max_batch_size=args.max_running, max_seq_len=args.max_model_len, cache_budget=budget)
+    source = "--kv-cache-memory" if args.kv_cache_memory else "half of the memory available at start-up"
+    print(f"KV cache budget {budget / 2**30:.2f} GiB ({source}): sequences of up to {llm.engine.max_seq_len} tokens, "
+          f"{llm.engine.fit_len(args.max_running)} each when all {args.max_running} rows run", file=sys.stderr)
     print(f"serving {args.model} at http://{args.host}:{args.port} (web chat at /, API at /v1)", file=sys.stderr)
-    serve(llm, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, api_key=args.api_key,
+    api_key = args.api_key or os.environ.get("LLMASOS_API_KEY") or None
+    serve(llm, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, api_key=api_key,
           served_model_name=args.served_model_name or args.model, max_queue=args.max_queue,
           cors_origins=args.cors_origin)
 
@@ -596,11 +617,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize and the "
+                   "API docs; LLMASOS_API_KEY=KEY in the environment does the same and keeps the key out of `ps`")
     p.add_argument("--served-model-name", help="the model id clients send and see (default: MODEL as given)")
     p.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="sequences that may wait for a slot; beyond that requests get 503 (default 256)")
+    p.add_argument("--max-model-len", type=int,
+                   help="the longest sequence (prompt + answer) served (default: the model's context, capped by the "
+                        "KV cache budget)")
+    p.add_argument("--kv-cache-memory", type=_size, metavar="SIZE",
+                   help="memory the KV cache may take, e.g. 4GiB (default: half of the memory available at start-up); "
+                        "a request that cannot fit is refused with the largest that does")
     p.add_argument("--cors-origin", action="append", help="a browser origin allowed to call the API (repeatable)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests get to finish (default 30)")
