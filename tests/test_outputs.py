@@ -78,7 +78,7 @@ class Verb:
     whole: bool = True  # False: too slow to finish here; --force is followed up to the first heavy step
 
 
-VERBS = {
+CASES = {
     "prepare": Verb(lambda i, out: ["prepare", i.corpus, "--tokenizer", i.tokenizer, "--out", out],
                     "out", "out/notes.txt", "out/metadata.json", "llmasos.data.prepare._init_worker",
                     lambda i: [i.corpus, i.root]),
@@ -131,9 +131,9 @@ def snapshot(path: Path) -> dict[str, bytes]:
 USERS = b"the user's own words\n"
 
 
-@pytest.mark.parametrize("name", VERBS)
+@pytest.mark.parametrize("name", CASES)
 def test_a_verb_replaces_only_what_it_wrote_and_never_its_input(name, tmp_path, monkeypatch, capsys):
-    verb, inputs = VERBS[name], Inputs(tmp_path / "in")
+    verb, inputs = CASES[name], Inputs(tmp_path / "in")
     monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "home"))
     monkeypatch.setattr("llmasos.quickstart.stdlib_files", lambda max_bytes: sorted(inputs.corpus.glob("*.txt")))
 

@@ -24,7 +24,9 @@ MARKER = ".llmasos"
 def written_by(path: Path) -> str | None:
     """The command whose marker dir `path` carries (None: no marker, so not known to be ours)."""
     marker = Path(path) / MARKER
-    return marker.read_text().splitlines()[0].strip() if marker.is_file() else None
+    if not marker.is_file():
+        return None
+    return (marker.read_text(errors="replace").splitlines() or [""])[0].strip()
 
 
 def mark(path: Path, command: str) -> None:
