@@ -171,8 +171,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; with `add_special_tokens`, BOS/EOS as the checkpoint asks (as transformers does)."""
-        if self._tk is not None:
-            return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+        if self._tk is not None:  # the batch call without offsets: twice as fast, and it lets other threads run
+            return self._tk.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
         ids: list[int] = []
         parts = self._special_re.split(text) if self._special_re else [text]
         for k, part in enumerate(parts):
