@@ -350,12 +350,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from rich.console import Console
 
-    from llmasos.evaluation.runner import (EvalConfig, check_results_path, compare_table, evaluate, plan,
-                                           results_table, write_results)
+    from llmasos.evaluation.results import EvalConfig, check_results_path, compare_table, results_table, write_results
 
     if args.model == "compare":
         Console().print(compare_table(args.results))
         return
+    from llmasos.evaluation.runner import evaluate, plan  # imports torch: not for `compare`
+
     if args.results:
         raise LLMasOSError(f"unexpected arguments {' '.join(args.results)} (only `llmasos eval compare` takes files)")
     config = EvalConfig(tasks=[t for t in (args.tasks or "").split(",") if t], limit=args.limit,

@@ -90,7 +90,8 @@ def test_rolling_loglikelihood_conditions_on_bos_only(llm, harness):
 def test_simple_evaluate_by_registered_name_on_local_tasks(llm, tiny, harness, local_tasks):
     from lm_eval.tasks import TaskManager
 
-    from llmasos.evaluation.runner import EvalConfig, run_task
+    from llmasos.evaluation.results import EvalConfig
+    from llmasos.evaluation.runner import run_task
     from llmasos.evaluation.tasks import load_task
 
     tasks_dir, tmp = local_tasks
@@ -106,7 +107,8 @@ def test_simple_evaluate_by_registered_name_on_local_tasks(llm, tiny, harness, l
 
 
 def test_llmasos_eval_runs_lm_eval_tasks_in_process(llm, local_tasks):
-    from llmasos.evaluation.runner import EvalConfig, evaluate
+    from llmasos.evaluation.results import EvalConfig
+    from llmasos.evaluation.runner import evaluate
 
     tasks_dir, _ = local_tasks
     config = EvalConfig(tasks=["lm_eval:tiny_mc"], include_path=str(tasks_dir), limit=3)

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from llmasos.evaluation import builtin_tasks
-from llmasos.evaluation.runner import EvalConfig, Result, compare_table, evaluate, read_results, write_results
+from llmasos.evaluation.results import EvalConfig, Result, compare_table, read_results, write_results
+from llmasos.evaluation.runner import evaluate
 
 
 def test_every_builtin_task_runs_on_a_tiny_model(llm):

@@ -5,7 +5,8 @@ import torch
 from helpers import MC_RECORDS, write_jsonl
 from helpers import CORPUS
 
-from llmasos.evaluation.runner import EvalConfig, run_perplexity, run_task
+from llmasos.evaluation.results import EvalConfig
+from llmasos.evaluation.runner import run_perplexity, run_task
 from llmasos.evaluation.scoring import encode_pair, loglikelihoods, perplexity_tokens, sliding_perplexity
 from llmasos.evaluation.tasks import load_task
 

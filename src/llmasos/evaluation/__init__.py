@@ -14,9 +14,14 @@ Tasks (`llmasos.evaluation.tasks`) also drive fine-tuning::
 `task.fewshot_prefix(k)` the few-shot preamble.
 
 Running (`llmasos.evaluation.runner`): `evaluate(llm, EvalConfig(tasks=[...]), model_name)` returns
-one `Result` per task and metric; `sliding_perplexity(model, ids, max_length, stride)` in
+one `Result` per task and metric; `EvalConfig`, `Result`, the results file and the tables live in
+`llmasos.evaluation.results`. `sliding_perplexity(model, ids, max_length, stride)` in
 `llmasos.evaluation.scoring` is transformers' sliding-window recipe. `llmasos.evaluation.harness`
 (needs lm-eval) registers the `llmasos` model with lm-eval.
+
+Inside the package, imports run one way: `runner` uses `harness` (loaded only for an lm_eval: task,
+since it needs lm-eval) and the modules below; `harness` uses `results` and `scoring`; `results`,
+`scoring`, `metrics` and `tasks` use none of the others.
 """
 
 from llmasos.evaluation.tasks import Task, TaskError, builtin_tasks, load_task

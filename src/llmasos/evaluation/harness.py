@@ -20,7 +20,12 @@ import json
 import time
 from typing import Any
 
+import torch
+
 from llmasos.errors import LLMasOSError
+from llmasos.evaluation.results import EvalConfig, Result
+from llmasos.evaluation.scoring import loglikelihoods
+from llmasos.inference import LLM, SamplingParams
 
 try:
     import lm_eval.models  # noqa: F401  lm-eval's own models first: its registry skips them once non-empty
@@ -41,10 +46,6 @@ class LLMasOSLM(TemplateLM):
                  batch_size: int | str | None = 16, max_length: int | None = None, kernels: bool = True,
                  **_ignored: Any):
         super().__init__()
-        import torch
-
-        from llmasos import LLM
-
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI asks for cuda by default
         if llm is None:
@@ -79,8 +80,6 @@ class LLMasOSLM(TemplateLM):
                                      else add_special_tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        from llmasos.evaluation.scoring import loglikelihoods
-
         results = loglikelihoods(self.llm.model, [(ctx, cont) for _, ctx, cont in requests],
                                  batch_size=self._batch_size, max_length=self.max_length, progress=not disable_tqdm)
         for (pair, _, _), result in zip(requests, results):
@@ -90,8 +89,6 @@ class LLMasOSLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Whole-text log-likelihoods over disjoint windows of max_length (lm-eval's rolling recipe)."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-        from llmasos.evaluation.scoring import loglikelihoods
 
         windows, owner = [], []
         for i, request in enumerate(requests):
@@ -111,8 +108,6 @@ class LLMasOSLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, when asked) continuations, all requests batched through the engine."""
         from lm_eval.models.utils import normalize_gen_kwargs
-
-        from llmasos import SamplingParams
 
         prompts, params = [], []
         for request in requests:
@@ -165,11 +160,9 @@ def check_tasks(names: list[str], include_path: str | None = None):
     return manager
 
 
-def run_lm_eval(llm, names: list[str], manager, config, model_name: str) -> list:
+def run_lm_eval(llm: LLM, names: list[str], manager, config: EvalConfig, model_name: str) -> list[Result]:
     """lm-eval tasks on an already loaded LLM, as `Result` rows (metric "acc", "exact_match", ...)."""
     import lm_eval
-
-    from llmasos.evaluation.runner import Result
 
     t0 = time.perf_counter()
     out = lm_eval.simple_evaluate(model=LLMasOSLM(llm=llm, batch_size=config.batch_size), tasks=names,
@@ -190,6 +183,7 @@ def run_lm_eval(llm, names: list[str], manager, config, model_name: str) -> list
                                float(value), float(stderr) if isinstance(stderr, (int, float)) else None,
                                int(samples), digest, seconds))
     return rows
+
 
 def main() -> None:
     """lm-eval's own command line, with the `llmasos` model registered."""
