@@ -50,7 +50,7 @@ def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: fl
     from llmasos.checkpoints.store import pull
     from llmasos.data.prepare import PackedData, prepare
     from llmasos.data.sources import iter_documents
-    from llmasos.kernels import native_bf16
+    from llmasos.kernels import compute_dtype
     from llmasos.outputs import check_output, mark, remove, written_by
     from llmasos.tokenization.train import train_bpe
     from llmasos.training import trainer
@@ -84,7 +84,8 @@ def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: fl
     console.print(f"   {meta['splits']['train']['tokens']:,} training and {meta['splits']['val']['tokens']:,} "
                   f"validation tokens")
 
-    precision = "bf16-mixed" if native_bf16() else "fp32"  # emulated bf16 is slower than fp32
+    # bf16-mixed only where the CPU computes in bf16 (it widens to fp32 where bf16 would be emulated, and slow)
+    precision = "bf16-mixed" if compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16 else "fp32"
     base = dict(model=MODEL, data=str(out / "data"), out=str(out / "run"), seq_len=SEQ_LEN, micro_batch_size=8,
                 global_batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, weight_decay=0.1,
                 eval_batches=8, precision=precision, seed=0, log_every=5, keep_checkpoints=1)

@@ -12,7 +12,7 @@ import pytest
 import torch.utils.cpp_extension
 
 from llmasos import kernels as kernels_module
-from llmasos.kernels import _cpu_flags, kernels
+from llmasos.kernels import _cpu_flags, load_ops
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_the_build_runs(build_dir, 
         return "module"
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
-    assert kernels.__wrapped__() == "module"  # the function itself, not the process's cached module
+    assert load_ops.__wrapped__() == "module"  # the function itself, not the process's cached module
     assert seen == {"lock_left": False, "build_directory": str(build_dir)}
 
 
@@ -50,13 +50,14 @@ def test_a_build_running_elsewhere_is_waited_for_then_the_model_runs_on_stock_py
         import time, torch
         import llmasos.kernels as k
         from llmasos.models.config import ModelConfig
+        from llmasos.models.fast import use_gemv_kernels
         from llmasos.models.llama import Transformer
 
         k.BUILD_WAIT_S = 1.0
         model = Transformer(ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                         num_attention_heads=4, max_position_embeddings=64)).eval()
         start = time.monotonic()
-        print("kernels used:", k.use_gemv_kernels(model), "after", round(time.monotonic() - start), "s")
+        print("kernels used:", use_gemv_kernels(model), "after", round(time.monotonic() - start), "s")
         with torch.no_grad():
             print("logits:", tuple(model(torch.tensor([[1, 2, 3]])).shape))
     """)

@@ -1,14 +1,20 @@
 """The hand-written GEMV kernels against PyTorch's matmul."""
 
+import copy
 import threading
 import time
 
 import pytest
 import torch
 
-from llmasos.kernels import GemvLinear, kernels, use_gemv_kernels
+from llmasos.kernels import load_ops
+from llmasos.models.config import ROPE_TYPES, ModelConfig
+from llmasos.models.fast import GemvLinear, KernelBlock, use_gemv_kernels
+from llmasos.models.llama import Block, Transformer
+from llmasos.models.quantize import Int8Linear, quantize_model
+from llmasos.models.swap import swap_modules, with_class
 
-module = kernels()
+module = load_ops()
 pytestmark = pytest.mark.skipif(module is None, reason="GEMV kernels unavailable here (no AVX2/FMA or no compiler)")
 
 
@@ -68,7 +74,8 @@ def test_gemv_linear_is_a_drop_in_for_decoding_and_training():
     ref = torch.nn.Linear(96, 40)
     ref.load_state_dict(lin.state_dict())
     model = torch.nn.Sequential(lin)
-    assert use_gemv_kernels(model) and type(lin) is GemvLinear
+    assert use_gemv_kernels(model) and type(model[0]) is GemvLinear and model[0].weight is lin.weight
+    lin = model[0]
     x = torch.randn(1, 1, 96)
     assert (lin(x) - ref(x)).abs().max() < 1e-5
     batch = torch.randn(3, 5, 96)
@@ -124,21 +131,39 @@ def test_a_bf16_model_on_the_kernels_runs_with_autograd_too(tmp_path):
     assert (fast - slow.detach()).abs().max() < 0.05 * fast.abs().max()
 
 
-@pytest.mark.parametrize("flags", [{}, {"num_key_value_heads": 2, "sliding_window": 5, "attention_bias": True,
-                                        "mlp_bias": True}])
-@pytest.mark.parametrize("dtype, quantize", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8"),
-                                             (torch.float32, "int4")])
-@torch.inference_mode()
-def test_decode_fast_paths_give_the_model_s_logits(monkeypatch, flags, dtype, quantize):
-    """The fused decode paths (whole blocks in one call, attention over cache rows at different
-    positions, rows after the first) against the plain PyTorch model on the same weights."""
-    import copy
+# Every architectural feature `ModelConfig` has, each in a tiny model: the fused decode paths must give the plain
+# PyTorch model's logits for all of them (a feature the fused block lacks fails here). Rope scalings come from
+# the config's own list, so a new type gets a case by itself.
+ROPE_EXTRAS = {"llama3": {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}
+FEATURES = {
+    "mha": {},
+    "gqa": {"num_key_value_heads": 2},
+    "mqa": {"num_key_value_heads": 1},
+    "head-dim": {"head_dim": 32},  # not hidden_size / heads (4 x 32 = 128 wide attention over 64)
+    "qwen2-qkv-bias": {"qkv_bias": True, "num_key_value_heads": 2},
+    "mistral-sliding-window": {"sliding_window": 5, "num_key_value_heads": 2},
+    "tied-embeddings": {"tie_word_embeddings": True},
+    "llama-biases": {"attention_bias": True, "mlp_bias": True},
+    "norm-eps-and-theta": {"rms_norm_eps": 1e-2, "rope_theta": 500000.0},
+    **{f"rope-{kind}": {"rope_scaling": {"rope_type": kind, "factor": 4.0, **ROPE_EXTRAS.get(kind, {})}}
+       for kind in ROPE_TYPES if kind != "default"},
+    "all-at-once": {"num_key_value_heads": 2, "sliding_window": 5, "attention_bias": True, "mlp_bias": True,
+                    "tie_word_embeddings": True, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+}
+# Config fields that are sizes, token ids or names: a value, not a variant of the computation.
+NOT_FEATURES = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id",
+                "architecture", "dtype"}
 
-    from llmasos.models.config import ModelConfig
-    from llmasos.kernels import KernelBlock
-    from llmasos.models.llama import Block, Transformer
-    from llmasos.models.quantize import quantize_model
 
+def test_every_feature_of_the_config_has_a_fast_path_case():
+    """A flag added to `ModelConfig` (and to llama.py) needs a case in FEATURES, or a place in NOT_FEATURES."""
+    covered = {key for flags in FEATURES.values() for key in flags}
+    assert set(ModelConfig.field_names()) - NOT_FEATURES == covered
+
+
+def tiny_pair(flags: dict, dtype: torch.dtype, quantize: str | None):
+    """A random plain model, and the same weights on the fast modules (in `dtype`, fp32 activations and cache)."""
     config = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=64, **flags)
     torch.manual_seed(0)
@@ -155,45 +180,51 @@ def test_decode_fast_paths_give_the_model_s_logits(monkeypatch, flags, dtype, qu
         quantize_model(fast, quantize)
         use_gemv_kernels(ref)
         ref.activation_dtype = torch.float32
-        for m in ref.modules():
-            if type(m) is KernelBlock:
-                m.__class__ = Block
+        swap_modules(ref, lambda name, m: with_class(m, Block) if type(m) is KernelBlock else None)
     assert use_gemv_kernels(fast)
     fast.activation_dtype = torch.float32
+    return ref, fast
+
+
+@pytest.mark.parametrize("flags", FEATURES.values(), ids=FEATURES.keys())
+@pytest.mark.parametrize("dtype, quantize", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8"),
+                                             (torch.float32, "int4")], ids=["fp32", "bf16", "int8", "int4"])
+@torch.inference_mode()
+def test_decode_fast_paths_give_the_model_s_logits(monkeypatch, flags, dtype, quantize):
+    """The fused decode paths (whole blocks in one call, attention over cache rows at different
+    positions, rows after the first) against the plain PyTorch model on the same weights."""
+    ref, fast = tiny_pair(flags, dtype, quantize)
     calls = []
     block = module.decode_block
     monkeypatch.setattr(module, "decode_block", lambda *a: calls.append(1) or block(*a))
 
     prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
     caches = {m: m.new_cache(4, 32, torch.float32) for m in (ref, fast)}
-    for m, cache in caches.items():
-        for row, p in enumerate(prompts):
-            m(torch.tensor([p]), cache=cache, cache_row=row + 1)
-    pos = [len(p) for p in prompts]
     # int4's 8-bit inputs turn ulp-level differences (SiLU in C++ against PyTorch's) into rounding steps of
     # 1/127 of a group's largest input from the second step on: room for that, not for a wiring error.
     tol = {None: 1e-4, "int8": 1e-5, "int4": 3e-2}[quantize]
+    for row, p in enumerate(prompts):  # prefills, through the module-by-module fast paths
+        want, got = (m(torch.tensor([p]), cache=caches[m], cache_row=row + 1) for m in (ref, fast))
+        assert (got - want).abs().max() < max(tol, 1e-4) * want.abs().max()
+    pos = [len(p) for p in prompts]
     for step in range(6):
         tokens = torch.tensor([[(7 * step + r) % 97] for r in range(3)])
         positions = torch.tensor([[p + step] for p in pos])  # rows at different positions: a scatter
         want = ref(tokens, positions, caches[ref], cache_row=1)
         got = fast(tokens, positions, caches[fast], cache_row=1)
         assert (got - want).abs().max() < tol * want.abs().max(), step
-    assert len(calls) == 6 * config.num_hidden_layers
+    assert len(calls) == 6 * fast.config.num_hidden_layers  # every step took the fused block
     same = torch.tensor([pos[2] + 6])  # one row, one position for all: the slice-write path
     want = ref(torch.tensor([[3]]), same, caches[ref], cache_row=3)
     got = fast(torch.tensor([[3]]), same, caches[fast], cache_row=3)
     assert (got - want).abs().max() < tol * want.abs().max()
+    assert len(calls) == 7 * fast.config.num_hidden_layers
 
 
 @torch.inference_mode()
 def test_the_decode_plan_follows_replaced_weights_and_modules():
     """The whole-block kernel reuses what it gathered of a block's projections from step to step; a weight
     replaced, or a projection swapped for a quantized one, must be seen at the next step."""
-    from llmasos.models.config import ModelConfig
-    from llmasos.models.llama import Transformer
-    from llmasos.models.quantize import Int8Linear
-
     config = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                          num_attention_heads=4, max_position_embeddings=64)
     torch.manual_seed(0)

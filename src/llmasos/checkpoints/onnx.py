@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from llmasos.errors import LLMasOSError
 from llmasos.models.config import MODEL_TYPES, ModelConfig
-from llmasos.models.llama import Step, Transformer
+from llmasos.models.llama import ForwardBatch, Transformer
 
 DTYPES = {"float32": torch.float32, "f32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "f16": torch.float16, "fp16": torch.float16}
@@ -52,7 +52,7 @@ class ConcatCache:
         self.past = past
         self.present: list[Tensor] = []
 
-    def update(self, layer: int, step: Step, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, batch: ForwardBatch, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         k = torch.cat((self.past[2 * layer], k), dim=2)
         v = torch.cat((self.past[2 * layer + 1], v), dim=2)
         self.present += [k, v]
@@ -79,10 +79,10 @@ class OnnxDecoder(nn.Module):
         x = model.model.embed_tokens(input_ids)
         cos, sin = model.rotary(position_ids, x.dtype)
         cache = ConcatCache(past)
-        step = Step(cos=cos, sin=sin, input_pos=position_ids, mask=mask[:, None], causal=False, kv_len=total,
-                    start=None, rows=None, cache=cache, row0=0)
+        batch = ForwardBatch(cos=cos, sin=sin, input_pos=position_ids, mask=mask[:, None], causal=False, kv_len=total,
+                             start=None, rows=None, cache=cache, row0=0)
         for block in model.model.layers:
-            x = block(x, step)
+            x = block(x, batch)
         return (model.lm_head(model.model.norm(x)), *cache.present)
 
 

@@ -322,14 +322,9 @@ class Engine:
 
     @property
     def cache_dtype(self) -> torch.dtype:
-        """The weights' dtype, except bf16 on a CPU without bf16 arithmetic: there the cache and attention
-        are fp32 (several times faster than emulated bf16, and more precise)."""
-        from llmasos.kernels import native_bf16
-
-        dtype = self.model.model.embed_tokens.weight.dtype
-        if dtype == torch.bfloat16 and self.device.type == "cpu" and not native_bf16():
-            return torch.float32
-        return dtype
+        """The KV cache's dtype, as decided when the model was loaded (`Transformer.cache_dtype`, set by
+        `set_inference_dtypes`; a model that went without: its weights' dtype)."""
+        return self.model.cache_dtype or self.model.model.embed_tokens.weight.dtype
 
     # ---- the KV cache and its budget ----------------------------------------------------------
 

@@ -7,9 +7,14 @@ from typing import Any, Iterator
 
 import torch
 
+from llmasos.checkpoints.load import load_model, open_checkpoint
+from llmasos.checkpoints.store import resolve
 from llmasos.errors import LLMasOSError
 from llmasos.inference.engine import Engine, RequestOutput
 from llmasos.inference.sampling import SamplingParams
+from llmasos.models.fast import set_inference_dtypes, use_gemv_kernels
+from llmasos.models.quantize import quantize_model
+from llmasos.tokenization import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -50,21 +55,13 @@ class LLM:
         cache_budget: bytes the KV cache may take (None: no limit); it caps max_seq_len too.
         kernels: on a CPU, decode with the hand-written kernels (`llmasos.kernels`).
         compile: torch.compile the model instead (stock PyTorch ops; the first calls compile for minutes)."""
-        from llmasos.checkpoints.load import load_model, open_checkpoint
-        from llmasos.checkpoints.store import resolve
-        from llmasos.tokenization import Tokenizer
-
         path = resolve(name_or_path)
         config, _ = open_checkpoint(path)
         model = load_model(path, dtype=resolve_dtype(dtype, config.dtype, device), device=device, progress=progress)
         if quantize is not None:
-            from llmasos.models.quantize import quantize_model
-
             quantize_model(model, quantize)
-        if kernels and not compile and torch.device(device).type == "cpu":
-            from llmasos.kernels import use_gemv_kernels
-
-            use_gemv_kernels(model)
+        fast = kernels and not compile and torch.device(device).type == "cpu" and use_gemv_kernels(model)
+        set_inference_dtypes(model, fast)
         if compile:
             model.compile_decode()
         return cls(model, Tokenizer(path), path, max_batch_size=max_batch_size, max_seq_len=max_seq_len,

@@ -1,10 +1,11 @@
-"""Hand-written CPU kernels, compiled on first use with the machine's compiler (cached afterwards),
-and `use_gemv_kernels`, which points a model's linear layers, norms, attention projections and MLPs at
-them for decoding.
+"""Hand-written CPU kernels (`gemv.cpp`), compiled on first use with the machine's compiler (cached
+afterwards), and what decides when to call them: the CPU's features, the dtype to compute in, and up to
+how many input rows each kernel beats PyTorch.
 
-`kernels()` returns None where they cannot be had (no AVX2/FMA/F16C, no compiler, not x86,
-LLMASOS_KERNELS=0, or another process still compiling them after `BUILD_WAIT_S`); everything then runs
-on stock PyTorch.
+`load_ops()` returns the compiled module, or None where it cannot be had (no AVX2/FMA/F16C, no compiler,
+not x86, LLMASOS_KERNELS=0, or another process still compiling it after `BUILD_WAIT_S`); everything then
+runs on stock PyTorch. This package knows no model: the modules that run a model's layers on these ops
+are `llmasos.models.fast` (dense layers, norms, attention, whole blocks) and `llmasos.models.quantize`.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ import platform
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import IO
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from llmasos.models.llama import MLP, Attention, Block, RMSNorm, Step
+from torch import Tensor
 
 
 def _cpu_flags() -> set[str]:
@@ -70,7 +68,7 @@ def _build_lock(build_dir: Path, timeout: float) -> IO | None:
 
 
 @lru_cache(maxsize=None)
-def kernels():
+def load_ops():
     """The compiled module (`gemv`, `swiglu`, `rms_norm`, `rope_`, `decode_attention`, `decode_block`,
     `int8_gemv`, `int4_gemv`), or None."""
     if os.environ.get("LLMASOS_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
@@ -103,9 +101,22 @@ def kernels():
 EMPTY = torch.empty(0)  # "no scale" / "no bias" for the kernels
 
 
+def optional(t: Tensor | None) -> Tensor:
+    """`t`, or EMPTY for None: how the kernels take a missing bias, scale or offset."""
+    return EMPTY if t is None else t
+
+
 def native_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic (AVX512_BF16 or AMX); without it PyTorch emulates bf16 slowly."""
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype to compute in over weights of `dtype` on `device`: fp32 for bf16 on a CPU without bf16
+    arithmetic (emulated bf16 is several times slower than fp32, and less precise), otherwise `dtype`."""
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not native_bf16():
+        return torch.float32
+    return dtype
 
 
 @lru_cache(maxsize=None)
@@ -125,169 +136,30 @@ QUANTIZED_ROWS = 16  # the int8/int4 kernels' limit; beyond it (a prefill) the q
 ANY_ROWS = 1 << 30  # the elementwise kernels (norm, rotary, attention) take any number of rows
 
 
-def _fast(x: Tensor, rows_limit: int) -> bool:
+def takes_kernel(x: Tensor, rows_limit: int) -> bool:
     """Whether `x` takes a kernel: on the CPU, no autograd, at most `rows_limit` rows."""
     return x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() // x.shape[-1] <= rows_limit
 
 
-def quantized_kernel(x: Tensor):
-    """The compiled module when `x` should take the int8/int4 kernels (CPU, no autograd, <= 16 rows)."""
-    return kernels() if _fast(x, QUANTIZED_ROWS) else None
+def quantized_ops(x: Tensor):
+    """The compiled module when `x` should take the int8/int4 kernels (CPU, no autograd, <= 16 rows), else None."""
+    return load_ops() if takes_kernel(x, QUANTIZED_ROWS) else None
 
 
-def _bias(linear: nn.Module) -> Tensor:
-    """The bias as the kernels take it (fp32, bf16 or fp16; they read it in place as fp32), or EMPTY."""
-    return EMPTY if linear.bias is None else linear.bias
+@dataclass(slots=True)
+class Operands:
+    """A linear layer as the kernels take it (`gemv`, `swiglu`, `int8_gemv`, `int4_gemv`, `decode_block`): its
+    weight (fp32 or bf16; int8; or int4, two a byte), its bias (fp32, bf16 or fp16, read in place as fp32),
+    scales and offsets (int8: scales; int4: both), each EMPTY when the layer has none, and up to how many
+    input rows the kernels take it."""
 
+    weight: Tensor
+    bias: Tensor
+    rows: int
+    scales: Tensor = EMPTY
+    offsets: Tensor = EMPTY
 
-class GemvLinear(nn.Linear):
-    """An `nn.Linear` whose small-batch products (decoding) run on the kernel; see `max_rows`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if _fast(x, max_rows(self.weight.dtype)):
-            (y,) = kernels().gemv(x.contiguous(), [self.weight], [_bias(self)])
-            return y.view(*x.shape[:-1], self.out_features)
-        if x.dtype != self.weight.dtype:  # fp32 activations over bf16 weights (see use_gemv_kernels): widen them
-            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return F.linear(x, self.weight, self.bias)
-
-
-def _plain(*linears: nn.Module) -> bool:
-    """Whether these are all `GemvLinear`s of one weight dtype (not LoRA-wrapped or quantized)."""
-    return all(type(m) is GemvLinear for m in linears) and len({m.weight.dtype for m in linears}) == 1
-
-
-class KernelRMSNorm(RMSNorm):
-    """RMSNorm in one kernel call for fp32 activations (several PyTorch ops otherwise)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and _fast(x, ANY_ROWS):
-            return kernels().rms_norm(x.contiguous(), self.weight, self.eps)
-        return super().forward(x)
-
-
-class KernelAttention(Attention):
-    """q/k/v projected in one kernel call and rotated in place (fp32, a few rows), and one new token per row
-    attending over its cache row in one call (decoding)."""
-
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        linears = (self.q_proj, self.k_proj, self.v_proj)
-        if _plain(*linears) and _fast(x, max_rows(self.q_proj.weight.dtype)):
-            q, k, v = kernels().gemv(x.contiguous(), [m.weight for m in linears], [_bias(m) for m in linears])
-            return tuple(y.view(*x.shape[:-1], -1) for y in (q, k, v))
-        return super().project(x)
-
-    def rotate(self, q: Tensor, k: Tensor, step: Step) -> tuple[Tensor, Tensor]:
-        if (q.dtype == torch.float32 and q.is_contiguous() and k.is_contiguous() and step.cos.dtype == torch.float32
-                and _fast(q, ANY_ROWS)):
-            module = kernels()
-            module.rope_(q, step.cos, step.sin)
-            module.rope_(k, step.cos, step.sin)
-            return q, k
-        return super().rotate(q, k, step)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
-        if step.cache is not None and q.shape[2] == 1 and k.dtype == torch.float32 and _fast(q, ANY_ROWS):
-            return kernels().decode_attention(q, k, v, step.input_pos[:, -1], self.sliding_window or 0)
-        return super().attend(q, k, v, step)
-
-
-class KernelMLP(MLP):
-    """The gate and up projections and SiLU in one kernel call, for fp32 decoding of a few rows."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_proj, self.up_proj
-        if x.dtype == torch.float32 and _plain(gate, up) and _fast(x, max_rows(gate.weight.dtype)):
-            h = kernels().swiglu(x.contiguous(), gate.weight, up.weight, _bias(gate), _bias(up))
-            return self.down_proj(h.view(*x.shape[:-1], -1))
-        return super().forward(x)
-
-
-@lru_cache(maxsize=None)
-def _quantized_classes() -> tuple[type, ...]:
-    from llmasos.models.quantize import Int4Linear, Int8Linear  # imports this module: not at the top
-
-    return Int8Linear, Int4Linear
-
-
-@dataclass
-class _DecodePlan:
-    """What `decode_block` needs of a block's projections that only changes when they do: built on the first
-    decoding step and reused by every later one (gathering it every step cost ~10% of a small model's step)."""
-
-    linears: tuple[nn.Module, ...]
-    rows: int  # up to how many rows the kernel takes these projections (0: it cannot, e.g. LoRA-wrapped)
-    weights: list[Tensor] = field(default_factory=list)
-    scales: list[Tensor] = field(default_factory=list)
-    offsets: list[Tensor] = field(default_factory=list)
-    biases: list[Tensor] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, linears: tuple[nn.Module, ...]) -> "_DecodePlan":
-        rows = ANY_ROWS
-        for m in linears:
-            if type(m) is GemvLinear:
-                rows = min(rows, max_rows(m.weight.dtype))
-            elif type(m) in _quantized_classes() and m.in_features % 16 == 0:
-                rows = min(rows, QUANTIZED_ROWS)
-            else:
-                return cls(linears, 0)
-        return cls(linears, rows, [m.weight for m in linears], [getattr(m, "scales", EMPTY) for m in linears],
-                   [getattr(m, "offsets", EMPTY) for m in linears], [_bias(m) for m in linears])
-
-    def current(self, linears: tuple[nn.Module, ...]) -> bool:
-        """Whether the plan still describes these projections (none swapped, no weight or bias replaced)."""
-        return all(a is b for a, b in zip(self.linears, linears)) and (not self.rows or all(
-            w is m.weight and b is _bias(m) for w, b, m in zip(self.weights, self.biases, linears)))
-
-
-class KernelBlock(Block):
-    """A whole block in one kernel call when decoding (one new token per row, fp32 activations and cache;
-    dense, int8 or int4 projections); otherwise the usual path, through the modules above."""
-
-    _plan: _DecodePlan | None = None
-
-    def forward(self, x: Tensor, step: Step) -> Tensor:
-        attn, mlp = self.self_attn, self.mlp
-        if x.shape[1] == 1 and x.dtype == torch.float32 and step.cache is not None:
-            linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            if self._plan is None or not self._plan.current(linears):
-                self._plan = _DecodePlan.of(linears)
-            plan = self._plan
-            if step.cache.k[attn.layer].dtype == torch.float32 and _fast(x, plan.rows):
-                return kernels().decode_block(
-                    x, [self.input_layernorm.weight, self.post_attention_layernorm.weight], plan.weights,
-                    plan.scales, plan.offsets, plan.biases, step.cos, step.sin, step.cache.k[attn.layer],
-                    step.cache.v[attn.layer], step.row0, step.input_pos[:, -1], attn.n_heads,
-                    attn.sliding_window or 0, self.input_layernorm.eps)
-        return super().forward(x, step)
-
-
-KERNEL_CLASSES = {nn.Linear: GemvLinear, RMSNorm: KernelRMSNorm, Attention: KernelAttention, MLP: KernelMLP,
-                  Block: KernelBlock}
-
-
-def use_gemv_kernels(model: nn.Module) -> bool:
-    """Point a CPU model's decoding at the kernels, in place (same parameters, no copy): every `nn.Linear`
-    becomes a `GemvLinear`, a decoding step runs each block in one `decode_block` call, and norms, attention
-    and MLPs take fused paths where it does not apply.
-
-    A bf16 model on a CPU without bf16 arithmetic then computes its activations in fp32, as llama.cpp
-    does: the weights stay bf16 and are widened in the kernels' registers, while norms, rotary and
-    attention run in fp32 instead of emulated bf16 (several times faster, and more precise).
-    Returns False, changing nothing, where the kernels are unavailable."""
-    if kernels() is None:
-        return False
-    for module in model.modules():
-        fast = KERNEL_CLASSES.get(type(module))
-        if fast is None:
-            continue
-        weight = getattr(module, "weight", None)
-        if weight is not None and (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)):
-            continue
-        module.__class__ = fast
-    if hasattr(model, "activation_dtype"):  # a Transformer
-        embed = model.model.embed_tokens.weight
-        if embed.dtype == torch.bfloat16 and embed.device.type == "cpu" and not native_bf16():
-            model.activation_dtype = torch.float32
-    return True
+    @property
+    def dense(self) -> bool:
+        """fp32 or bf16 weights (what `gemv` and `swiglu` take), not quantized ones."""
+        return not self.scales.numel()

@@ -81,8 +81,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 @dataclass
-class Step:
-    """What every layer needs to know about the tokens of one forward pass, computed once."""
+class ForwardBatch:
+    """The tokens of one forward pass as every layer needs to know them, worked out once by `Transformer.forward`."""
 
     cos: Tensor
     sin: Tensor
@@ -109,17 +109,17 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.rows, self.max_len = rows, max_len
 
-    def update(self, layer: int, step: Step, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, batch: ForwardBatch, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write the new keys/values [B, H, S, D] at their positions; return the slots to attend to."""
         b, s = k.shape[0], k.shape[2]
-        kc, vc = self.k[layer][step.row0:step.row0 + b], self.v[layer][step.row0:step.row0 + b]
-        if step.start is not None:
-            kc[:, :, step.start:step.start + s] = k
-            vc[:, :, step.start:step.start + s] = v
+        kc, vc = self.k[layer][batch.row0:batch.row0 + b], self.v[layer][batch.row0:batch.row0 + b]
+        if batch.start is not None:
+            kc[:, :, batch.start:batch.start + s] = k
+            vc[:, :, batch.start:batch.start + s] = v
         else:
-            kc[step.rows, :, step.input_pos] = k.transpose(1, 2).to(kc.dtype)  # advanced indices first: [B, S, H, D]
-            vc[step.rows, :, step.input_pos] = v.transpose(1, 2).to(vc.dtype)
-        return kc[:, :, :step.kv_len], vc[:, :, :step.kv_len]
+            kc[batch.rows, :, batch.input_pos] = k.transpose(1, 2).to(kc.dtype)  # advanced indices first: [B, S, H, D]
+            vc[batch.rows, :, batch.input_pos] = v.transpose(1, 2).to(vc.dtype)
+        return kc[:, :, :batch.kv_len], vc[:, :, :batch.kv_len]
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` slots of row `src` into row `dst` (n samples of one prompt, compaction)."""
@@ -145,25 +145,24 @@ class Attention(nn.Module):
         """Queries, keys and values, flat ([B, S, heads * head_dim])."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def rotate(self, q: Tensor, k: Tensor, step: Step) -> tuple[Tensor, Tensor]:
+    def rotate(self, q: Tensor, k: Tensor, batch: ForwardBatch) -> tuple[Tensor, Tensor]:
         """Rotary embedding of queries and keys, [B, S, heads, head_dim]."""
-        return apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        return apply_rope(q, batch.cos, batch.sin), apply_rope(k, batch.cos, batch.sin)
 
-    def forward(self, x: Tensor, step: Step) -> Tensor:
+    def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
         b, s, _ = x.shape
         q, k, v = self.project(x)
-        q, k = self.rotate(q.view(b, s, self.n_heads, self.head_dim), k.view(b, s, self.n_kv, self.head_dim), step)
+        q, k = self.rotate(q.view(b, s, self.n_heads, self.head_dim), k.view(b, s, self.n_kv, self.head_dim), batch)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        if step.cache is not None:
-            k, v = step.cache.update(self.layer, step, k, v)
-        # A cache may be kept in a wider dtype than the weights (fp32 for bf16 on CPUs without bf16
-        # arithmetic, where bf16 attention is several times slower); attention then runs in its dtype.
-        y = self.attend(q.to(k.dtype), k, v, step).to(x.dtype)
+        if batch.cache is not None:
+            k, v = batch.cache.update(self.layer, batch, k, v)
+        # Attention runs in the cache's dtype, which may be wider than the activations' (`Transformer.cache_dtype`).
+        y = self.attend(q.to(k.dtype), k, v, batch).to(x.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
-        """[B, heads, S, head_dim] attention of the queries over the keys and values step allows them."""
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal,
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: ForwardBatch) -> Tensor:
+        """[B, heads, S, head_dim] attention of the queries over the keys and values `batch` lets them see."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, is_causal=batch.causal,
                                               enable_gqa=self.n_kv != self.n_heads)
 
 
@@ -189,8 +188,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, step: Step) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), step)
+    def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -208,9 +207,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config)
         self.checkpoint_blocks = False
-        # Activations in another dtype than the weights: fp32 over bf16 weights where the CPU has no
-        # bf16 arithmetic (set by `use_gemv_kernels`, whose kernels widen bf16 weights in registers).
+        # Decided for inference by `llmasos.models.fast.set_inference_dtypes` (None: the weights' dtype): the
+        # activations' dtype (fp32 over bf16 weights where the CPU has no bf16 arithmetic) and the KV cache's.
         self.activation_dtype: torch.dtype | None = None
+        self.cache_dtype: torch.dtype | None = None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -239,7 +239,7 @@ class Transformer(nn.Module):
     def new_cache(self, rows: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         weight = self.model.embed_tokens.weight
         return KVCache(self.config, rows, max_len or self.config.max_position_embeddings,
-                       dtype or weight.dtype, weight.device)
+                       dtype or self.cache_dtype or weight.dtype, weight.device)
 
     def _mask(self, input_pos: Tensor, kv_len: int) -> Tensor:
         """[B, 1, S, kv_len] bool: key j is visible to a query at position p when j <= p (and within the window)."""
@@ -280,12 +280,12 @@ class Transformer(nn.Module):
             x = x.to(self.activation_dtype)
         cos, sin = self.rotary(pos, x.dtype)
         rows = torch.arange(b, device=input_ids.device)[:, None] if cache is not None and start is None else None
-        step = Step(cos, sin, pos, mask, causal, kv_len, start, rows, cache, cache_row)
+        batch = ForwardBatch(cos, sin, pos, mask, causal, kv_len, start, rows, cache, cache_row)
         for block in self.model.layers:
             if self.checkpoint_blocks and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, step, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, batch, use_reentrant=False)
             else:
-                x = block(x, step)
+                x = block(x, batch)
         if logits_at is not None:
             x = x[torch.arange(b, device=x.device), logits_at][:, None]
         return self.lm_head(self.model.norm(x))

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from llmasos.errors import ConfigError
+from llmasos.errors import CheckpointError, ConfigError
 from llmasos.models.quantize import Int4Linear, Int8Linear
+from llmasos.models.swap import swap_modules
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -86,12 +87,13 @@ class LoRALinear(nn.Module):
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Freeze every weight and put a LoRA pair beside each target projection, in place."""
     model.requires_grad_(False)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in config.targets and isinstance(child, (nn.Linear, Int8Linear, Int4Linear)):
-                lora = LoRALinear(child, config).to(device=_device(child))
-                setattr(module, child_name, lora)
-    return model
+
+    def adapted(name: str, child: nn.Module) -> nn.Module | None:
+        if name.rpartition(".")[2] in config.targets and isinstance(child, (nn.Linear, Int8Linear, Int4Linear)):
+            return LoRALinear(child, config).to(device=_device(child))
+        return None
+
+    return swap_modules(model, adapted)
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -100,15 +102,16 @@ def _device(module: nn.Module) -> torch.device:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (the base must be full precision): a plain model again."""
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                if not isinstance(child.base, nn.Linear):
-                    raise ConfigError(f"{name}.{child_name}: merge needs a full-precision base, not {type(child.base).__name__}")
-                with torch.no_grad():
-                    child.base.weight.copy_(child.merged_weight())
-                setattr(module, child_name, child.base)
-    return model
+    def merged(name: str, child: nn.Module) -> nn.Module | None:
+        if not isinstance(child, LoRALinear):
+            return None
+        if not isinstance(child.base, nn.Linear):
+            raise ConfigError(f"{name}: merge needs a full-precision base, not {type(child.base).__name__}")
+        with torch.no_grad():
+            child.base.weight.copy_(child.merged_weight())
+        return child.base
+
+    return swap_modules(model, merged)
 
 
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:
@@ -141,8 +144,6 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, LoRAConfig, dict[str, Tensor]
     """(PEFT config, our LoRAConfig, weights under our names) of a PEFT LoRA adapter dir."""
     from safetensors.torch import load_file
 
-    from llmasos.errors import CheckpointError
-
     try:
         raw = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -160,8 +161,6 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, LoRAConfig, dict[str, Tensor]
 
 def load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     """Apply a PEFT LoRA adapter to `model` (in place) and load its weights."""
-    from llmasos.errors import CheckpointError
-
     _, config, weights = read_adapter(adapter_dir)
     apply_lora(model, config)
     expected = set(adapter_state(model))

@@ -1,10 +1,10 @@
 """Weight-only quantization: a module swap of `nn.Linear`, not a fork of the model.
 
 int8: one scale per output channel (symmetric). int4: groups of 32 inputs with a scale and an offset
-each (asymmetric), two values a byte. Decoding runs on `llmasos.kernels` (`int8_gemv`, `int4_gemv`);
-elsewhere int8 uses `aten._weight_int8pack_mm` and int4 dequantizes. Activations stay in the model's
-dtype; only weights shrink, which is what decode speed on a CPU depends on (it streams every weight
-once per token).
+each (asymmetric), two values a byte. Decoding runs on `llmasos.kernels` (`int8_gemv`, `int4_gemv`, and
+`decode_block` through `kernel_operands`); elsewhere int8 uses `aten._weight_int8pack_mm` and int4
+dequantizes. Activations stay in the model's dtype; only weights shrink, which is what decode speed on a
+CPU depends on (it streams every weight once per token).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from llmasos.errors import LLMasOSError
-from llmasos.kernels import EMPTY as _EMPTY
-from llmasos.kernels import quantized_kernel
+from llmasos.kernels import EMPTY, QUANTIZED_ROWS, Operands, optional, quantized_ops
+from llmasos.models.swap import swap_modules
 
 METHODS = ("int8", "int4")
 
@@ -60,11 +60,18 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)  # fp32
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
+    def kernel_operands(self) -> Operands | None:
+        """What the kernels take of this layer (`llmasos.kernels.Operands`); None: its input size is not a multiple
+        of 16, which they need."""
+        if self.in_features % 16:
+            return None
+        return Operands(self.weight, optional(self.bias), QUANTIZED_ROWS, scales=self.scales)
+
     def forward(self, x: Tensor) -> Tensor:
-        kernel = quantized_kernel(x) if self.in_features % 16 == 0 else None
+        ops = quantized_ops(x) if self.in_features % 16 == 0 else None
         x2 = x.reshape(-1, self.in_features).contiguous()
-        if kernel is not None:
-            y = kernel.int8_gemv(x2, self.weight, self.scales, _EMPTY if self.bias is None else self.bias.to(x.dtype))
+        if ops is not None:
+            y = ops.int8_gemv(x2, self.weight, self.scales, EMPTY if self.bias is None else self.bias.to(x.dtype))
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(x.dtype))
             y = y if self.bias is None else y + self.bias.to(x.dtype)
@@ -86,12 +93,16 @@ class Int4Linear(nn.Module):
         self.register_buffer("offsets", offsets)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
+    def kernel_operands(self) -> Operands:
+        """What the kernels take of this layer (`llmasos.kernels.Operands`)."""
+        return Operands(self.weight, optional(self.bias), QUANTIZED_ROWS, scales=self.scales, offsets=self.offsets)
+
     def forward(self, x: Tensor) -> Tensor:
-        kernel = quantized_kernel(x)
+        ops = quantized_ops(x)
         x2 = x.reshape(-1, self.in_features).contiguous()
-        if kernel is not None:
-            y = kernel.int4_gemv(x2, self.weight, self.scales, self.offsets,
-                                 _EMPTY if self.bias is None else self.bias.to(x.dtype))
+        if ops is not None:
+            y = ops.int4_gemv(x2, self.weight, self.scales, self.offsets,
+                              EMPTY if self.bias is None else self.bias.to(x.dtype))
         else:  # many rows (a prefill) or no kernels: dequantize, then an ordinary matmul
             w = self.dequantize().to(x.dtype)
             y = torch.nn.functional.linear(x2, w, self.bias)
@@ -109,15 +120,13 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, skip: tu
         raise LLMasOSError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)}")
     if next(model.parameters()).device.type != "cpu":
         raise LLMasOSError(f"{method} weight-only quantization runs on the CPU kernels only")
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if not isinstance(child, nn.Linear) or full in skip:
-                continue
-            if method == "int4" and child.in_features % group_size:
-                continue
-            new = Int8Linear(child) if method == "int8" else Int4Linear(child, group_size)
-            setattr(module, child_name, new)
+
+    def quantized(name: str, child: nn.Module) -> nn.Module | None:
+        if not isinstance(child, nn.Linear) or name in skip or (method == "int4" and child.in_features % group_size):
+            return None
+        return Int8Linear(child) if method == "int8" else Int4Linear(child, group_size)
+
+    swap_modules(model, quantized)
     model.quantization = method
     return model
 
