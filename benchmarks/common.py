@@ -37,8 +37,9 @@ def random_checkpoint(shape: str, dtype: str = "bfloat16") -> Path:
     config = f"ModelConfig(**{SMALL!r})" if shape == "small" else f"zoo_config({shape!r})"
     code = f"""
 import torch
-from llmasos.checkpoints.hf import copy_tokenizer_files, save_model
-from llmasos.checkpoints.store import atomic_dir
+from llmasos.checkpoints.hf import save_model
+from llmasos.outputs import atomic_dir
+from llmasos.tokenization import copy_tokenizer_files
 from llmasos.models.config import ModelConfig
 from llmasos.models.llama import Transformer
 from llmasos.models.zoo import zoo_config

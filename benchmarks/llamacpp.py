@@ -53,7 +53,7 @@ CASES = [  # (label, shape, our dtype, our quantization, GGUF type)
 
 
 def gguf_of(shape: str, gguf_type: str) -> str:
-    from llmasos.checkpoints.gguf import export_gguf
+    from llmasos.checkpoints.export import export_gguf
 
     out = CACHE / f"{shape}-{gguf_type}.gguf"
     if not out.exists():

@@ -40,7 +40,7 @@ class Inputs:
 
     @cached_property
     def gguf(self) -> Path:
-        from llmasos.checkpoints.gguf import export_gguf
+        from llmasos.checkpoints.export import export_gguf
 
         return export_gguf(self.model, self.root / "model.gguf", "f32", progress=False)
 
@@ -86,10 +86,10 @@ CASES = {
                             "out", "out/notes.txt", "out/tokenizer.json", "tokenizers.trainers.BpeTrainer",
                             lambda i: [i.corpus, i.root]),
     "export hf": Verb(lambda i, out: ["export", i.model, "--format", "hf", "--out", out],
-                      "out", "out/notes.txt", "out/config.json", "llmasos.checkpoints.load.load_model",
+                      "out", "out/notes.txt", "out/config.json", "llmasos.checkpoints.export.load_model",
                       lambda i: [i.model, i.root]),
     "export onnx": Verb(lambda i, out: ["export", i.model, "--format", "onnx", "--out", out],
-                        "out", "out/notes.txt", "out/model.onnx", "llmasos.checkpoints.load.load_model",
+                        "out", "out/notes.txt", "out/model.onnx", "llmasos.checkpoints.onnx.load_model",
                         lambda i: [i.model, i.root], rerun=None),
     "export gguf": Verb(lambda i, out: ["export", i.gguf, "--format", "gguf", "--dtype", "f32", "--out", out],
                         "out/m.gguf", "out/m.gguf", "out/Modelfile", "llmasos.checkpoints.gguf.load_tensor",

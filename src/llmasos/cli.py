@@ -106,10 +106,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     ]
     if path is not None:
         rows.append(("size on disk", _human_bytes(dir_size(path) if path.is_dir() else path.stat().st_size)))
+        from llmasos.checkpoints.gguf_vocab import tokenizer_source
         from llmasos.tokenization import Tokenizer
 
         try:
-            tok = Tokenizer(path)
+            tok = Tokenizer(tokenizer_source(path))
             rows.append(("tokenizer", f"{tok.kind}, {tok.vocab_size} tokens, BOS {tok.bos_token!r}, EOS {tok.eos_token!r}"))
             rows.append(("chat template", "yes" if tok.has_chat_template else "no (built-in Llama format used)"))
         except LLMasOSError as e:
@@ -393,14 +394,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     path, out = resolve(args.model), Path(args.out)
     if args.format == "gguf":
-        from llmasos.checkpoints.gguf import export_gguf
+        from llmasos.checkpoints.export import export_gguf
 
         written = export_gguf(path, out, args.dtype, force=args.force)
         print(f"wrote {written} ({_human_bytes(written.stat().st_size)}) and {written.parent / 'Modelfile'}")
         print(f"next: llama.cpp loads the .gguf as it is; for Ollama: cd {written.parent} && "
               f"ollama create {path.name.removesuffix('.gguf')} -f Modelfile")
     elif args.format == "hf":
-        from llmasos.checkpoints.hf import export_hf
+        from llmasos.checkpoints.export import export_hf
 
         print(f"wrote {export_hf(path, out, args.dtype, force=args.force)}")
     else:

@@ -6,19 +6,45 @@ would destroy what it is made from), and when it holds something the command did
 wrote it; a rerun of that command may replace it. Outputs are written under a temporary name
 beside the target and renamed into place, so a failed or interrupted command leaves nothing
 half-written.
+
+The small file helpers every package may use live here too, at the bottom of the package graph:
+`home` (where LLMasOS keeps its store and caches), `read_json` and `atomic_dir`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-from llmasos.errors import LLMasOSError
+from llmasos.errors import CheckpointError, LLMasOSError
 
 MARKER = ".llmasos"
+
+
+def home() -> Path:
+    """`$LLMASOS_HOME` (default `~/.cache/llmasos`): the model store and caches."""
+    return Path(os.environ.get("LLMASOS_HOME", "~/.cache/llmasos")).expanduser()
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; a missing, malformed or non-object file is a `CheckpointError` naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def written_by(path: Path) -> str | None:

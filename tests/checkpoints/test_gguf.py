@@ -10,7 +10,8 @@ import torch
 from helpers import CORPUS, make_hf_model, write_bpe_tokenizer, write_sp_tokenizer
 
 from llmasos import LLM, SamplingParams
-from llmasos.checkpoints.gguf import export_gguf, write_tokenizer
+from llmasos.checkpoints.export import export_gguf
+from llmasos.checkpoints.gguf_vocab import write_tokenizer
 from llmasos.checkpoints.load import load_model
 from llmasos.errors import CheckpointError
 from llmasos.tokenization import Tokenizer

@@ -1,39 +1,23 @@
 """Hugging Face model dirs: `config.json` + safetensors (single or sharded) or `pytorch_model.bin`.
 
 Reading here is of headers and configs only; `checkpoints.load` turns them into a model.
-Saving writes what transformers loads.
+Saving writes what transformers loads; `checkpoints.export` writes any model we read as such a dir.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmasos.checkpoints.weights import TensorEntry, read_pickled, read_safetensors_header, save_safetensors_shards
-from llmasos.errors import CheckpointError, LLMasOSError
+from llmasos.errors import CheckpointError
 from llmasos.models.config import ModelConfig
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+from llmasos.outputs import read_json
+from llmasos.tokenization import copy_tokenizer_files
 
 
 def load_config(model_dir: Path) -> ModelConfig:
@@ -106,39 +90,9 @@ def save_model(model, out_dir: Path | str, max_shard_bytes: int = 5 * 2**30, dty
     return out_dir
 
 
-HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-
-
-def export_hf(model_dir: Path, out_dir: Path, dtype: str = "auto", force: bool = False) -> Path:
-    """Any model we read (HF or Meta dir, GGUF file) as an HF dir transformers loads, in `dtype`
-    (auto: as stored; a GGUF's quantized tensors come out dequantised). `out_dir` may replace a dir
-    `llmasos export` wrote, anything else only with `force`; never the model itself."""
-    from llmasos.checkpoints.gguf import tokenizer_dir
-    from llmasos.checkpoints.load import load_model
-    from llmasos.outputs import output_dir
-
-    model_dir = Path(model_dir)
-    if dtype != "auto" and dtype not in HF_DTYPES:
-        raise LLMasOSError(f"dtype {dtype!r} cannot be written to an HF dir; use auto, {', '.join(HF_DTYPES)} "
-                           f"(q8_0 and q4_0 are GGUF types: --format gguf)")
-    with output_dir(Path(out_dir), [model_dir], force, "llmasos export") as tmp:
-        model = load_model(model_dir, HF_DTYPES.get(dtype))
-        save_model(model, tmp, tokenizer_dir=tokenizer_dir(model_dir) if model_dir.is_file() else model_dir)
-    return Path(out_dir)
-
-
 def write_generation_config(config: ModelConfig, out_dir: Path, extra: dict[str, Any] | None = None) -> None:
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     if config.pad_token_id is not None:
         gen["pad_token_id"] = config.pad_token_id
     gen.update(extra or {})
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).exists() and (src / name).resolve() != (dst / name).resolve():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied

@@ -6,16 +6,20 @@ device, so the weights are never held twice.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from llmasos.checkpoints.gguf import read_gguf
 from llmasos.checkpoints.hf import load_config, weight_entries
 from llmasos.checkpoints.meta import is_meta_dir, read_meta_checkpoint
+from llmasos.checkpoints.paths import resolve
 from llmasos.checkpoints.weights import TensorEntry, load_tensor
 from llmasos.errors import CheckpointError
 from llmasos.models.config import ModelConfig
-from llmasos.models.lora import ADAPTER_CONFIG
+from llmasos.models.llama import Transformer
+from llmasos.models.lora import ADAPTER_CONFIG, load_adapter, merge_lora
 
 # Buffers some checkpoints carry that the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -33,8 +37,6 @@ def open_checkpoint(path: Path | str) -> tuple[ModelConfig, dict[str, TensorEntr
     if path.is_dir() and (path / "config.json").exists():
         return load_config(path), weight_entries(path)
     if path.is_file() and path.suffix == ".gguf":
-        from llmasos.checkpoints.gguf import read_gguf
-
         return read_gguf(path)
     raise CheckpointError(f"{path}: not a model (expected a dir with config.json + weights, or params.json + "
                           f"consolidated.*.pth, or a .gguf file)")
@@ -51,10 +53,6 @@ def uniform_dtype(config: ModelConfig, entries: dict[str, TensorEntry]) -> torch
 
 def adapter_base(adapter_dir: Path) -> Path:
     """The base model of a PEFT adapter dir (`base_model_name_or_path`: a model dir or a stored name)."""
-    import json
-
-    from llmasos.checkpoints.store import resolve
-
     try:
         base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
     except (OSError, ValueError, KeyError) as e:
@@ -62,9 +60,7 @@ def adapter_base(adapter_dir: Path) -> Path:
     return resolve(base)
 
 
-def build_meta_model(config: ModelConfig):
-    from llmasos.models.llama import Transformer
-
+def build_meta_model(config: ModelConfig) -> Transformer:
     with torch.device("meta"):
         return Transformer(config)
 
@@ -127,7 +123,5 @@ def load_model(path: Path | str, dtype: torch.dtype | None = None, device: str |
     model = build_meta_model(config)
     materialize(model, entries, dtype or uniform_dtype(config, entries), device, Path(path), progress)
     if (Path(path) / ADAPTER_CONFIG).exists():  # fold the adapter in: inference then costs what the base does
-        from llmasos.models.lora import load_adapter, merge_lora
-
         model = merge_lora(load_adapter(model, Path(path)))
     return model.eval()

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from llmasos.checkpoints.hf import read_json
 from llmasos.checkpoints.weights import TensorEntry, read_pickled
 from llmasos.errors import CheckpointError
 from llmasos.models.config import ModelConfig
+from llmasos.outputs import read_json
 
 # Meta name -> (HF name, dim the model-parallel shards split it on; None: replicated).
 _LAYER_MAP = {

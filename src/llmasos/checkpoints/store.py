@@ -1,55 +1,37 @@
 """The local model store, `$LLMASOS_HOME/models/NAME/`: one Hugging Face dir per model.
 
 Everything enters through `pull`, which writes into a temporary dir beside the target and
-renames it into place, so a failed or interrupted pull leaves nothing half-written.
+renames it into place, so a failed or interrupted pull leaves nothing half-written. What a MODEL
+argument names (`resolve`) and what the store holds (`models_dir`, `stored_models`) are looked up in
+`paths`, below the formats, and re-exported here.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import re
 import shutil
 from pathlib import Path
 
+from llmasos.checkpoints.gguf_vocab import write_tokenizer
+from llmasos.checkpoints.hf import write_generation_config
+from llmasos.checkpoints.load import build_meta_model, check_entries, open_checkpoint, uniform_dtype
+from llmasos.checkpoints.meta import is_meta_dir
+from llmasos.checkpoints.paths import NAME, models_dir, resolve, stored_models
+from llmasos.checkpoints.weights import load_tensor, save_safetensors_shards
 from llmasos.errors import CheckpointError, LLMasOSError
+from llmasos.models.zoo import hf_id
 from llmasos.outputs import atomic_dir
+from llmasos.tokenization import Tokenizer, copy_tokenizer_files
+
+__all__ = ["default_name", "dir_size", "download", "import_checkpoint", "models_dir", "pull", "resolve",
+           "stored_models", "write_meta_tokenizer_config"]
 
 # Checked with fullmatch: `$` also matches before a trailing newline, which let "evil\n" in.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-NAME = re.compile(r"[A-Za-z0-9][\w.+-]*")
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                 "chat_template.jinja", "chat_template.json"]
-
-
-def home() -> Path:
-    return Path(os.environ.get("LLMASOS_HOME", "~/.cache/llmasos")).expanduser()
-
-
-def models_dir() -> Path:
-    return home() / "models"
-
-
-def stored_models() -> list[Path]:
-    root = models_dir()
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "config.json").exists())
-
-
-def resolve(model: str | Path) -> Path:
-    """A MODEL argument: a path to a model dir, or the name of a stored model."""
-    path = Path(model).expanduser()
-    if path.exists():
-        return path
-    stored = models_dir() / str(model)
-    if NAME.fullmatch(str(model)) and stored.is_dir():
-        return stored
-    names = ", ".join(p.name for p in stored_models()) or "none yet"
-    raise LLMasOSError(
-        f"no model {str(model)!r}: not a path, and not in the store {models_dir()} (stored: {names}); "
-        f"import one with `llmasos pull SOURCE`"
-    )
 
 
 def dir_size(path: Path) -> int:
@@ -78,8 +60,6 @@ def download(repo_id: str, dest: Path) -> Path:
 
 def pull(source: str, name: str | None = None, force: bool = False, progress: bool = True) -> Path:
     """Import a local HF dir, a Meta checkpoint dir, a GGUF file, a zoo name or a hub id into the store."""
-    from llmasos.models.zoo import hf_id
-
     name = name or default_name(source)
     if not NAME.fullmatch(name):
         raise LLMasOSError(f"invalid model name {name!r}: use letters, digits, '.', '-', '_' or '+'")
@@ -104,11 +84,6 @@ def import_checkpoint(src: Path, out: Path, progress: bool = True) -> None:
 
     A GGUF's quantized tensors are stored dequantised, in float32 (exact); its tokenizer is rebuilt from
     the vocabulary."""
-    from llmasos.checkpoints.hf import copy_tokenizer_files, write_generation_config
-    from llmasos.checkpoints.load import build_meta_model, check_entries, open_checkpoint, uniform_dtype
-    from llmasos.checkpoints.meta import is_meta_dir
-    from llmasos.checkpoints.weights import load_tensor, save_safetensors_shards
-
     config, entries = open_checkpoint(src)
     check_entries(build_meta_model(config), entries, src)
     gguf_file = src.is_file() and src.suffix == ".gguf"
@@ -128,8 +103,6 @@ def import_checkpoint(src: Path, out: Path, progress: bool = True) -> None:
     if not (out / "generation_config.json").exists():
         write_generation_config(config, out)
     if gguf_file:
-        from llmasos.checkpoints.gguf import write_tokenizer
-
         write_tokenizer(src, out)
     else:
         tokenizer_src = src if any((src / f).exists() for f in ("tokenizer.json", "tokenizer.model")) else src.parent
@@ -137,15 +110,11 @@ def import_checkpoint(src: Path, out: Path, progress: bool = True) -> None:
     if is_meta_dir(src) and (out / "tokenizer.model").exists() and not (out / "tokenizer_config.json").exists():
         write_meta_tokenizer_config(out)
     if any((out / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-        from llmasos.tokenization import Tokenizer
-
         Tokenizer(out)  # refuse a tokenizer we cannot read now, not at first use
 
 
 def write_meta_tokenizer_config(out: Path) -> None:
     """Meta dirs ship only `tokenizer.model`; give it the Llama special tokens transformers expects."""
-    import json
-
     try:
         import sentencepiece as spm
 

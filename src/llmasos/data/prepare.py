@@ -75,9 +75,10 @@ _worker_tokenizer = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
+    from llmasos.checkpoints.gguf_vocab import tokenizer_source
     from llmasos.tokenization import Tokenizer
 
-    _worker_tokenizer = Tokenizer(tokenizer_path)
+    _worker_tokenizer = Tokenizer(tokenizer_source(tokenizer_path))
 
 
 def _encode(texts: list[str]) -> list[list[int]]:
@@ -112,6 +113,7 @@ def prepare(inputs: list[str | Path], tokenizer: str | Path, out: Path | str, va
     """Write the data dir; returns its metadata and the counts for the summary.
 
     `out` may replace a data dir `llmasos prepare` wrote, anything else only with `force`; never an input."""
+    from llmasos.checkpoints.gguf_vocab import tokenizer_source
     from llmasos.checkpoints.store import resolve
     from llmasos.outputs import output_dir
     from llmasos.tokenization import Tokenizer
@@ -119,7 +121,7 @@ def prepare(inputs: list[str | Path], tokenizer: str | Path, out: Path | str, va
     if not 0 <= val_fraction < 1:
         raise LLMasOSError(f"--val-fraction must be in [0, 1), not {val_fraction}")
     tokenizer_path = resolve(tokenizer)
-    tok = Tokenizer(tokenizer_path)
+    tok = Tokenizer(tokenizer_source(tokenizer_path))
     files = expand_inputs(inputs, glob)  # fail on a missing input before any work
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
     stats, source_stats = PrepareStats(), SourceStats()

@@ -1,5 +1,5 @@
 """Tokenizers (HF `tokenizer.json`, SentencePiece `tokenizer.model`) and chat templates."""
 
-from llmasos.tokenization.tokenizer import StreamDecoder, Tokenizer
+from llmasos.tokenization.tokenizer import TOKENIZER_FILES, StreamDecoder, Tokenizer, copy_tokenizer_files
 
-__all__ = ["StreamDecoder", "Tokenizer"]
+__all__ = ["TOKENIZER_FILES", "StreamDecoder", "Tokenizer", "copy_tokenizer_files"]

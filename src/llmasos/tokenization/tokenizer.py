@@ -10,11 +10,26 @@ from __future__ import annotations
 import functools
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
 from llmasos.errors import CheckpointError
 from llmasos.tokenization.chat import BUILTIN_TEMPLATES, load_chat_template, render_chat
+
+# What a model dir holds of its tokenizer: the files a `Tokenizer` and transformers' AutoTokenizer read.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files `src` has into `dst` (none onto itself); returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).exists() and (src / name).resolve() != (dst / name).resolve():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
 
 
 def _token_str(value: Any) -> str | None:
@@ -41,10 +56,9 @@ class Tokenizer:
 
     def __init__(self, path: Path | str):
         path = Path(path)
-        if path.is_file() and path.suffix == ".gguf":  # the vocabulary inside, rebuilt as tokenizer files
-            from llmasos.checkpoints.gguf import tokenizer_dir
-
-            path = tokenizer_dir(path)
+        if path.is_file() and path.suffix == ".gguf":
+            raise CheckpointError(f"{path}: a GGUF file keeps its vocabulary inside; open the tokenizer files "
+                                  f"rebuilt from it (llmasos.checkpoints.gguf_vocab.tokenizer_source)")
         self.dir = path if path.is_dir() else path.parent
         cfg = _read_json(self.dir / "tokenizer_config.json")
         for key, value in _read_json(self.dir / "special_tokens_map.json").items():
@@ -227,8 +241,6 @@ class Tokenizer:
 
     def save(self, out_dir: Path | str) -> None:
         """Copy the tokenizer files into a model dir."""
-        from llmasos.checkpoints.hf import copy_tokenizer_files
-
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         copy_tokenizer_files(self.dir, Path(out_dir))
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from llmasos.errors import LLMasOSError
+from llmasos.outputs import output_dir
 from llmasos.tokenization.chat import LLAMA3_TEMPLATE
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
@@ -27,8 +28,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: Path | str, min_freque
 
     inputs: the files the texts come from, which `out` must not be or contain. `out` may replace a dir
     `llmasos tokenizer train` wrote, anything else only with `force`; it is checked before training."""
-    from llmasos.outputs import output_dir
-
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise LLMasOSError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least "
                            f"{256 + len(SPECIAL_TOKENS)} (256 bytes and {len(SPECIAL_TOKENS)} special tokens)")

@@ -118,6 +118,7 @@ def finetune(config: TrainConfig, resume: bool = False, progress: bool = True, f
 
     A new run's dir (`out`) may be one `llmasos finetune` wrote without checkpoints, anything else only with
     `force` (which clears it); never the model, the data, the task file or `inputs` (the config's YAML)."""
+    from llmasos.checkpoints.gguf_vocab import tokenizer_source
     from llmasos.checkpoints.store import resolve
     from llmasos.tokenization.tokenizer import Tokenizer
 
@@ -139,7 +140,7 @@ def finetune(config: TrainConfig, resume: bool = False, progress: bool = True, f
             job = packed_job(model, config, Path(config.data), cluster.device, save_final,
                              trainable_only=lora is not None)
         else:
-            tokenizer = Tokenizer(base)
+            tokenizer = Tokenizer(tokenizer_source(base))
             examples, val = split_examples(training_examples(config, tokenizer), config)
             if not examples:
                 raise LLMasOSError(f"{config.data or config.task}: no training examples left after the validation split")
