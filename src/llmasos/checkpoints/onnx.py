@@ -27,9 +27,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from llmasos.checkpoints.hf import write_generation_config
+from llmasos.checkpoints.load import load_model
+from llmasos.checkpoints.paths import resolve
 from llmasos.errors import LLMasOSError
 from llmasos.models.config import MODEL_TYPES, ModelConfig
 from llmasos.models.llama import ForwardBatch, Transformer
+from llmasos.outputs import check_inputs, output_dir
+from llmasos.tokenization import copy_tokenizer_files
 
 DTYPES = {"float32": torch.float32, "f32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "f16": torch.float16, "fp16": torch.float16}
@@ -138,9 +143,6 @@ def export_onnx(model_path: Path | str, out_dir: Path, *, dtype: str = "float32"
     a dir `llmasos export` wrote, anything else only with `force`; never the model itself.
 
     model_path: a store name or a model dir. dtype: float32 or float16 (onnxruntime has few bf16 kernels)."""
-    from llmasos.checkpoints.store import resolve
-    from llmasos.outputs import check_inputs, output_dir
-
     if dtype not in DTYPES:
         raise LLMasOSError(f"ONNX export: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     out_dir = Path(out_dir)
@@ -153,9 +155,6 @@ def export_onnx(model_path: Path | str, out_dir: Path, *, dtype: str = "float32"
 
 def _export(path: Path, out_dir: Path, dtype: str) -> None:
     """The export itself, writing into `out_dir` (a fresh temporary dir)."""
-    from llmasos.checkpoints.hf import copy_tokenizer_files, write_generation_config
-    from llmasos.checkpoints.load import load_model
-
     try:
         from onnxscript import ir
     except ImportError:

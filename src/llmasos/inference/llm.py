@@ -7,6 +7,7 @@ from typing import Any, Iterator
 
 import torch
 
+from llmasos.checkpoints.gguf_vocab import tokenizer_source
 from llmasos.checkpoints.load import load_model, open_checkpoint
 from llmasos.checkpoints.store import resolve
 from llmasos.errors import LLMasOSError
@@ -64,7 +65,7 @@ class LLM:
         set_inference_dtypes(model, fast)
         if compile:
             model.compile_decode()
-        return cls(model, Tokenizer(path), path, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+        return cls(model, Tokenizer(tokenizer_source(path)), path, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                    cache_budget=cache_budget)
 
     @property
