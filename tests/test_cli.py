@@ -22,6 +22,28 @@ def test_every_verb_has_help_with_examples():
         assert r.returncode == 0 and "examples:" in r.stdout and f"llmasos {verb}" in r.stdout
 
 
+def _verb_parser(name):
+    [verbs] = [a for a in build_parser()._actions if a.dest == "verb"]
+    return verbs.choices[name]
+
+
+def test_training_flags_are_the_config_keys_with_their_descriptions_and_defaults():
+    from llmasos.training.config import FinetuneConfig, TrainConfig
+
+    for verb, config, positional in (("pretrain", TrainConfig, set()), ("finetune", FinetuneConfig, {"model"})):
+        flags = {a.dest: a for a in _verb_parser(verb)._actions if a.option_strings and a.dest != "help"}
+        assert set(flags) == set(config.keys()) - positional | {"config", "resume", "force"}, verb
+        descriptions = config.descriptions()
+        for key in set(flags) & set(descriptions):
+            assert flags[key].option_strings == [f"--{key.replace('_', '-')}"] and flags[key].default is None
+            assert flags[key].help == descriptions[key] and "YAML key" not in descriptions[key]
+    shown = {verb: " ".join(run(verb, "--help").stdout.split()) for verb in ("pretrain", "finetune")}  # unwrapped
+    assert "--lr X the peak learning rate, reached at the end of the warmup (default: 0.0003)" in shown["pretrain"]
+    assert "(default: 2e-5 for full, 2e-4 for lora and qlora)" in shown["finetune"]
+    assert "--lora-rank N lora/qlora: the rank of the adapters (default: 8)" in shown["finetune"]
+    assert "--lora-rank" not in shown["pretrain"]
+
+
 def _tiny_model(tmp_path):
     from helpers import make_hf_model, write_bpe_tokenizer
 

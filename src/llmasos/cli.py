@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from llmasos.errors import LLMasOSError
+from llmasos.training.config import FinetuneConfig, TrainConfig  # no torch: --help stays instant
 
 VERBS: dict[str, tuple[str, str]] = {}  # name -> (one-line help, examples)
 
@@ -295,55 +296,41 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         print(f"  skipped {error}", file=sys.stderr)
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from pathlib import Path
+def _training_config(cls: type[TrainConfig], args: argparse.Namespace) -> TrainConfig:
+    """A training verb's config: the run's saved config (--resume) or a YAML file (--config), under the flags
+    given; or the flags alone over the config's defaults."""
+    keys = cls.keys()
+    overrides = {k: v for k, v in vars(args).items() if k in keys and v is not None}
+    if args.resume:
+        return cls.from_run(args.resume, overrides)
+    if args.config:
+        return cls.from_yaml(args.config, overrides)
+    return cls.from_dict(overrides, where="flags")
 
-    from llmasos.training.config import TrainConfig
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
     from llmasos.training.trainer import pretrain
 
-    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.keys() and v is not None}
-    if args.resume:
-        config = TrainConfig.from_yaml(Path(args.resume) / "config.yaml", {**overrides, "out": args.resume})
-    elif args.config:
-        config = TrainConfig.from_yaml(args.config, overrides)
-    else:
-        config = TrainConfig.from_dict(overrides, where="flags")
-    run = pretrain(config, resume=bool(args.resume), force=args.force, inputs=[args.config])
-    print(f"trained {config.total_steps} steps; the model is in {run / 'final'}; metrics in {run / 'metrics.csv'}, "
-          f"loss curve in {run / 'loss.png'}")
-    print(f"next: llmasos generate {run / 'final'} -p 'Hello'")
+    run = pretrain(_training_config(TrainConfig, args), resume=bool(args.resume), force=args.force,
+                   inputs=[args.config])
+    print(f"trained {run.steps} steps; the model is in {run.dir / 'final'}; metrics in {run.dir / 'metrics.csv'}, "
+          f"loss curve in {run.dir / 'loss.png'}")
+    print(f"next: llmasos generate {run.dir / 'final'} -p 'Hello'")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from llmasos.training.config import TrainConfig
     from llmasos.training.finetune import finetune
 
-    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.keys() and v is not None}
-    if args.resume:
-        if "epochs" in overrides and "max_steps" not in overrides:  # the steps follow from the new epoch count
-            overrides["max_steps"] = None
-        config = TrainConfig.from_yaml(Path(args.resume) / "config.yaml", {**overrides, "out": args.resume})
-    else:
-        if not args.model:
-            raise LLMasOSError("finetune: name the model to start from (llmasos finetune MODEL --data FILE ...)")
-        method = overrides.get("method", "full")
-        defaults = {"out": "runs/finetune", "lr": 2e-5 if method == "full" else 2e-4, "min_lr": 0.0, "warmup_steps": 10,
-                    "weight_decay": 0.0, "seq_len": 512, "micro_batch_size": 4, "global_batch_size": 8,
-                    "eval_every": 50, "checkpoint_every": 100}
-        if args.config:
-            config = TrainConfig.from_yaml(args.config, {**overrides, "model": args.model}, defaults)
-        else:
-            if not any(k in overrides for k in ("max_steps", "max_tokens", "epochs")):
-                defaults["epochs"] = 1.0
-            config = TrainConfig.from_dict({**defaults, **overrides, "model": args.model}, where="flags")
-    run = finetune(config, resume=bool(args.resume), force=args.force, inputs=[args.config])
-    print(f"fine-tuned {config.total_steps} steps; metrics in {run / 'metrics.csv'}, loss curve in {run / 'loss.png'}")
+    if not args.resume and not args.model:
+        raise LLMasOSError("finetune: name the model to start from (llmasos finetune MODEL --data FILE ...)")
+    run = finetune(_training_config(FinetuneConfig, args), resume=bool(args.resume), force=args.force,
+                   inputs=[args.config])
+    out = run.dir
+    print(f"fine-tuned {run.steps} steps; metrics in {out / 'metrics.csv'}, loss curve in {out / 'loss.png'}")
     for name, what in (("adapter", "the LoRA adapter (PEFT format)"), ("final", "the fine-tuned model (HF dir)")):
-        if (run / name).exists():
-            print(f"  {what}: {run / name}")
-    print(f"next: llmasos chat {run / ('final' if (run / 'final').exists() else 'adapter')}")
+        if (out / name).exists():
+            print(f"  {what}: {out / name}")
+    print(f"next: llmasos chat {out / ('final' if (out / 'final').exists() else 'adapter')}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -457,22 +444,30 @@ def _force_option(p: argparse.ArgumentParser, does: str = "replace what is at --
                         f"--force")
 
 
-def _train_options(p: argparse.ArgumentParser, command: str, skip: tuple[str, ...] = ()) -> None:
-    """--config, --resume, --force, and every TrainConfig key as a flag (`--max-steps 100`); a yes/no key also
-    works bare (`--merge`)."""
-    from llmasos.training.config import TrainConfig
-
+def _train_options(p: argparse.ArgumentParser, command: str, config: type[TrainConfig], skip: tuple[str, ...] = ()) -> None:
+    """--config, --resume, --force, and every key of the `config` dataclass as a flag (`--max-steps 100`), its
+    description and default for help; a yes/no key also works bare (`--merge`). The flags default to None, so
+    that only those given override the YAML."""
     p.add_argument("--config", help="a YAML file of the keys below (flags override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
                                                        "(from step 0, with its saved config, if it has none yet)")
     _force_option(p, "delete what is at --out and start a new run there",
                   f"it is an empty dir, or `llmasos {command}` wrote it (its .llmasos marker) and it holds no "
                   f"checkpoints yet")
-    for key, hint in TrainConfig.keys().items():
+    descriptions = config.descriptions()
+    for key, hint in config.keys().items():
         if key in skip:
             continue
         extra = {"nargs": "?", "const": "true"} if hint is bool else {}
-        p.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=key.upper(), help=f"the YAML key {key}", **extra)
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=_metavar(config, key, hint),
+                       help=descriptions[key].replace("%", "%%"), **extra)
+
+
+def _metavar(config: type[TrainConfig], key: str, hint) -> str:
+    if key in config.CHOICES:
+        return "|".join(config.CHOICES[key])
+    kinds = {bool: "true|false", int: "N", float: "X", int | None: "N", float | None: "X"}
+    return kinds.get(hint, key.upper())
 
 
 def _corpus_options(p: argparse.ArgumentParser) -> None:
@@ -521,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
               "  llmasos pretrain --config pretrain.yaml\n"
               "  llmasos pretrain --model tiny-gqa --data ./data --out runs/tiny --max-steps 200 --lr 1e-3\n"
               "  llmasos pretrain --resume runs/tiny              # continue an interrupted run exactly")
-    _train_options(p, "pretrain")
+    _train_options(p, "pretrain", TrainConfig)
 
     p = _verb(sub, "finetune", cmd_finetune,
               "fine-tune a model (full, LoRA or QLoRA) on instruction data or a prepared corpus (every YAML key is a flag)",
@@ -531,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
               "  torchrun --nproc-per-node 2 -m llmasos finetune my-model --data a.jsonl --strategy fsdp --out runs/ft\n"
               "  llmasos finetune --resume runs/ft")
     p.add_argument("model", nargs="?", help="the model to start from: a store name or a model dir")
-    _train_options(p, "finetune", skip=("model",))
+    _train_options(p, "finetune", FinetuneConfig, skip=("model",))
 
     p = _verb(sub, "export", cmd_export, "write a model as an HF dir, a GGUF file (llama.cpp, Ollama) or ONNX",
               "  llmasos export my-model --format gguf --dtype q8_0 --out ./export   # + an Ollama Modelfile\n"

@@ -13,7 +13,7 @@ from llmasos.data.sources import InputError
 from llmasos.errors import ConfigError
 from llmasos.tokenization import Tokenizer
 from llmasos.training import finetune as ft
-from llmasos.training.config import TrainConfig
+from llmasos.training.config import FinetuneConfig
 
 ALPACA = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a + b}"} for a in range(6) for b in range(4)]
 CHATS = [{"messages": [{"role": "system", "content": "Be brief."},
@@ -34,7 +34,7 @@ def config(base, data, out, **kw):
     values = dict(model=str(base), data=str(data), out=str(out), seq_len=64, micro_batch_size=4, global_batch_size=8,
                   lr=3e-3, warmup_steps=2, min_lr=0.0, weight_decay=0.0, max_steps=12, eval_every=6,
                   checkpoint_every=4, log_every=1, precision="fp32", val_fraction=0.2)
-    return TrainConfig.from_dict({**values, **kw})
+    return FinetuneConfig.from_dict({**values, **kw})
 
 
 def losses(run):
@@ -110,7 +110,7 @@ def test_full_finetune_lowers_the_loss_and_writes_a_loadable_model(base, tmp_pat
     from llmasos import LLM, SamplingParams
 
     data = write_jsonl(tmp_path / "a.jsonl", ALPACA)
-    run = ft.finetune(config(base[0], data, tmp_path / "run", method="full", lr=1e-3), progress=False)
+    run = ft.finetune(config(base[0], data, tmp_path / "run", method="full", lr=1e-3), progress=False).dir
     curve = losses(run)
     assert curve[-1] < curve[0] * 0.7
     llm = LLM.load(run / "final")
@@ -126,7 +126,7 @@ def test_lora_trains_only_the_adapter_and_every_way_to_load_it_agrees(base, tmp_
     data = write_jsonl(tmp_path / "c.jsonl", CHATS + CHATS)
     cfg = config(base[0], data, tmp_path / "run", method="lora", lora_rank=4, lora_targets="q_proj,v_proj,down_proj",
                  merge=True)
-    run = ft.finetune(cfg, progress=False)
+    run = ft.finetune(cfg, progress=False).dir
     assert losses(run)[-1] < losses(run)[0]
     ckpt = load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
     assert ckpt and all(".lora_" in k for k in ckpt)  # checkpoints hold the adapter alone
@@ -162,7 +162,7 @@ def test_qlora_trains_adapters_over_a_quantized_base(base, tmp_path):
     data = write_jsonl(tmp_path / "a.jsonl", ALPACA)
     for bits in ("int8", "int4"):
         run = ft.finetune(config(base[0], data, tmp_path / bits, method="qlora", quantize=bits, lora_rank=8,
-                                 lora_targets="all-linear", merge=True, max_steps=8), progress=False)
+                                 lora_targets="all-linear", merge=True, max_steps=8), progress=False).dir
         curve = losses(run)
         assert curve[-1] < curve[0], bits
         assert (run / "adapter" / "adapter_config.json").exists()
@@ -172,7 +172,7 @@ def test_qlora_trains_adapters_over_a_quantized_base(base, tmp_path):
 
 def test_interrupted_lora_run_resumes_to_the_same_curve(base, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "a.jsonl", ALPACA)
-    whole = ft.finetune(config(base[0], data, tmp_path / "whole", method="lora"), progress=False)
+    whole = ft.finetune(config(base[0], data, tmp_path / "whole", method="lora"), progress=False).dir
     real = ft.example_batch
 
     def interrupt_at_step_6(examples, cfg, step, micro, pad_id):
@@ -184,7 +184,7 @@ def test_interrupted_lora_run_resumes_to_the_same_curve(base, tmp_path, monkeypa
     with pytest.raises(Exception, match="interrupted at step 6"):
         ft.finetune(config(base[0], data, tmp_path / "cut", method="lora"), progress=False)
     monkeypatch.setattr(ft, "example_batch", real)
-    cut = ft.finetune(config(base[0], data, tmp_path / "cut", method="lora"), resume=True, progress=False)
+    cut = ft.finetune(config(base[0], data, tmp_path / "cut", method="lora"), resume=True, progress=False).dir
     assert losses(cut) == losses(whole)
 
 
@@ -206,5 +206,25 @@ def test_a_task_drives_finetuning_through_its_template(base, tmp_path):
     assert examples[0].input_ids[: len(tok.encode(prompt))] == tok.encode(prompt)
     assert tok.decode([t for t in examples[0].labels if t != IGNORE]) == answer
     run = ft.finetune(config(base[0], "", tmp_path / "run", task="arithmetic_qa", method="lora", max_steps=2),
-                      progress=False)
+                      progress=False).dir
     assert (run / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_finetune_config_carries_the_fine_tuning_defaults():
+    full, lora = FinetuneConfig(model="m", data="d.jsonl"), FinetuneConfig(model="m", data="d.jsonl", method="lora")
+    assert (full.lr, lora.lr, FinetuneConfig(model="m", method="lora", lr=1e-3).lr) == (2e-5, 2e-4, 1e-3)
+    assert (full.out, full.weight_decay, full.min_lr, full.warmup_steps, full.seq_len, full.epochs) == \
+        ("runs/finetune", 0.0, 0.0, 10, 512, 1.0)
+    with pytest.raises(ConfigError, match="set max_steps, max_tokens or epochs"):
+        FinetuneConfig(model="m", data="d.jsonl", epochs=None)
+
+
+def test_epochs_set_the_steps_the_run_returns_and_saves_without_changing_the_config(base, tmp_path):
+    import yaml
+
+    data = write_jsonl(tmp_path / "a.jsonl", ALPACA)  # 24 examples, 4 held out: 2 epochs of 20 are 5 steps of 8
+    cfg = config(base[0], data, tmp_path / "run", method="lora", max_steps=None, epochs=2.0)
+    run = ft.finetune(cfg, progress=False)
+    assert run.steps == 5 and len(losses(run.dir)) == 5 and cfg.max_steps is None
+    saved = yaml.safe_load((run.dir / "config.yaml").read_text())
+    assert (saved["max_steps"], saved["epochs"], saved["method"]) == (5, 2.0, "lora")

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from llmasos.errors import ConfigError, LLMasOSError
 from llmasos.training import trainer
@@ -29,7 +30,7 @@ def losses(run):
 def test_loss_falls_and_the_run_leaves_a_loadable_model(data, tmp_path):
     from llmasos import LLM, SamplingParams
 
-    run = trainer.pretrain(config(data, tmp_path / "run", max_steps=30, log_every=5), progress=False)
+    run = trainer.pretrain(config(data, tmp_path / "run", max_steps=30, log_every=5), progress=False).dir
     curve = [float(loss) for _, loss in losses(run)]
     assert curve[-1] < curve[0] - 1.0
     assert (run / "loss.png").stat().st_size > 0
@@ -46,7 +47,7 @@ def test_loss_falls_and_the_run_leaves_a_loadable_model(data, tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
 def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(data, tmp_path, monkeypatch, precision):
-    whole = trainer.pretrain(config(data, tmp_path / "whole", precision=precision), progress=False)
+    whole = trainer.pretrain(config(data, tmp_path / "whole", precision=precision), progress=False).dir
     real_batch = trainer.batch_at
 
     def interrupt_at_step_10(data_, cfg, step, micro, split_seed=0):
@@ -58,7 +59,7 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(data, tmp_pat
     with pytest.raises(LLMasOSError, match="interrupted at step 10; continue with `llmasos pretrain --resume"):
         trainer.pretrain(config(data, tmp_path / "cut", precision=precision), progress=False)
     monkeypatch.setattr(trainer, "batch_at", real_batch)
-    cut = trainer.pretrain(config(data, tmp_path / "cut", precision=precision), resume=True, progress=False)
+    cut = trainer.pretrain(config(data, tmp_path / "cut", precision=precision), resume=True, progress=False).dir
     assert losses(cut) == losses(whole)
     x = torch.randint(0, 400, (1, 16))
     from llmasos.checkpoints.load import load_model
@@ -135,3 +136,14 @@ def test_cli_pretrain_refuses_an_unknown_model_shape(data, tmp_path):
     r = subprocess.run([sys.executable, "-m", "llmasos", "pretrain", "--model", "tiny-nope", "--data", str(data),
                         "--out", str(tmp_path / "x"), "--max-steps", "2"], capture_output=True, text=True)
     assert r.returncode == 1 and "unknown model shape 'tiny-nope'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_saved_run_config_is_read_back_without_the_other_verbs_keys(tmp_path):
+    """Runs written when one config served both verbs saved fine-tuning's keys too; pretrain --resume takes them."""
+    saved = {**config("d", "x").to_dict(), "method": "full", "lora_rank": 8, "epochs": None, "merge": False}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = TrainConfig.from_run(tmp_path, {"max_steps": "20"})
+    assert (cfg.out, cfg.max_steps, cfg.lr) == (str(tmp_path), 20, 3e-3)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**saved, "learning_rate": 0.1}))
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) learning_rate"):
+        TrainConfig.from_run(tmp_path)

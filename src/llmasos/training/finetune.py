@@ -10,7 +10,7 @@ A run dir holds the usual checkpoints, metrics and loss curve, and:
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -21,8 +21,8 @@ from torch import Tensor
 from llmasos.data.instruct import IGNORE, Example
 from llmasos.errors import ConfigError, LLMasOSError
 from llmasos.training import distributed
-from llmasos.training.config import TrainConfig
-from llmasos.training.trainer import Job, claim_run, save_full_model, packed_job, train
+from llmasos.training.config import FinetuneConfig, TrainConfig
+from llmasos.training.trainer import Job, Run, claim_run, packed_job, save_full_model, train
 
 
 @lru_cache(maxsize=4)
@@ -52,14 +52,14 @@ def example_batch(examples: list[Example], config: TrainConfig, step: int, micro
     return collate(picks, config.seq_len, pad_id)
 
 
-def split_examples(examples: list[Example], config: TrainConfig) -> tuple[list[Example], list[Example]]:
+def split_examples(examples: list[Example], config: FinetuneConfig) -> tuple[list[Example], list[Example]]:
     """(train, validation): a seeded `val_fraction` held out."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
     n_val = int(len(examples) * config.val_fraction)
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
-def training_examples(config: TrainConfig, tokenizer) -> list[Example]:
+def training_examples(config: FinetuneConfig, tokenizer) -> list[Example]:
     """The examples of `data` (an instruction file) or of `task` (a task's prompts and answers)."""
     from llmasos.data.instruct import load_examples, tokenize_completion
 
@@ -70,7 +70,7 @@ def training_examples(config: TrainConfig, tokenizer) -> list[Example]:
     return load_examples(config.data, tokenizer)
 
 
-def _load_base(path: Path, config: TrainConfig, device: torch.device):
+def _load_base(path: Path, config: FinetuneConfig, device: torch.device):
     """The starting model in fp32: trained whole (with weights of its own), or frozen, quantized and given
     adapters as the method asks (a frozen base stays memory-mapped: it is never written)."""
     from llmasos.checkpoints.load import load_model
@@ -92,7 +92,7 @@ def _load_base(path: Path, config: TrainConfig, device: torch.device):
     return apply_lora(model.to(device), lora), lora
 
 
-def _save_adapter(base: Path, lora, config: TrainConfig):
+def _save_adapter(base: Path, lora, config: FinetuneConfig):
     """`Job.save_final` for lora/qlora: the PEFT adapter, and with `merge` the merged model in `final/`."""
     def save(state: dict[str, Tensor], run: Path) -> None:
         from llmasos.checkpoints.hf import copy_tokenizer_files, save_model
@@ -112,9 +112,10 @@ def _save_adapter(base: Path, lora, config: TrainConfig):
     return save
 
 
-def finetune(config: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False,
-             inputs: Iterable[Path | str | None] = ()) -> Path:
-    """Fine-tune `config.model` on `config.data` or `config.task`; returns the run dir.
+def finetune(config: FinetuneConfig, resume: bool = False, progress: bool = True, force: bool = False,
+             inputs: Iterable[Path | str | None] = ()) -> Run:
+    """Fine-tune `config.model` on `config.data` or `config.task`; returns the run (its dir and its steps,
+    which `epochs` decides when neither max_steps nor max_tokens is set).
 
     A new run's dir (`out`) may be one `llmasos finetune` wrote without checkpoints, anything else only with
     `force` (which clears it); never the model, the data, the task file or `inputs` (the config's YAML)."""
@@ -122,7 +123,7 @@ def finetune(config: TrainConfig, resume: bool = False, progress: bool = True, f
     from llmasos.checkpoints.store import resolve
     from llmasos.tokenization.tokenizer import Tokenizer
 
-    if not isinstance(config.model, str):
+    if not isinstance(config.model, str) or not config.model:
         raise ConfigError("model: finetune starts from a stored model's name or a model dir")
     if not config.data and not config.task:
         raise ConfigError("data: an instruction file (JSON/JSONL) or a prepared dir is required (or a task)")
@@ -147,8 +148,8 @@ def finetune(config: TrainConfig, resume: bool = False, progress: bool = True, f
             longer = sum(len(e.input_ids) > config.seq_len + 1 for e in examples)
             if longer and cluster.main:
                 print(f"note: {longer} of {len(examples)} examples are longer than seq_len {config.seq_len} and are cut")
-            if config.max_steps is None and config.max_tokens is None:
-                config.max_steps = max(1, math.ceil((config.epochs or 1.0) * len(examples) / config.global_batch_size))
+            if config.max_steps is None and config.max_tokens is None:  # epochs decide: saved as steps, for resume
+                config = dataclasses.replace(config, max_steps=config.epoch_steps(len(examples)))
             pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
             mbs = config.micro_batch_size
             val_batches = [collate(val[i:i + mbs], config.seq_len, pad) for i in range(0, len(val), mbs)]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmasos.errors import ConfigError, LLMasOSError
+from llmasos.progress import progress_bar
 from llmasos.training import distributed
 from llmasos.training.config import TrainConfig
 
@@ -93,6 +94,14 @@ def evaluate(model, data, config: TrainConfig) -> float:
     """Validation loss of a model on `eval_batches` fixed windows of prepared data."""
     return mean_loss(model, [batch_at(data, config, i, 0, split_seed=1) for i in range(config.eval_batches)],
                      config.precision)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished training run: its dir (`final/`, `adapter/`, metrics, checkpoints) and the optimizer steps
+    it trained in all."""
+    dir: Path
+    steps: int
 
 
 @dataclass
@@ -192,8 +201,8 @@ def claim_run(config: TrainConfig, cluster: distributed.Cluster, command: str, i
 
 
 def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: bool, progress: bool,
-          command: str = "pretrain") -> Path:
-    """The loop: returns the run dir. Every rank runs it; rank 0 alone writes files."""
+          command: str = "pretrain") -> Run:
+    """The loop: every rank runs it; rank 0 alone writes files."""
     import yaml
     from safetensors.torch import load_file
 
@@ -249,9 +258,7 @@ def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: b
 
         board = SummaryWriter(str(run / "tensorboard"), purge_step=start + 1 if resume else None)
         if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=config.total_steps, initial=start, desc=command, unit="step")
+            bar = progress_bar(total=config.total_steps, initial=start, desc=command, unit="step")
     val_batches = job.val_batches() if job.val_batches is not None else []
     total, step = config.total_steps, start
     try:
@@ -285,8 +292,8 @@ def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: b
             if cluster.main:
                 _log(board, metrics_file, config, step, total, loss, lr, rate, val_loss)
                 if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", refresh=False)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
             if step % config.checkpoint_every == 0 or step == total:
                 checkpoint(step)
     except KeyboardInterrupt:
@@ -304,7 +311,7 @@ def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: b
     state = distributed.full_state(wrapped, False, cluster)
     if cluster.main:
         job.save_final(state, run)
-    return run
+    return Run(run, total)
 
 
 def _log(board, metrics_file: Path, config: TrainConfig, step: int, total: int, loss: float, lr: float, rate: float,
@@ -350,8 +357,8 @@ def packed_job(model: nn.Module, config: TrainConfig, data_dir: Path, device: to
 
 
 def pretrain(config: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False,
-             inputs: Iterable[Path | str | None] = ()) -> Path:
-    """Train a new model on prepared data; returns the run dir, whose `final/` is an HF model dir.
+             inputs: Iterable[Path | str | None] = ()) -> Run:
+    """Train a new model on prepared data; returns the run, whose dir's `final/` is an HF model dir.
 
     A new run's dir (`out`) may be one `llmasos pretrain` wrote without checkpoints, anything else only with
     `force` (which clears it); never the data or `inputs` (say, the YAML the config came from)."""
