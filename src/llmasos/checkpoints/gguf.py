@@ -159,9 +159,9 @@ def write_gguf(out: Path, config: ModelConfig, entries: dict[str, TensorEntry], 
         writer.write_ti_data_to_file()
         items = plan
         if progress:
-            from tqdm import tqdm
+            from llmasos.progress import progress_bar
 
-            items = tqdm(plan, desc=f"writing {out.name}", unit="tensor", leave=False)
+            items = progress_bar(plan, desc=f"writing {out.name}", unit="tensor", leave=False)
         for ours, _, qtype in items:
             if ours is None:
                 w = _rope_factors(config)

@@ -101,9 +101,9 @@ def materialize(model, entries: dict[str, TensorEntry], dtype: torch.dtype | Non
     state = {}
     items = [(n, t) for n, t in model.state_dict().items() if n in entries]  # a tied lm_head is not
     if progress:
-        from tqdm import tqdm
+        from llmasos.progress import progress_bar
 
-        items = tqdm(items, desc="loading weights", unit="tensor", leave=False)
+        items = progress_bar(items, desc="loading weights", unit="tensor", leave=False)
     maps = {}  # one copy-on-write mapping per safetensors file, kept alive by the tensors that view it
     for name, meta in items:
         entry = entries[name]

@@ -147,9 +147,9 @@ def prepare(inputs: list[str | Path], tokenizer: str | Path, out: Path | str, va
         writers = {s: ShardWriter(tmp, s, dtype) for s in ("train", "val")}
         bar = None
         if progress:
-            from tqdm import tqdm
+            from llmasos.progress import progress_bar
 
-            bar = tqdm(desc="tokenizing", unit="doc")
+            bar = progress_bar(desc="tokenizing", unit="doc")
         batches = _batches(unique_clean_docs(), 64)
         if workers > 1:
             import multiprocessing as mp

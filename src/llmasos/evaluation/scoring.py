@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from llmasos.errors import LLMasOSError
+from llmasos.progress import progress_bar
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -43,9 +44,7 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(requests), desc="scoring", unit="req", leave=False)
+        bar = progress_bar(total=len(requests), desc="scoring", unit="req", leave=False)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         inputs = []
@@ -104,9 +103,7 @@ def sliding_perplexity(model, ids: list[int], max_length: int | None = None, str
     nll, count = 0.0, 0
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(windows), desc="perplexity", unit="window", leave=False)
+        bar = progress_bar(total=len(windows), desc="perplexity", unit="window", leave=False)
     device = _device(model)
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size]

@@ -549,9 +549,9 @@ class Engine:
         """Step until every one of `outputs` is finished (other requests advance too)."""
         bar = None
         if progress:
-            from tqdm import tqdm
+            from llmasos.progress import progress_bar
 
-            bar = tqdm(total=len(outputs), desc="generating", unit="req", leave=False)
+            bar = progress_bar(total=len(outputs), desc="generating", unit="req", leave=False)
         while not all(o.finished for o in outputs):
             self.step()
             if bar is not None:
