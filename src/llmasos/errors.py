@@ -1,4 +1,10 @@
-"""The one exception type for user mistakes: the CLI prints its message, not a traceback."""
+"""The exceptions for user mistakes: `LLMasOSError`, the base the CLI catches to print the message (no
+traceback, a non-zero exit), and its kinds: `CheckpointError` (weights that cannot be read), `ConfigError`
+(a bad key or value), `InvalidRequestError` (a generation request out of range; `param` names the field,
+for the server's 400) and its `ContextLengthError` (a prompt that does not fit the context).
+
+Packages define more kinds where they own the input (`TaskError`, `InputError`, ...); all derive from
+`LLMasOSError`."""
 
 
 class LLMasOSError(Exception):
