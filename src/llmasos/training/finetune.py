@@ -18,8 +18,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from llmasos.data.instruct import IGNORE, Example
+from llmasos.checkpoints.gguf_vocab import tokenizer_source
+from llmasos.checkpoints.hf import save_model
+from llmasos.checkpoints.load import load_model
+from llmasos.checkpoints.paths import resolve
+from llmasos.data.instruct import IGNORE, Example, load_examples, tokenize_completion
 from llmasos.errors import ConfigError, LLMasOSError
+from llmasos.evaluation.tasks import load_task
+from llmasos.models.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
+from llmasos.models.quantize import quantize_model
+from llmasos.outputs import atomic_dir
+from llmasos.tokenization import Tokenizer, copy_tokenizer_files
 from llmasos.training import distributed
 from llmasos.training.config import FinetuneConfig, TrainConfig
 from llmasos.training.trainer import Job, Run, claim_run, packed_job, save_full_model, train
@@ -61,11 +70,7 @@ def split_examples(examples: list[Example], config: FinetuneConfig) -> tuple[lis
 
 def training_examples(config: FinetuneConfig, tokenizer) -> list[Example]:
     """The examples of `data` (an instruction file) or of `task` (a task's prompts and answers)."""
-    from llmasos.data.instruct import load_examples, tokenize_completion
-
     if config.task:
-        from llmasos.evaluation.tasks import load_task
-
         return [tokenize_completion(tokenizer, prompt, answer) for prompt, answer in load_task(config.task).training_examples()]
     return load_examples(config.data, tokenizer)
 
@@ -73,17 +78,12 @@ def training_examples(config: FinetuneConfig, tokenizer) -> list[Example]:
 def _load_base(path: Path, config: FinetuneConfig, device: torch.device):
     """The starting model in fp32: trained whole (with weights of its own), or frozen, quantized and given
     adapters as the method asks (a frozen base stays memory-mapped: it is never written)."""
-    from llmasos.checkpoints.load import load_model
-    from llmasos.models.lora import LoRAConfig, apply_lora
-
     model = load_model(path, dtype=torch.float32)
     if config.method == "full":
         for p in model.parameters():  # memory-mapped weights are copy-on-write pages; the optimizer writes them all
             p.data = p.data.clone()
         return model.to(device), None
     if config.method == "qlora":
-        from llmasos.models.quantize import quantize_model
-
         if device.type != "cpu":
             raise ConfigError("qlora's quantized base runs on the CPU kernels; use lora on GPUs")
         quantize_model(model, config.quantize, skip=("lm_head",))
@@ -95,11 +95,6 @@ def _load_base(path: Path, config: FinetuneConfig, device: torch.device):
 def _save_adapter(base: Path, lora, config: FinetuneConfig):
     """`Job.save_final` for lora/qlora: the PEFT adapter, and with `merge` the merged model in `final/`."""
     def save(state: dict[str, Tensor], run: Path) -> None:
-        from llmasos.checkpoints.hf import copy_tokenizer_files, save_model
-        from llmasos.checkpoints.load import load_model
-        from llmasos.checkpoints.store import atomic_dir
-        from llmasos.models.lora import apply_lora, merge_lora, save_adapter
-
         adapter = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
         with atomic_dir(run / "adapter", replace=True) as tmp:
             save_adapter(lora, adapter, tmp, str(base))
@@ -119,10 +114,6 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress: bool = True
 
     A new run's dir (`out`) may be one `llmasos finetune` wrote without checkpoints, anything else only with
     `force` (which clears it); never the model, the data, the task file or `inputs` (the config's YAML)."""
-    from llmasos.checkpoints.gguf_vocab import tokenizer_source
-    from llmasos.checkpoints.store import resolve
-    from llmasos.tokenization.tokenizer import Tokenizer
-
     if not isinstance(config.model, str) or not config.model:
         raise ConfigError("model: finetune starts from a stored model's name or a model dir")
     if not config.data and not config.task:

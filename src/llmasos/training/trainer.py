@@ -23,9 +23,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from llmasos.checkpoints.hf import save_model
+from llmasos.checkpoints.load import build_meta_model
+from llmasos.data.prepare import PackedData
 from llmasos.errors import ConfigError, LLMasOSError
+from llmasos.models.config import ModelConfig
+from llmasos.models.llama import Transformer
+from llmasos.models.zoo import zoo_config
+from llmasos.outputs import atomic_dir, check_output, mark, remove
 from llmasos.progress import progress_bar
 from llmasos.training import distributed
 from llmasos.training.config import TrainConfig
@@ -35,9 +44,6 @@ CHECKPOINTS = "checkpoints"
 
 def build_model_config(config: TrainConfig, data_meta: dict):
     """The ModelConfig: a zoo shape or a mapping, with the vocabulary and special ids of the prepared data."""
-    from llmasos.models.config import ModelConfig
-    from llmasos.models.zoo import zoo_config
-
     if isinstance(config.model, str):
         model_config = zoo_config(config.model)
     elif isinstance(config.model, dict):
@@ -115,10 +121,6 @@ class Job:
 
 
 def save_checkpoint(run: Path, state: dict[str, Tensor], optimizer_state: dict, step: int, keep: int) -> Path:
-    from safetensors.torch import save_file
-
-    from llmasos.checkpoints.store import atomic_dir
-
     final = run / CHECKPOINTS / f"step-{step:07d}"
     with atomic_dir(final, replace=True) as tmp:
         save_file(state, tmp / "model.safetensors")
@@ -186,8 +188,6 @@ def claim_run(config: TrainConfig, cluster: distributed.Cluster, command: str, i
     """Before any heavy work, refuse a run dir that is or contains an input, or (unless force) holds what
     `llmasos COMMAND` did not write or an earlier run's checkpoints; then rank 0 marks it as this run's,
     with force after clearing what was there."""
-    from llmasos.outputs import check_output, mark, remove
-
     run, owner = Path(config.out), f"llmasos {command}"
     check_output(run, inputs, force, owner)
     if not force and latest_checkpoint(run) is not None:
@@ -203,9 +203,6 @@ def claim_run(config: TrainConfig, cluster: distributed.Cluster, command: str, i
 def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: bool, progress: bool,
           command: str = "pretrain") -> Run:
     """The loop: every rank runs it; rank 0 alone writes files."""
-    import yaml
-    from safetensors.torch import load_file
-
     run = Path(config.out)
     ckpt = latest_checkpoint(run) if resume else None
     if resume and ckpt is None:  # killed before its first checkpoint: its config is all there is to go on
@@ -332,10 +329,6 @@ def _log(board, metrics_file: Path, config: TrainConfig, step: int, total: int, 
 def save_full_model(config, tokenizer_dir: Path | None) -> Callable[[dict[str, Tensor], Path], None]:
     """`Job.save_final` for a whole model: `run/final` as an HF dir with the tokenizer."""
     def save(state: dict[str, Tensor], run: Path) -> None:
-        from llmasos.checkpoints.hf import save_model
-        from llmasos.checkpoints.load import build_meta_model
-        from llmasos.checkpoints.store import atomic_dir
-
         model = build_meta_model(config)
         model.load_state_dict(state, assign=True, strict=False)
         model.tie_weights()
@@ -347,8 +340,6 @@ def save_full_model(config, tokenizer_dir: Path | None) -> Callable[[dict[str, T
 def packed_job(model: nn.Module, config: TrainConfig, data_dir: Path, device: torch.device,
                save_final: Callable[[dict[str, Tensor], Path], None], trainable_only: bool = False) -> Job:
     """Training on prepared shards: random windows of seq_len + 1 tokens."""
-    from llmasos.data.prepare import PackedData
-
     train_data, val_data = PackedData(data_dir, "train"), PackedData(data_dir, "val")
     has_val = len(val_data) > config.seq_len + 1
     return Job(model.to(device), lambda step, micro: batch_at(train_data, config, step, micro),
@@ -362,9 +353,6 @@ def pretrain(config: TrainConfig, resume: bool = False, progress: bool = True, f
 
     A new run's dir (`out`) may be one `llmasos pretrain` wrote without checkpoints, anything else only with
     `force` (which clears it); never the data or `inputs` (say, the YAML the config came from)."""
-    from llmasos.data.prepare import PackedData
-    from llmasos.models.llama import Transformer
-
     if not config.data:
         raise ConfigError("data: the prepared data dir (`llmasos prepare ... --out DIR`) is required")
     cluster = distributed.init_cluster()
