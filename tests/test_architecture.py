@@ -9,7 +9,7 @@ import pytest
 SRC = Path(__file__).parents[1] / "src" / "llmasos"
 # Bottom to top: a unit imports only units below it. A unit is a package of llmasos or a top-level module;
 # "llmasos" is the package's own __init__ (the public API), above everything but the command line.
-LAYERS = ["errors", "outputs", "progress", "kernels", "models", "tokenization", "checkpoints", "data", "inference",
+LAYERS = ["errors", "extras", "outputs", "progress", "kernels", "models", "tokenization", "checkpoints", "data", "inference",
           "evaluation", "training", "serving", "llmasos", "quickstart", "cli", "__main__"]
 
 

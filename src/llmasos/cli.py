@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from llmasos.errors import LLMasOSError
+from llmasos.extras import require
 from llmasos.training.config import FinetuneConfig, TrainConfig  # no torch: --help stays instant
 
 VERBS: dict[str, tuple[str, str]] = {}  # name -> (one-line help, examples)
@@ -235,6 +236,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    require("serve", "llmasos serve")
     from llmasos.serving import serve
     from llmasos.serving.app import default_cache_budget
 
@@ -309,6 +311,7 @@ def _training_config(cls: type[TrainConfig], args: argparse.Namespace) -> TrainC
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
+    require("train", "llmasos pretrain")
     from llmasos.training.trainer import pretrain
 
     run = pretrain(_training_config(TrainConfig, args), resume=bool(args.resume), force=args.force,
@@ -319,6 +322,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    require("train", "llmasos finetune")
     from llmasos.training.finetune import finetune
 
     if not args.resume and not args.model:
@@ -343,6 +347,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.model == "compare":
         Console().print(compare_table(args.results))
         return
+    require("eval", "llmasos eval")
     from llmasos.evaluation.runner import evaluate, plan  # imports torch: not for `compare`
 
     if args.results:
@@ -392,6 +397,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
         print(f"wrote {export_hf(path, out, args.dtype, force=args.force)}")
     else:
+        require("export", "llmasos export --format onnx")
         from llmasos.checkpoints.onnx import export_onnx
 
         dtypes = {"auto": "float32", "f32": "float32", "f16": "float16"}
@@ -401,6 +407,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
+    require("train", "llmasos quickstart")
+    require("eval", "llmasos quickstart")
     from llmasos.quickstart import run
 
     run(minutes=args.minutes, out=args.out, corpus_mb=args.corpus_mb, force=args.force)

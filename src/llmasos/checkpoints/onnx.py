@@ -31,6 +31,7 @@ from llmasos.checkpoints.hf import write_generation_config
 from llmasos.checkpoints.load import load_model
 from llmasos.checkpoints.paths import resolve
 from llmasos.errors import LLMasOSError
+from llmasos.extras import require
 from llmasos.models.config import MODEL_TYPES, ModelConfig
 from llmasos.models.llama import ForwardBatch, Transformer
 from llmasos.outputs import check_inputs, output_dir
@@ -155,10 +156,8 @@ def export_onnx(model_path: Path | str, out_dir: Path, *, dtype: str = "float32"
 
 def _export(path: Path, out_dir: Path, dtype: str) -> None:
     """The export itself, writing into `out_dir` (a fresh temporary dir)."""
-    try:
-        from onnxscript import ir
-    except ImportError:
-        raise LLMasOSError("ONNX export needs onnx and onnxscript: pip install 'llmasos[onnx]'") from None
+    require("export", "ONNX export")
+    from onnxscript import ir
     model = load_model(path, dtype=DTYPES[dtype])
     config = model.config
     n = config.num_hidden_layers
