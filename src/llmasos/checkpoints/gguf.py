@@ -30,6 +30,7 @@ from llmasos.checkpoints.weights import TensorEntry, load_tensor
 from llmasos.errors import CheckpointError, LLMasOSError
 from llmasos.models.config import ModelConfig
 from llmasos.models.llama import rope_inv_freq
+from llmasos.progress import progress_bar
 
 GGUF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 HF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # Mistral's GGUFs say "llama"
@@ -159,8 +160,6 @@ def write_gguf(out: Path, config: ModelConfig, entries: dict[str, TensorEntry], 
         writer.write_ti_data_to_file()
         items = plan
         if progress:
-            from llmasos.progress import progress_bar
-
             items = progress_bar(plan, desc=f"writing {out.name}", unit="tensor", leave=False)
         for ours, _, qtype in items:
             if ours is None:

@@ -20,6 +20,7 @@ from llmasos.errors import CheckpointError
 from llmasos.models.config import ModelConfig
 from llmasos.models.llama import Transformer
 from llmasos.models.lora import ADAPTER_CONFIG, load_adapter, merge_lora
+from llmasos.progress import progress_bar
 
 # Buffers some checkpoints carry that the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -101,8 +102,6 @@ def materialize(model, entries: dict[str, TensorEntry], dtype: torch.dtype | Non
     state = {}
     items = [(n, t) for n, t in model.state_dict().items() if n in entries]  # a tied lm_head is not
     if progress:
-        from llmasos.progress import progress_bar
-
         items = progress_bar(items, desc="loading weights", unit="tensor", leave=False)
     maps = {}  # one copy-on-write mapping per safetensors file, kept alive by the tensors that view it
     for name, meta in items:

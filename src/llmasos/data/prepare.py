@@ -18,8 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from llmasos.checkpoints.gguf_vocab import tokenizer_source
+from llmasos.checkpoints.store import resolve
 from llmasos.data.sources import SourceStats, expand_inputs, iter_documents
 from llmasos.errors import LLMasOSError
+from llmasos.outputs import output_dir
+from llmasos.progress import progress_bar
+from llmasos.tokenization import Tokenizer
 
 SHARD_TOKENS = 1 << 26  # 64 Mi tokens (128 MiB as uint16) per shard
 _KEEP_CONTROLS = {"\n", "\t"}
@@ -75,9 +80,6 @@ _worker_tokenizer = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
-    from llmasos.checkpoints.gguf_vocab import tokenizer_source
-    from llmasos.tokenization import Tokenizer
-
     _worker_tokenizer = Tokenizer(tokenizer_source(tokenizer_path))
 
 
@@ -113,10 +115,6 @@ def prepare(inputs: list[str | Path], tokenizer: str | Path, out: Path | str, va
     """Write the data dir; returns its metadata and the counts for the summary.
 
     `out` may replace a data dir `llmasos prepare` wrote, anything else only with `force`; never an input."""
-    from llmasos.checkpoints.gguf_vocab import tokenizer_source
-    from llmasos.checkpoints.store import resolve
-    from llmasos.outputs import output_dir
-    from llmasos.tokenization import Tokenizer
 
     if not 0 <= val_fraction < 1:
         raise LLMasOSError(f"--val-fraction must be in [0, 1), not {val_fraction}")
@@ -147,8 +145,6 @@ def prepare(inputs: list[str | Path], tokenizer: str | Path, out: Path | str, va
         writers = {s: ShardWriter(tmp, s, dtype) for s in ("train", "val")}
         bar = None
         if progress:
-            from llmasos.progress import progress_bar
-
             bar = progress_bar(desc="tokenizing", unit="doc")
         batches = _batches(unique_clean_docs(), 64)
         if workers > 1:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from llmasos.data.prepare import PackedData
 from llmasos.errors import LLMasOSError
 from llmasos.progress import progress_bar
 
@@ -126,7 +127,6 @@ def sliding_perplexity(model, ids: list[int], max_length: int | None = None, str
 
 def perplexity_tokens(source: str | Path, tokenizer, vocab_size: int) -> list[int]:
     """The tokens to score: a text file (encoded with the model's tokenizer) or a prepared data dir's val split."""
-    from llmasos.data.prepare import PackedData
 
     path = Path(source)
     if path.is_dir():
