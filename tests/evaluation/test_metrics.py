@@ -40,7 +40,8 @@ def test_bleu_and_chrf_are_sacrebleus_corpus_scores():
     assert metrics.chrf(["abc"], [["xyz"]]).value == 0.0
     # a sample with fewer references repeats its first, which leaves its score as with one reference
     two = metrics.chrf(["le chat", "bonjour"], [["le chat", "un chat"], ["bonjour"]]).value
-    assert two == pytest.approx(sacrebleu.corpus_chrf(["le chat", "bonjour"], [["le chat", "bonjour"], ["un chat", "bonjour"]]).score)
+    references = [["le chat", "bonjour"], ["un chat", "bonjour"]]
+    assert two == pytest.approx(sacrebleu.corpus_chrf(["le chat", "bonjour"], references).score)
 
 
 def test_perplexity_is_exp_of_mean_negative_loglikelihood_per_token():

@@ -124,8 +124,8 @@ def test_the_event_loop_answers_while_long_text_is_encoded_and_rendered(long_con
         for route, body in bodies:
             answer: dict = {}
             content = json.dumps(body).encode()  # encoded here, not in the thread: the server shares this process
-            worker = threading.Thread(target=lambda: answer.update(r=httpx.post(
-                f"{base}{route}", content=content, headers={"Content-Type": "application/json"}, timeout=120)))
+            worker = threading.Thread(target=lambda url=f"{base}{route}", content=content, answer=answer: answer.update(
+                r=httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=120)))
             worker.start()
             slowest = 0.0
             while worker.is_alive():

@@ -101,7 +101,7 @@ def _write_hparams(writer: gguf.GGUFWriter, config: ModelConfig, name: str, file
     context = config.max_position_embeddings
     if config.sliding_window is not None and config.sliding_window < context:
         warnings.warn(f"llama.cpp has no sliding window for this architecture: the GGUF's context length is "
-                      f"clipped to the window, {config.sliding_window} tokens (the model says {context})")
+                      f"clipped to the window, {config.sliding_window} tokens (the model says {context})", stacklevel=2)
         context = config.sliding_window
     writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)

@@ -104,7 +104,7 @@ def materialize(model, entries: dict[str, TensorEntry], dtype: torch.dtype | Non
     if progress:
         items = progress_bar(items, desc="loading weights", unit="tensor", leave=False)
     maps = {}  # one copy-on-write mapping per safetensors file, kept alive by the tensors that view it
-    for name, meta in items:
+    for name, _ in items:
         entry = entries[name]
         want = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
         state[name] = load_tensor(entry, want, name, device, maps)

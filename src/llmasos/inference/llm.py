@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import torch
 
@@ -76,9 +76,9 @@ class LLM:
                  params: SamplingParams | None = None, progress: bool = False) -> list[RequestOutput]:
         """One output per prompt, in order. A prompt is a string or a list of token ids."""
         params = params or SamplingParams()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        outputs = self.engine.run([self.engine.add(p, params) for p in prompts], progress=progress)
+        one = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
+        batch = cast(list[str | list[int]], [prompts] if one else prompts)
+        outputs = self.engine.run([self.engine.add(p, params) for p in batch], progress=progress)
         failed = [o for o in outputs if o.error is not None]
         if failed:
             raise LLMasOSError(f"generation failed for {len(failed)} of {len(outputs)} prompts: {failed[0].error}")

@@ -62,7 +62,6 @@ class SamplingParams:
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 bad(name, rule)
 
-        inf = float("inf")
         if self.max_tokens is not None:
             low = 0 if self.prompt_logprobs is not None else 1
             integer("max_tokens", low, 2**63 - 1, f"must be an integer of at least {low}")
@@ -73,7 +72,7 @@ class SamplingParams:
         number("repetition_penalty", 1e-300, 1e300, "must be a finite number > 0 (1 disables it)")
         number("presence_penalty", -2, 2, "must be in [-2, 2]")
         number("frequency_penalty", -2, 2, "must be in [-2, 2]")
-        integer("top_k", -inf, MAX_TOP_K, f"must be an integer of at most {MAX_TOP_K} (0 or less disables it)")
+        integer("top_k", -(2**63), MAX_TOP_K, f"must be an integer of at most {MAX_TOP_K} (0 or less disables it)")
         if self.seed is not None:
             integer("seed", -SEEDS // 2, SEEDS - 1, "must be an integer in [-2**63, 2**64)")
         integer("n", 1, 2**63 - 1, "must be an integer of at least 1")

@@ -89,6 +89,7 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         """Parameter count computed from the shape (what `llmasos models` prints)."""
+        assert self.head_dim is not None and self.num_key_value_heads is not None  # set by __post_init__
         h, hd = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
         attn = h * q + 2 * h * kv + q * h

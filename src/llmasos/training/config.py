@@ -132,8 +132,9 @@ class FinetuneConfig(TrainConfig):
                                     "final/")
     seq_len: int = key(512, "tokens per training sequence; longer examples are cut")
     micro_batch_size: int = key(4, "sequences per forward and backward pass")
-    lr: float | None = key(None, "the peak learning rate, reached at the end of the warmup (default: 2e-5 for "
-                                 "full, 2e-4 for lora and qlora)")
+    # None, which TrainConfig's lr does not allow, means "by method"
+    lr: float | None = key(  # type: ignore[assignment]
+        None, "the peak learning rate, reached at the end of the warmup (default: 2e-5 for full, 2e-4 for lora and qlora)")
     warmup_steps: int = key(10, "steps of linear warmup to lr")
     min_lr: float = key(0.0, "the learning rate at the end of the cosine decay")
     weight_decay: float = key(0.0, "AdamW's weight decay of the weight matrices; norms and biases get none")
