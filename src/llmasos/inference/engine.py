@@ -260,17 +260,10 @@ class Engine:
     @torch.inference_mode()  # the cache holds inference tensors; moving rows must happen in the same mode
     def abort(self, request_id: str) -> None:
         """Cancel a request, waiting or running; its rows are free for the next step."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return
-        if req in self.waiting:
-            self.waiting.remove(req)
-        for seq in req.sequences:
-            if seq.completion.finish_reason is None:
-                seq.completion.finish_reason = "abort"
-        self._release([s for s in self.running if s.request is req])
-        self._finish_request(req)
-        self._give_back_cache()
+        req = self.requests.get(request_id)
+        if req is not None:
+            self._end(req)
+            self._give_back_cache()
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -520,6 +513,11 @@ class Engine:
         """End `req` alone with `error` (its rows freed); a finished delta per sample tells its listener."""
         log.error("request %s failed: %s: %s", req.id, type(error).__name__, error, exc_info=error)
         req.output.error = f"{type(error).__name__}: {error}"
+        self._end(req)
+        return [Delta(req.output, i, "", [], True) for i in range(req.params.n)]
+
+    def _end(self, req: Request) -> None:
+        """Take `req` out of the queue or the running set now; samples not finished end with "abort"."""
         if req in self.waiting:
             self.waiting.remove(req)
         for seq in req.sequences:
@@ -527,7 +525,6 @@ class Engine:
                 seq.completion.finish_reason = "abort"
         self._release([s for s in self.running if s.request is req])
         self._finish_request(req)
-        return [Delta(req.output, i, "", [], True) for i in range(req.params.n)]
 
     def _release(self, seqs: list[Sequence]) -> None:
         """Take sequences out of the running set, moving the last rows into the holes they leave."""
