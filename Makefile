@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench quickstart clean
+.PHONY: install test test-fast lint bench quickstart clean
 
 install: $(STAMP)
 
@@ -17,11 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[all,test,bench]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The habits that keep the code as it is: ruff's lint and mypy on the typed public API, then every test.
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
 # The inner loop: everything but the slow end-to-end tests.
-test-fast: $(STAMP)
+test-fast: $(STAMP) lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)

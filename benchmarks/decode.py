@@ -59,7 +59,8 @@ for v in VARIANTS:
     if v == "transformers":
         hf = transformers.AutoModelForCausalLM.from_pretrained(PATH, dtype=DTYPE).eval()
         systems[v] = hf
-        bytes_per_token[v] = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if "embed" not in n or hf.config.tie_word_embeddings)
+        bytes_per_token[v] = sum(p.numel() * p.element_size() for n, p in hf.named_parameters()
+                                 if "embed" not in n or hf.config.tie_word_embeddings)
     else:
         quant = None if v in ("ours", "ours-b16") else v.split("-")[1]
         llm = LLM.load(PATH, dtype=DTYPE, quantize=quant, max_batch_size=16)

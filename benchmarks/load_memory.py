@@ -37,7 +37,8 @@ def main() -> dict:
         rows.append([name, f"{r['weights'] / 1e9:.2f} GB", f"{r['peak_increase'] / 1e9:.2f} GB", f"{ratio:.2f}x",
                      f"{r['seconds']:.1f} s"])
     ours = results["llmasos"]["peak_increase"] / results["llmasos"]["weights"]
-    print_table("Load tinyllama-1.1b shape in bf16 (load + one read of every weight; peak RSS increase / weight bytes; target <= 1.30x)",
+    print_table("Load tinyllama-1.1b shape in bf16 (load + one read of every weight; peak RSS increase / weight bytes; "
+                "target <= 1.30x)",
                 ["system", "weights", "peak RSS increase", "ratio", "time"], rows)
     print(f"load memory: {ours:.2f}x weight bytes -> {'PASS' if ours <= 1.3 else 'FAIL'} (target <= 1.30x)")
     return {"load_peak_ratio": ours, "target_met": ours <= 1.3}

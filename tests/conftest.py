@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import write_bpe_tokenizer, write_sp_tokenizer
 
 torch.set_num_threads(2)

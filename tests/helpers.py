@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",

@@ -10,8 +10,8 @@ from functools import cached_property
 from pathlib import Path
 
 import pytest
-
 from helpers import CORPUS, make_hf_model, write_bpe_tokenizer, write_jsonl
+
 from llmasos.cli import main
 
 

@@ -74,10 +74,10 @@ def cmd_pull(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from rich.console import Console
     from rich.table import Table
-
-    from pathlib import Path
 
     from llmasos.checkpoints.store import dir_size, resolve
     from llmasos.models.zoo import ZOO, zoo_config

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
+from helpers import make_hf_model
 from safetensors.torch import load_file, save_file
 
-from helpers import make_hf_model
 from llmasos.checkpoints.hf import save_model
 from llmasos.checkpoints.load import load_model
 from llmasos.errors import CheckpointError

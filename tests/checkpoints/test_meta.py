@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from helpers import make_hf_model, write_sp_tokenizer
+
 from llmasos.checkpoints.load import load_model
 
 # HF name -> (Meta name, dim the model-parallel shards split it on)

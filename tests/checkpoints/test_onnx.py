@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
 from helpers import make_hf_model
+
 from llmasos.checkpoints.load import load_model
 from llmasos.checkpoints.onnx import export_onnx
 from llmasos.errors import LLMasOSError

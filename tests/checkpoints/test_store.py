@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from helpers import make_hf_model, write_bpe_tokenizer
 from safetensors.torch import load_file
 
-from helpers import make_hf_model, write_bpe_tokenizer
 from llmasos.checkpoints.load import load_model
 from llmasos.checkpoints.store import models_dir, pull, resolve
 from llmasos.errors import LLMasOSError

@@ -7,10 +7,10 @@ import struct
 
 import pytest
 import torch
+from helpers import make_hf_model
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import make_hf_model
 from llmasos.checkpoints.load import load_model
 from llmasos.checkpoints.weights import MAX_HEADER_BYTES, load_tensor, read_safetensors_header
 from llmasos.errors import CheckpointError

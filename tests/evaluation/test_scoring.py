@@ -2,8 +2,7 @@ import math
 
 import pytest
 import torch
-from helpers import MC_RECORDS, write_jsonl
-from helpers import CORPUS
+from helpers import CORPUS, MC_RECORDS, write_jsonl
 
 from llmasos.evaluation.results import EvalConfig
 from llmasos.evaluation.runner import run_perplexity, run_task

@@ -1,5 +1,4 @@
 import pytest
-
 from helpers import make_hf_model, write_bpe_tokenizer
 
 

@@ -117,6 +117,7 @@ def test_a_bf16_model_on_the_kernels_runs_with_autograd_too(tmp_path):
     """Where the CPU lacks bf16 arithmetic the activations are fp32 over bf16 weights; the stock path
     (autograd on) must take that mix as well, and agree with the kernels."""
     from helpers import make_hf_model
+
     from llmasos.checkpoints.load import load_model
 
     path, _ = make_hf_model(tmp_path / "m")

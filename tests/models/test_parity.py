@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import make_hf_model
+
 from llmasos.checkpoints.hf import save_model
 from llmasos.checkpoints.load import load_model
 

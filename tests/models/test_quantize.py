@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import CORPUS
+
 from llmasos.models.llama import Transformer
 from llmasos.models.quantize import Int4Linear, Int8Linear, linear_weight_bytes, quantize_model
 from llmasos.models.zoo import zoo_config
@@ -25,7 +25,7 @@ def trained(bpe_dir):
     model.init_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     windows = ids[: len(ids) // 64 * 64].view(-1, 64)
-    for step in range(20):  # short: a perplexity well above 1, where quantization error shows
+    for _ in range(20):  # short: a perplexity well above 1, where quantization error shows
         batch = windows[torch.randint(0, len(windows), (8,))]
         loss = torch.nn.functional.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad()

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from helpers import API_KEY, StepGate, live_server, make_hf_model, write_bpe_tokenizer
 
 

@@ -7,7 +7,6 @@ PROMPTS = [[(7 * i + j) % 390 + 5 for j in range(3 + i % 11)] for i in range(64)
 
 def test_64_concurrent_streams_complete_and_equal_single_runs(client, server):
     import openai
-
     from helpers import API_KEY
 
     kw = dict(model="tiny", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})

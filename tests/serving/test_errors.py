@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-
 from helpers import API_KEY, StepGate, live_server
 
 LONG = 900  # tokens

@@ -3,9 +3,8 @@ client sends, the answer is never a 5xx. Derandomized and bounded in examples pe
 a minute and finds the same things every run."""
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-
 from helpers import API_KEY
+from hypothesis import HealthCheck, given, settings
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install -e '.[test]')")
 

@@ -9,7 +9,6 @@ import time
 
 import httpx
 import pytest
-
 from helpers import API_KEY, StepGate, live_server, make_hf_model, write_bpe_tokenizer
 from test_errors import metric, wait_for
 

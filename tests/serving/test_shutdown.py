@@ -9,7 +9,6 @@ import threading
 import time
 
 import httpx
-
 from helpers import free_port
 
 # `llmasos serve` whose engine holds after its first steps while the file argv[1] exists: the test, not the

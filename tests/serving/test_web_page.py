@@ -4,7 +4,6 @@ import shutil
 
 import httpx
 import pytest
-
 from helpers import API_KEY
 
 CHROMIUM = "/usr/bin/chromium"

@@ -1,8 +1,8 @@
 """Our Tokenizer against transformers' AutoTokenizer, for a BPE tokenizer.json and a SentencePiece model."""
 
 import pytest
-
 from helpers import CORPUS, write_bpe_tokenizer
+
 from llmasos.errors import LLMasOSError
 from llmasos.tokenization import StreamDecoder, Tokenizer
 from llmasos.tokenization.chat import LLAMA2_TEMPLATE

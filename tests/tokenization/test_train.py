@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import CORPUS
+
 from llmasos.tokenization import Tokenizer
 
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import make_hf_model, write_bpe_tokenizer, write_jsonl
 
 pytestmark = pytest.mark.slow

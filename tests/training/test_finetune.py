@@ -5,9 +5,9 @@ import re
 
 import pytest
 import torch
+from helpers import make_hf_model, write_bpe_tokenizer, write_jsonl
 from safetensors.torch import load_file
 
-from helpers import make_hf_model, write_bpe_tokenizer, write_jsonl
 from llmasos.data.instruct import IGNORE, load_examples
 from llmasos.data.sources import InputError
 from llmasos.errors import ConfigError

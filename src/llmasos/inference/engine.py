@@ -93,7 +93,7 @@ class Delta:
 class Sequence:
     """One sample being generated: its tokens, text, stop checks and (while running) its cache row."""
 
-    def __init__(self, request: "Request", index: int):
+    def __init__(self, request: Request, index: int):
         self.request, self.index = request, index
         self.completion = request.output.outputs[index]
         params = request.params

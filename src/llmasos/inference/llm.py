@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, cast
+from typing import Any, cast
 
 import torch
 
@@ -49,7 +50,7 @@ class LLM:
     def load(cls, name_or_path: str | Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
              quantize: str | None = None, compile: bool = False, max_batch_size: int = 16,
              max_seq_len: int | None = None, progress: bool = False, kernels: bool = True,
-             cache_budget: int | None = None) -> "LLM":
+             cache_budget: int | None = None) -> LLM:
         """A stored model's name or a model dir. quantize: None, "int8" or "int4" (weight-only).
 
         max_seq_len: the longest sequence (prompt + generated tokens), at most the model's context.

@@ -13,7 +13,6 @@ from torch import Tensor
 
 from llmasos.errors import InvalidRequestError
 
-
 # A temperature below this divides logits into infinities: it is greedy (vLLM's threshold).
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20

@@ -16,7 +16,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import IO
 
@@ -67,7 +67,7 @@ def _build_lock(build_dir: Path, timeout: float) -> IO | None:
     return f
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_ops():
     """The compiled module (`gemv`, `swiglu`, `rms_norm`, `rope_`, `decode_attention`, `decode_block`,
     `int8_gemv`, `int4_gemv`), or None."""
@@ -87,14 +87,14 @@ def load_ops():
         lock = _build_lock(build_dir, BUILD_WAIT_S)
         if lock is None:
             warnings.warn(f"llmasos: another process has been compiling the CPU kernels in {build_dir} for "
-                          f"{BUILD_WAIT_S:.0f} s; using stock PyTorch this time")
+                          f"{BUILD_WAIT_S:.0f} s; using stock PyTorch this time", stacklevel=2)
             return None
         with lock:
             return load(name="llmasos_gemv", sources=[str(Path(__file__).with_name("gemv.cpp"))],
                         extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"],
                         extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     except Exception as e:  # no compiler or headers: run on stock PyTorch, and say so once
-        warnings.warn(f"llmasos: CPU kernels unavailable, using stock PyTorch ({type(e).__name__}: {e})")
+        warnings.warn(f"llmasos: CPU kernels unavailable, using stock PyTorch ({type(e).__name__}: {e})", stacklevel=2)
         return None
 
 
@@ -119,7 +119,7 @@ def compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype
     return dtype
 
 
-@lru_cache(maxsize=None)
+@cache
 def max_rows(dtype: torch.dtype) -> int:
     """Up to how many input rows the kernel beats PyTorch's matmul for weights of `dtype`.
 

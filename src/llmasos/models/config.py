@@ -110,7 +110,7 @@ class ModelConfig:
         return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "model") -> "ModelConfig":
+    def from_dict(cls, values: dict[str, Any], where: str = "model") -> ModelConfig:
         """Build from a user mapping (a YAML `model:` block); unknown keys are refused by name."""
         known = set(cls.field_names())
         unknown = sorted(set(values) - known)
@@ -123,7 +123,7 @@ class ModelConfig:
     # ---- transformers' config.json ---------------------------------------
 
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Read a transformers `config.json` (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters`)."""
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else {v: k for k, v in MODEL_TYPES.items()}.get(cfg.get("model_type", ""), "")

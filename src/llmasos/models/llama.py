@@ -92,7 +92,7 @@ class ForwardBatch:
     kv_len: int  # cache slots attended to (with a cache)
     start: int | None  # all rows write positions start..start+S-1 (a slice, not a scatter)
     rows: Tensor | None  # [B, 1] row index for the scatter when start is None
-    cache: "KVCache | None"
+    cache: KVCache | None
     row0: int  # the batch's first row in the cache
 
 

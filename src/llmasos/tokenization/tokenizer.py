@@ -11,8 +11,9 @@ import functools
 import json
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from llmasos.errors import CheckpointError
 from llmasos.tokenization.chat import BUILTIN_TEMPLATES, load_chat_template, render_chat
