@@ -30,12 +30,41 @@ def operands(linear: nn.Module) -> Operands | None:
     return None if get is None else get()
 
 
-def _dense(*linears: nn.Module) -> list[Operands] | None:
-    """The operands of these projections when all are dense and of one dtype (what `gemv` and `swiglu` take)."""
-    found = [operands(m) for m in linears]
-    if all(o is not None and o.dense for o in found) and len({o.weight.dtype for o in found}) == 1:
-        return found
-    return None
+@dataclass
+class _Plan:
+    """What the kernels need of a group of projections (a block's seven, q/k/v, gate/up) that only changes when
+    they do: gathered on the first call and reused by every later one (gathering it every decoding step cost
+    ~10% of a small model's step)."""
+
+    linears: tuple[nn.Module, ...]
+    rows: int  # up to how many rows the kernels take these projections (0: they cannot, e.g. LoRA-wrapped)
+    dense: bool = False  # all fp32 or bf16 weights of one dtype: what `gemv` over several and `swiglu` take
+    weights: list[Tensor] = field(default_factory=list)
+    scales: list[Tensor] = field(default_factory=list)
+    offsets: list[Tensor] = field(default_factory=list)
+    biases: list[Tensor] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, linears: tuple[nn.Module, ...]) -> _Plan:
+        found = [operands(m) for m in linears]
+        if any(o is None for o in found):
+            return cls(linears, 0)
+        dense = all(o.dense for o in found) and len({o.weight.dtype for o in found}) == 1
+        return cls(linears, min(o.rows for o in found), dense, [o.weight for o in found],
+                   [o.scales for o in found], [o.offsets for o in found], [o.bias for o in found])
+
+    def current(self, linears: tuple[nn.Module, ...]) -> bool:
+        """Whether the plan still describes these projections (none swapped, no weight or bias replaced)."""
+        return all(a is b for a, b in zip(self.linears, linears)) and (not self.rows or all(
+            w is m.weight and b is optional(m.bias) for w, b, m in zip(self.weights, self.biases, linears)))
+
+
+def _planned(module: nn.Module, linears: tuple[nn.Module, ...]) -> _Plan:
+    """`module`'s plan for these projections of its own, gathered again when they changed."""
+    plan = module._plan
+    if plan is None or not plan.current(linears):
+        plan = module._plan = _Plan.of(linears)
+    return plan
 
 
 class GemvLinear(nn.Linear):
@@ -66,10 +95,12 @@ class KernelAttention(Attention):
     """q/k/v projected in one kernel call and rotated in place (fp32, a few rows), and one new token per row
     attending over its cache row in one call (decoding)."""
 
+    _plan: _Plan | None = None
+
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        qkv = _dense(self.q_proj, self.k_proj, self.v_proj)
-        if qkv is not None and takes_kernel(x, qkv[0].rows):
-            q, k, v = load_ops().gemv(x.contiguous(), [o.weight for o in qkv], [o.bias for o in qkv])
+        plan = _planned(self, (self.q_proj, self.k_proj, self.v_proj))
+        if plan.dense and takes_kernel(x, plan.rows):
+            q, k, v = load_ops().gemv(x.contiguous(), plan.weights, plan.biases)
             return tuple(y.view(*x.shape[:-1], -1) for y in (q, k, v))
         return super().project(x)
 
@@ -91,54 +122,29 @@ class KernelAttention(Attention):
 class KernelMLP(MLP):
     """The gate and up projections and SiLU in one kernel call, for fp32 decoding of a few rows."""
 
+    _plan: _Plan | None = None
+
     def forward(self, x: Tensor) -> Tensor:
-        gate_up = _dense(self.gate_proj, self.up_proj) if x.dtype == torch.float32 else None
-        if gate_up is not None and takes_kernel(x, gate_up[0].rows):
-            gate, up = gate_up
-            h = load_ops().swiglu(x.contiguous(), gate.weight, up.weight, gate.bias, up.bias)
-            return self.down_proj(h.view(*x.shape[:-1], -1))
+        if x.dtype == torch.float32:
+            plan = _planned(self, (self.gate_proj, self.up_proj))
+            if plan.dense and takes_kernel(x, plan.rows):
+                (gate, up), (gate_bias, up_bias) = plan.weights, plan.biases
+                h = load_ops().swiglu(x.contiguous(), gate, up, gate_bias, up_bias)
+                return self.down_proj(h.view(*x.shape[:-1], -1))
         return super().forward(x)
-
-
-@dataclass
-class _DecodePlan:
-    """What `decode_block` needs of a block's projections that only changes when they do: built on the first
-    decoding step and reused by every later one (gathering it every step cost ~10% of a small model's step)."""
-
-    linears: tuple[nn.Module, ...]
-    rows: int  # up to how many rows the kernel takes these projections (0: it cannot, e.g. LoRA-wrapped)
-    weights: list[Tensor] = field(default_factory=list)
-    scales: list[Tensor] = field(default_factory=list)
-    offsets: list[Tensor] = field(default_factory=list)
-    biases: list[Tensor] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, linears: tuple[nn.Module, ...]) -> _DecodePlan:
-        found = [operands(m) for m in linears]
-        if any(o is None for o in found):
-            return cls(linears, 0)
-        return cls(linears, min(o.rows for o in found), [o.weight for o in found], [o.scales for o in found],
-                   [o.offsets for o in found], [o.bias for o in found])
-
-    def current(self, linears: tuple[nn.Module, ...]) -> bool:
-        """Whether the plan still describes these projections (none swapped, no weight or bias replaced)."""
-        return all(a is b for a, b in zip(self.linears, linears)) and (not self.rows or all(
-            w is m.weight and b is optional(m.bias) for w, b, m in zip(self.weights, self.biases, linears)))
 
 
 class KernelBlock(Block):
     """A whole block in one kernel call when decoding (one new token per row, fp32 activations and cache;
     dense, int8 or int4 projections); otherwise the usual path, through the modules above."""
 
-    _plan: _DecodePlan | None = None
+    _plan: _Plan | None = None
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
         attn, mlp = self.self_attn, self.mlp
         if x.shape[1] == 1 and x.dtype == torch.float32 and batch.cache is not None:
-            linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            if self._plan is None or not self._plan.current(linears):
-                self._plan = _DecodePlan.of(linears)
-            plan = self._plan
+            plan = _planned(self, (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                                   mlp.down_proj))
             if batch.cache.k[attn.layer].dtype == torch.float32 and takes_kernel(x, plan.rows):
                 return load_ops().decode_block(
                     x, [self.input_layernorm.weight, self.post_attention_layernorm.weight], plan.weights,
