@@ -59,12 +59,17 @@ class _Plan:
             w is m.weight and b is optional(m.bias) for w, b, m in zip(self.weights, self.biases, linears)))
 
 
-def _planned(module: nn.Module, linears: tuple[nn.Module, ...]) -> _Plan:
-    """`module`'s plan for these projections of its own, gathered again when they changed."""
-    plan = module._plan
-    if plan is None or not plan.current(linears):
-        plan = module._plan = _Plan.of(linears)
-    return plan
+class _Planned:
+    """A fast module that keeps the plan of some projections of its own."""
+
+    _plan: _Plan | None = None
+
+    def planned(self, linears: tuple[nn.Module, ...]) -> _Plan:
+        """The plan of these projections, gathered again when they changed."""
+        plan = self._plan
+        if plan is None or not plan.current(linears):
+            plan = self._plan = _Plan.of(linears)
+        return plan
 
 
 class GemvLinear(nn.Linear):
@@ -91,14 +96,12 @@ class KernelRMSNorm(RMSNorm):
         return super().forward(x)
 
 
-class KernelAttention(Attention):
+class KernelAttention(_Planned, Attention):
     """q/k/v projected in one kernel call and rotated in place (fp32, a few rows), and one new token per row
     attending over its cache row in one call (decoding)."""
 
-    _plan: _Plan | None = None
-
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        plan = _planned(self, (self.q_proj, self.k_proj, self.v_proj))
+        plan = self.planned((self.q_proj, self.k_proj, self.v_proj))
         if plan.dense and takes_kernel(x, plan.rows):
             q, k, v = load_ops().gemv(x.contiguous(), plan.weights, plan.biases)
             return tuple(y.view(*x.shape[:-1], -1) for y in (q, k, v))
@@ -119,14 +122,12 @@ class KernelAttention(Attention):
         return super().attend(q, k, v, batch)
 
 
-class KernelMLP(MLP):
+class KernelMLP(_Planned, MLP):
     """The gate and up projections and SiLU in one kernel call, for fp32 decoding of a few rows."""
-
-    _plan: _Plan | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32:
-            plan = _planned(self, (self.gate_proj, self.up_proj))
+            plan = self.planned((self.gate_proj, self.up_proj))
             if plan.dense and takes_kernel(x, plan.rows):
                 (gate, up), (gate_bias, up_bias) = plan.weights, plan.biases
                 h = load_ops().swiglu(x.contiguous(), gate, up, gate_bias, up_bias)
@@ -134,17 +135,15 @@ class KernelMLP(MLP):
         return super().forward(x)
 
 
-class KernelBlock(Block):
+class KernelBlock(_Planned, Block):
     """A whole block in one kernel call when decoding (one new token per row, fp32 activations and cache;
     dense, int8 or int4 projections); otherwise the usual path, through the modules above."""
-
-    _plan: _Plan | None = None
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
         attn, mlp = self.self_attn, self.mlp
         if x.shape[1] == 1 and x.dtype == torch.float32 and batch.cache is not None:
-            plan = _planned(self, (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
-                                   mlp.down_proj))
+            plan = self.planned((attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                                 mlp.down_proj))
             if batch.cache.k[attn.layer].dtype == torch.float32 and takes_kernel(x, plan.rows):
                 return load_ops().decode_block(
                     x, [self.input_layernorm.weight, self.post_attention_layernorm.weight], plan.weights,
