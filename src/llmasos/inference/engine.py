@@ -26,6 +26,7 @@ from torch import Tensor
 
 from llmasos.errors import ContextLengthError, InvalidRequestError, LLMasOSError
 from llmasos.inference.sampling import SEEDS, SamplingParams, apply_penalties, draw, filter_logits
+from llmasos.progress import progress_bar
 from llmasos.tokenization import StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -546,8 +547,6 @@ class Engine:
         """Step until every one of `outputs` is finished (other requests advance too)."""
         bar = None
         if progress:
-            from llmasos.progress import progress_bar
-
             bar = progress_bar(total=len(outputs), desc="generating", unit="req", leave=False)
         while not all(o.finished for o in outputs):
             self.step()
