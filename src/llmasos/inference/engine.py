@@ -201,7 +201,11 @@ class Engine:
     def add(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> RequestOutput:
         """Queue a request (a string, or token ids); refused before any work if it cannot fit the context
         or the cache budget. max_tokens=0 (with prompt_logprobs) only scores the prompt."""
-        ids, max_tokens = self.check(prompt, params)
+        return self.enqueue(*self.check(prompt, params), params, request_id)
+
+    def enqueue(self, ids: list[int], max_tokens: int, params: SamplingParams,
+                request_id: str | None = None) -> RequestOutput:
+        """Queue what `check` returned for this prompt and these params (`add` is both)."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise LLMasOSError(f"request id {request_id!r} is already in use")
@@ -440,14 +444,11 @@ class Engine:
 
     def _sample(self, logits: Tensor, seqs: list[Sequence]) -> list[Delta]:
         """Pick and take one token for each of `seqs`, all rows at once. If that raises, each row is done
-        alone (same arithmetic, same tokens) and a row that still raises fails its request alone."""
-        states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
+        alone (same arithmetic, same tokens: `draw` checks every row before any generator is used) and a row
+        that still raises fails its request alone."""
         try:
             picked = [(seq, token, logprob) for seq, (token, logprob) in zip(seqs, self._pick(logits, seqs))]
         except Exception:
-            for seq, state in zip(seqs, states):  # rows drawn before the failure draw again, the same
-                if state is not None:
-                    seq.generator.set_state(state)
             picked = []
             for i, seq in enumerate(seqs):
                 try:

@@ -130,6 +130,10 @@ def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
 
 
 def draw(logits: Tensor, generators: list[torch.Generator | None]) -> Tensor:
-    """One token per row from softmax(logits), each row with its own generator."""
+    """One token per row from softmax(logits), each row with its own generator. Every row is checked before
+    the first draw, so a bad row raises before any generator has moved (its neighbours can draw again alike)."""
     probs = logits.softmax(-1)
+    bad = (~probs.isfinite().all(-1) | ~(probs.sum(-1) > 0)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"rows {bad} have no distribution to draw from (NaN, infinite or all -inf logits)")
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])

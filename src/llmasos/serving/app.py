@@ -279,15 +279,6 @@ class Service:
         except LLMasOSError as e:  # the template refused the conversation (e.g. roles that do not alternate)
             raise APIError(400, str(e), param="messages") from None
 
-    def check_ids(self, prompts: list[list[int]], param: str) -> None:
-        vocab = self.llm.config.vocab_size
-        for i, p in enumerate(prompts):
-            bad = next((t for t in p if not 0 <= t < vocab), None)
-            if bad is not None:
-                where = param if len(prompts) == 1 else f"{param}[{i}]"
-                raise APIError(400, f"{where} holds the token id {str(bad)[:40]}; ids must be in [0, {vocab})",
-                               param=param)
-
     async def run_to_end(self, stream: Stream, request: Request) -> bool:
         """Wait for every request of `stream`; False (and everything aborted) if the client leaves first."""
 
@@ -337,8 +328,7 @@ class Service:
         if texts is not None:
             prompts = await self.encode(texts, "prompt")
         else:
-            prompts = [prompt] if isinstance(prompt[0], int) else prompt
-            self.check_ids(prompts, "prompt")
+            prompts = [prompt] if isinstance(prompt[0], int) else prompt  # ids are checked by the engine
         # echo with logprobs (lm-eval's log-likelihood) or with max_tokens 0: the prompt is scored too, in the
         # engine's queue like any prompt; max_tokens 0 generates nothing.
         scoring = body.echo and (body.logprobs is not None or body.max_tokens == 0)
@@ -504,7 +494,10 @@ class Service:
 
     async def detokenize(self, body: s.DetokenizeRequest) -> dict[str, Any]:
         self.check_model(body.model)
-        self.check_ids([body.tokens], "tokens")
+        vocab = self.llm.config.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens holds the id {str(bad)[:40]}; ids must be in [0, {vocab})", param="tokens")
         return {"prompt": await asyncio.to_thread(self.tokenizer.decode, body.tokens)}
 
     async def tokenizer_info(self) -> dict[str, Any]:

@@ -125,16 +125,15 @@ class EngineThread:
                     f"this request asks for {wanted} sequences (n={params.n} for each of {len(prompts)} prompts); "
                     f"the server holds at most {capacity} at once ({engine.max_batch_size} running, {self.max_queue} "
                     "waiting)", param="n" if params.n > 1 else "prompt")
-            for prompt in prompts:
-                engine.check(prompt, params)
+            checked = [engine.check(prompt, params) for prompt in prompts]
             busy = engine.num_running + sum(r.params.n for r in engine.waiting)
             if busy + wanted > capacity:
                 raise QueueFullError(f"the server is busy: {engine.num_running} sequences running and "
                                      f"{engine.num_waiting} requests waiting (the queue holds {self.max_queue})")
             outputs: list[RequestOutput] = []
             try:
-                for request_id, prompt in zip(ids, prompts):
-                    outputs.append(engine.add(prompt, params, request_id))
+                for request_id, (prompt_ids, max_tokens) in zip(ids, checked):
+                    outputs.append(engine.enqueue(prompt_ids, max_tokens, params, request_id))
                     self._sinks[request_id] = put
             except BaseException:
                 for out in outputs:
