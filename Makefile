@@ -17,12 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[all,test,bench]'
 	touch $(STAMP)
 
-# The habits that keep the code as it is: ruff's lint and mypy on the typed public API, then every test.
+# The habits that keep the code as it is: ruff (lint and format) and mypy on the typed public API, then every test.
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
 # The inner loop: everything but the slow end-to-end tests.

@@ -12,8 +12,14 @@ CACHE = Path(os.environ.get("LLMASOS_BENCH_CACHE", Path(__file__).resolve().pare
 
 
 # The ~110M shape of the reference measurements (not a published model).
-SMALL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-             max_position_embeddings=2048)
+SMALL = dict(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=2048,
+)
 
 
 def bench_tokenizer(vocab_size: int) -> Path:

@@ -99,15 +99,21 @@ def measure(shape: str, dtype: str, variants: list[str], new: int = 64) -> dict:
 def main() -> dict:
     rows, checks = [], []
 
-    def add(label: str, r: dict, variant: str, base: str = "transformers", target: float | None = None,
-            batch: int = 1) -> None:
+    def add(label: str, r: dict, variant: str, base: str = "transformers", target: float | None = None, batch: int = 1) -> None:
         tps = r["decode"][variant]
         roof = r["bandwidth"] / r["bytes"][variant] if batch == 1 else r["peak"] / r["flops"][variant]
         ratio = tps / r["decode"][base] if base in r["decode"] else None
-        rows.append([label, f"{tps:.1f}", f"{r['decode'][base]:.1f}" if base in r["decode"] else "-",
-                     f"{ratio:.2f}x" if ratio else "-", f"{target:.2f}x" if target else "-",
-                     f"{tps / roof:.0%}" + ("" if batch == 1 else " of compute"),
-                     ("PASS" if ratio >= target else "FAIL") if (target and ratio) else "-"])
+        rows.append(
+            [
+                label,
+                f"{tps:.1f}",
+                f"{r['decode'][base]:.1f}" if base in r["decode"] else "-",
+                f"{ratio:.2f}x" if ratio else "-",
+                f"{target:.2f}x" if target else "-",
+                f"{tps / roof:.0%}" + ("" if batch == 1 else " of compute"),
+                ("PASS" if ratio >= target else "FAIL") if (target and ratio) else "-",
+            ]
+        )
         if target and ratio:
             checks.append(ratio >= target)
 
@@ -116,9 +122,17 @@ def main() -> dict:
         add(f"~110M {dtype} decode b1", r, "ours", target=target)
         add(f"~110M {dtype} decode, 16 sequences (vs our b1)", r, "ours-b16", base="ours", target=6.0, batch=16)
         p = r["prefill"]
-        rows.append([f"~110M {dtype} prefill 512 (tok/s)", f"{p['ours']:.0f}", f"{p['transformers']:.0f}",
-                     f"{p['ours'] / p['transformers']:.2f}x", "0.95x", "-",
-                     "PASS" if p["ours"] / p["transformers"] >= 0.95 else "FAIL"])
+        rows.append(
+            [
+                f"~110M {dtype} prefill 512 (tok/s)",
+                f"{p['ours']:.0f}",
+                f"{p['transformers']:.0f}",
+                f"{p['ours'] / p['transformers']:.2f}x",
+                "0.95x",
+                "-",
+                "PASS" if p["ours"] / p["transformers"] >= 0.95 else "FAIL",
+            ]
+        )
         checks.append(p["ours"] / p["transformers"] >= 0.95)
         bandwidth, peak = r["bandwidth"], r["peak"]
     r = measure("tinyllama-1.1b", "bfloat16", ["transformers", "ours", "ours-int8", "ours-int4"], new=32)
@@ -126,13 +140,24 @@ def main() -> dict:
     add("1.1B int8 decode b1 (vs transformers bf16)", r, "ours-int8", target=2.2)
     add("1.1B int4 decode b1 (vs transformers bf16)", r, "ours-int4", target=3.5)
     p = r["prefill"]
-    rows.append(["1.1B bf16 prefill 512 (tok/s)", f"{p['ours']:.0f}", f"{p['transformers']:.0f}",
-                 f"{p['ours'] / p['transformers']:.2f}x", "0.95x", "-",
-                 "PASS" if p["ours"] / p["transformers"] >= 0.95 else "FAIL"])
+    rows.append(
+        [
+            "1.1B bf16 prefill 512 (tok/s)",
+            f"{p['ours']:.0f}",
+            f"{p['transformers']:.0f}",
+            f"{p['ours'] / p['transformers']:.2f}x",
+            "0.95x",
+            "-",
+            "PASS" if p["ours"] / p["transformers"] >= 0.95 else "FAIL",
+        ]
+    )
     checks.append(p["ours"] / p["transformers"] >= 0.95)
-    print_table(f"Decode tok/s, batch 1 unless said (median of {ROUNDS} alternating rounds; memory read "
-                f"{bandwidth / 1e9:.1f} GB/s and fp32 matmul peak {peak / 1e9:.0f} GFLOP/s measured in the same run)",
-                ["figure", "ours", "reference", "ratio", "target", "of roofline", "verdict"], rows)
+    print_table(
+        f"Decode tok/s, batch 1 unless said (median of {ROUNDS} alternating rounds; memory read "
+        f"{bandwidth / 1e9:.1f} GB/s and fp32 matmul peak {peak / 1e9:.0f} GFLOP/s measured in the same run)",
+        ["figure", "ours", "reference", "ratio", "target", "of roofline", "verdict"],
+        rows,
+    )
     return {"passed": sum(checks), "checked": len(checks)}
 
 

@@ -65,17 +65,30 @@ def main() -> dict:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        print("llama.cpp comparison skipped: llama-cpp-python is not installed "
-              "(pip install 'llmasos[llamacpp]'; it compiles llama.cpp, ~15 min on 2 cores)")
+        print(
+            "llama.cpp comparison skipped: llama-cpp-python is not installed "
+            "(pip install 'llmasos[llamacpp]'; it compiles llama.cpp, ~15 min on 2 cores)"
+        )
         return {}
     rows = []
     for label, shape, dtype, quant, gguf_type in CASES:
         new = 64 if shape == "small" else 32
-        r = run_child(CHILD.format(path=str(random_checkpoint(shape, "bfloat16")), gguf=gguf_of(shape, gguf_type),
-                                   dtype=dtype, quant=quant, rounds=ROUNDS, new=new))
+        r = run_child(
+            CHILD.format(
+                path=str(random_checkpoint(shape, "bfloat16")),
+                gguf=gguf_of(shape, gguf_type),
+                dtype=dtype,
+                quant=quant,
+                rounds=ROUNDS,
+                new=new,
+            )
+        )
         rows.append([label, f"{r['ours']:.1f}", f"{r['llama.cpp']:.1f}", f"{r['ours'] / r['llama.cpp']:.2f}x"])
-    print_table(f"Decode tok/s at batch 1 against llama.cpp, same weights (median of {ROUNDS} alternating rounds)",
-                ["figure", "ours", "llama.cpp", "ratio"], rows)
+    print_table(
+        f"Decode tok/s at batch 1 against llama.cpp, same weights (median of {ROUNDS} alternating rounds)",
+        ["figure", "ours", "llama.cpp", "ratio"],
+        rows,
+    )
     return {"rows": rows}
 
 

@@ -23,7 +23,7 @@ peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps(dict(weights=weights, peak_increase=peak - base, seconds=seconds)))
 """
 OURS = "from llmasos.checkpoints.load import load_model\nmodel = load_model(PATH, dtype=torch.bfloat16)"
-HF = ("import transformers\nmodel = transformers.AutoModelForCausalLM.from_pretrained(PATH, dtype=torch.bfloat16)")
+HF = "import transformers\nmodel = transformers.AutoModelForCausalLM.from_pretrained(PATH, dtype=torch.bfloat16)"
 
 
 def main() -> dict:
@@ -34,12 +34,15 @@ def main() -> dict:
     rows = []
     for name, r in results.items():
         ratio = r["peak_increase"] / r["weights"]
-        rows.append([name, f"{r['weights'] / 1e9:.2f} GB", f"{r['peak_increase'] / 1e9:.2f} GB", f"{ratio:.2f}x",
-                     f"{r['seconds']:.1f} s"])
+        rows.append(
+            [name, f"{r['weights'] / 1e9:.2f} GB", f"{r['peak_increase'] / 1e9:.2f} GB", f"{ratio:.2f}x", f"{r['seconds']:.1f} s"]
+        )
     ours = results["llmasos"]["peak_increase"] / results["llmasos"]["weights"]
-    print_table("Load tinyllama-1.1b shape in bf16 (load + one read of every weight; peak RSS increase / weight bytes; "
-                "target <= 1.30x)",
-                ["system", "weights", "peak RSS increase", "ratio", "time"], rows)
+    print_table(
+        "Load tinyllama-1.1b shape in bf16 (load + one read of every weight; peak RSS increase / weight bytes; target <= 1.30x)",
+        ["system", "weights", "peak RSS increase", "ratio", "time"],
+        rows,
+    )
     print(f"load memory: {ours:.2f}x weight bytes -> {'PASS' if ours <= 1.3 else 'FAIL'} (target <= 1.30x)")
     return {"load_peak_ratio": ours, "target_met": ours <= 1.3}
 

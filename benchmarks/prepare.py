@@ -30,10 +30,21 @@ def main() -> None:
             seconds = time.perf_counter() - t
             tokens = sum(split["tokens"] for split in meta["splits"].values())
             base = base or tokens / seconds
-            rows.append([str(workers), f"{sum(f.stat().st_size for f in files) / 2**20:.1f} MB", f"{tokens:,}",
-                         f"{seconds:.1f}", f"{tokens / seconds:,.0f}", f"{tokens / seconds / base:.2f}x"])
-    print_table("prepare throughput (clean, dedup, tokenize, pack)",
-                ["workers", "corpus", "tokens", "seconds", "tokens/s", "vs 1 worker"], rows)
+            rows.append(
+                [
+                    str(workers),
+                    f"{sum(f.stat().st_size for f in files) / 2**20:.1f} MB",
+                    f"{tokens:,}",
+                    f"{seconds:.1f}",
+                    f"{tokens / seconds:,.0f}",
+                    f"{tokens / seconds / base:.2f}x",
+                ]
+            )
+    print_table(
+        "prepare throughput (clean, dedup, tokenize, pack)",
+        ["workers", "corpus", "tokens", "seconds", "tokens/s", "vs 1 worker"],
+        rows,
+    )
 
 
 if __name__ == "__main__":

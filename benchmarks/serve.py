@@ -33,8 +33,14 @@ def _free_port() -> int:
 
 async def _client(http, url: str) -> tuple[float, int]:
     """(time to first token, tokens generated) of one streamed completion."""
-    body = {"prompt": PROMPT, "max_tokens": NEW, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": NEW,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start, first, tokens = time.perf_counter(), None, 0
     async with http.stream("POST", url, json=body) as r:
         r.raise_for_status()
@@ -57,8 +63,11 @@ async def _round(url: str, clients: int) -> dict:
         results = await asyncio.gather(*(_client(http, url) for _ in range(clients)))
         wall = time.perf_counter() - t0
     ttft = sorted(r[0] for r in results)
-    return {"tok_s": sum(r[1] for r in results) / wall, "ttft_p50": statistics.median(ttft),
-            "ttft_p95": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))]}
+    return {
+        "tok_s": sum(r[1] for r in results) / wall,
+        "ttft_p50": statistics.median(ttft),
+        "ttft_p95": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
+    }
 
 
 def main() -> dict:
@@ -66,8 +75,11 @@ def main() -> dict:
 
     path = random_checkpoint("small", "bfloat16")
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "llmasos", "serve", str(path), "--port", str(port),
-                               "--max-running", str(CLIENTS)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llmasos", "serve", str(path), "--port", str(port), "--max-running", str(CLIENTS)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -86,14 +98,23 @@ def main() -> dict:
         server.terminate()
         server.wait(60)
     ratio = many["tok_s"] / one["tok_s"]
-    rows = [["1 client", f"{one['tok_s']:.1f}", "1.00x", f"{one['ttft_p50'] * 1e3:.0f}",
-             f"{one['ttft_p95'] * 1e3:.0f}", "-", "-"],
-            [f"{CLIENTS} clients", f"{many['tok_s']:.1f}", f"{ratio:.2f}x", f"{many['ttft_p50'] * 1e3:.0f}",
-             f"{many['ttft_p95'] * 1e3:.0f}", "5.00x", "PASS" if ratio >= 5 else "FAIL"]]
-    print_table(f"llmasos serve, ~110M bf16, streamed completions over loopback HTTP ({len(PROMPT)}-token prompt, "
-                f"{NEW} new tokens each)",
-                ["load", "generated tok/s (all clients)", "vs 1 client", "TTFT p50 (ms)", "TTFT p95 (ms)", "target",
-                 "verdict"], rows)
+    rows = [
+        ["1 client", f"{one['tok_s']:.1f}", "1.00x", f"{one['ttft_p50'] * 1e3:.0f}", f"{one['ttft_p95'] * 1e3:.0f}", "-", "-"],
+        [
+            f"{CLIENTS} clients",
+            f"{many['tok_s']:.1f}",
+            f"{ratio:.2f}x",
+            f"{many['ttft_p50'] * 1e3:.0f}",
+            f"{many['ttft_p95'] * 1e3:.0f}",
+            "5.00x",
+            "PASS" if ratio >= 5 else "FAIL",
+        ],
+    ]
+    print_table(
+        f"llmasos serve, ~110M bf16, streamed completions over loopback HTTP ({len(PROMPT)}-token prompt, {NEW} new tokens each)",
+        ["load", "generated tok/s (all clients)", "vs 1 client", "TTFT p50 (ms)", "TTFT p95 (ms)", "target", "verdict"],
+        rows,
+    )
     return {"passed": int(ratio >= 5), "checked": 1}
 
 

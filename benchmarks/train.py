@@ -67,18 +67,33 @@ def main() -> dict:
 
     for precision, target in (("fp32", 1.0), ("bf16-mixed", 1.2)):
         if precision == "bf16-mixed" and not native_bf16():
-            print("bf16-mixed skipped: this CPU has no bf16 arithmetic (AVX512_BF16/AMX), so PyTorch emulates it "
-                  "and a step of this shape takes minutes for both systems")
+            print(
+                "bf16-mixed skipped: this CPU has no bf16 arithmetic (AVX512_BF16/AMX), so PyTorch emulates it "
+                "and a step of this shape takes minutes for both systems"
+            )
             continue
         r = run_child(CHILD.format(shape=SMALL, precision=precision, steps=STEPS))
         ours, ref = r["rates"]["llmasos"], r["rates"]["transformers"]
         mfu = ours * r["flops_per_token"] / r["peak"]
         ratio = ours / ref
         checks.append(ratio >= target)
-        rows.append([precision, f"{ours:.0f}", f"{ref:.0f}", f"{ratio:.2f}x", f"{target:.2f}x", f"{mfu:.0%}",
-                     f"{r['peak'] / 1e9:.0f}", "PASS" if ratio >= target else "FAIL"])
-    print_table(f"Training tok/s, ~110M shape, 8 x 256 tokens, AdamW (median of {STEPS} alternating steps)",
-                ["precision", "ours", "transformers", "ratio", "target", "MFU", "matmul peak GFLOP/s", "verdict"], rows)
+        rows.append(
+            [
+                precision,
+                f"{ours:.0f}",
+                f"{ref:.0f}",
+                f"{ratio:.2f}x",
+                f"{target:.2f}x",
+                f"{mfu:.0%}",
+                f"{r['peak'] / 1e9:.0f}",
+                "PASS" if ratio >= target else "FAIL",
+            ]
+        )
+    print_table(
+        f"Training tok/s, ~110M shape, 8 x 256 tokens, AdamW (median of {STEPS} alternating steps)",
+        ["precision", "ours", "transformers", "ratio", "target", "MFU", "matmul peak GFLOP/s", "verdict"],
+        rows,
+    )
     return {"passed": sum(checks), "checked": len(checks)}
 
 

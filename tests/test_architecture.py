@@ -9,8 +9,25 @@ import pytest
 SRC = Path(__file__).parents[1] / "src" / "llmasos"
 # Bottom to top: a unit imports only units below it. A unit is a package of llmasos or a top-level module;
 # "llmasos" is the package's own __init__ (the public API), above everything but the command line.
-LAYERS = ["errors", "extras", "outputs", "progress", "kernels", "models", "tokenization", "checkpoints", "data", "inference",
-          "evaluation", "training", "serving", "llmasos", "quickstart", "cli", "__main__"]
+LAYERS = [
+    "errors",
+    "extras",
+    "outputs",
+    "progress",
+    "kernels",
+    "models",
+    "tokenization",
+    "checkpoints",
+    "data",
+    "inference",
+    "evaluation",
+    "training",
+    "serving",
+    "llmasos",
+    "quickstart",
+    "cli",
+    "__main__",
+]
 
 
 def module_name(path: Path) -> str:
@@ -28,11 +45,15 @@ def imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             if base.split(".")[0] == "llmasos":
                 found.add(base)
-                found |= {f"{base}.{a.name}" for a in node.names if (SRC.parent / f"{base}.{a.name}".replace(".", "/")).exists()
-                          or (SRC.parent / (f"{base}.{a.name}".replace(".", "/") + ".py")).exists()}
+                found |= {
+                    f"{base}.{a.name}"
+                    for a in node.names
+                    if (SRC.parent / f"{base}.{a.name}".replace(".", "/")).exists()
+                    or (SRC.parent / (f"{base}.{a.name}".replace(".", "/") + ".py")).exists()
+                }
     return found
 
 
@@ -49,8 +70,12 @@ def test_every_unit_has_a_layer():
 
 
 def test_imports_run_down_the_layers():
-    upward = sorted(f"{m} -> {i}" for m, targets in MODULES.items() for i in targets
-                    if unit(i) != unit(m) and LAYERS.index(unit(i)) > LAYERS.index(unit(m)))
+    upward = sorted(
+        f"{m} -> {i}"
+        for m, targets in MODULES.items()
+        for i in targets
+        if unit(i) != unit(m) and LAYERS.index(unit(i)) > LAYERS.index(unit(m))
+    )
     assert not upward, "imports against the layering:\n" + "\n".join(upward)
 
 
@@ -64,7 +89,7 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -76,8 +101,11 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 @pytest.mark.parametrize("package", sorted({unit(m) for m in MODULES if m.count(".") >= 2}))
 def test_no_cycle_among_the_modules_of_a_package(package):
-    inside = {m: {i for i in targets if unit(i) == package and i in MODULES and i != m}
-              for m, targets in MODULES.items() if unit(m) == package}
+    inside = {
+        m: {i for i in targets if unit(i) == package and i in MODULES and i != m}
+        for m, targets in MODULES.items()
+        if unit(m) == package
+    }
     # A package's __init__ re-exports its modules: that is not a module importing its parent.
     inside = {m: {i for i in targets if not m.startswith(i + ".")} for m, targets in inside.items()}
     assert cycle(inside) is None, " -> ".join(cycle(inside))

@@ -5,9 +5,11 @@ from llmasos.cli import VERBS, build_parser
 
 
 def test_help_lists_every_verb_without_importing_torch():
-    code = ("import sys; from llmasos.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'torch imported by --help'")
+    code = (
+        "import sys; from llmasos.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported by --help'"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     build_parser()
@@ -64,8 +66,12 @@ def test_generate_json_is_greedy_and_reproducible(tmp_path):
     first, second = run(*args), run(*args)
     assert first.returncode == 0, first.stderr
     out = json.loads(first.stdout)
-    assert out == {**json.loads(second.stdout), "time_to_first_token_s": out["time_to_first_token_s"],
-                   "total_s": out["total_s"], "decode_tokens_per_s": out["decode_tokens_per_s"]}
+    assert out == {
+        **json.loads(second.stdout),
+        "time_to_first_token_s": out["time_to_first_token_s"],
+        "total_s": out["total_s"],
+        "decode_tokens_per_s": out["decode_tokens_per_s"],
+    }
     assert out["finish_reason"] in ("stop", "length") and 1 <= out["generated_tokens"] <= 6
     assert out["prompt_tokens"] > 1 and len(out["token_ids"]) == out["generated_tokens"]
 

@@ -14,8 +14,23 @@ from llmasos.extras import EXTRAS
 
 # What the optional parts and the tests bring; the core must import none of it.
 OPTIONAL = {m.split(".")[0] for modules in EXTRAS.values() for m in modules} | {
-    "lm_eval", "sacrebleu", "starlette", "pydantic", "transformers", "peft", "datasets", "openai", "httpx",
-    "playwright", "schemathesis", "hypothesis", "llama_cpp", "onnx", "onnxruntime", "onnxscript"}
+    "lm_eval",
+    "sacrebleu",
+    "starlette",
+    "pydantic",
+    "transformers",
+    "peft",
+    "datasets",
+    "openai",
+    "httpx",
+    "playwright",
+    "schemathesis",
+    "hypothesis",
+    "llama_cpp",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+}
 
 
 def run(code: str, hidden: set[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -28,12 +43,14 @@ def run(code: str, hidden: set[str], cwd: Path) -> subprocess.CompletedProcess:
         if entry.name.partition(".")[0] not in hidden:
             (view / entry.name).symlink_to(entry)
     prelude = f"import site, sys\nsite.addsitedir({str(view)!r})\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-    return subprocess.run([sys.executable, "-S", "-c", prelude + textwrap.dedent(code)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-S", "-c", prelude + textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_the_core_loads_and_generates_with_no_optional_package(tmp_path):
-    done = run("""
+    done = run(
+        """
         import torch
         from helpers import write_bpe_tokenizer
         from llmasos import LLM, SamplingParams
@@ -54,21 +71,30 @@ def test_the_core_loads_and_generates_with_no_optional_package(tmp_path):
             import llmasos.serving
         except ImportError as e:
             print("IMPORT:", e)
-        """, OPTIONAL, tmp_path)
+        """,
+        OPTIONAL,
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "llmasos serve needs the 'serve' extra" in done.stderr and "pip install 'llmasos[serve]'" in done.stderr
     assert "llmasos pretrain needs the 'train' extra" in done.stderr
     assert "IMPORT: llmasos.serving needs the 'serve' extra" in done.stdout
 
 
-@pytest.mark.parametrize("extra, modules", [
-    ("serve", ["llmasos.serving", "llmasos.serving.app"]),
-    ("train", ["llmasos.training.trainer", "llmasos.training.finetune"]),
-    ("eval", ["llmasos.evaluation.runner", "llmasos.evaluation.metrics"]),
-    ("export", ["llmasos.checkpoints.onnx"]),
-])
+@pytest.mark.parametrize(
+    "extra, modules",
+    [
+        ("serve", ["llmasos.serving", "llmasos.serving.app"]),
+        ("train", ["llmasos.training.trainer", "llmasos.training.finetune"]),
+        ("eval", ["llmasos.evaluation.runner", "llmasos.evaluation.metrics"]),
+        ("export", ["llmasos.checkpoints.onnx"]),
+    ],
+)
 def test_each_extra_needs_only_the_core_and_its_own_packages(extra, modules, tmp_path):
-    own = {m.split(".")[0] for m in EXTRAS[extra]} | {"serve": {"starlette", "pydantic"}, "eval": {"sacrebleu"},
-                                                        "export": {"onnx", "onnxruntime", "onnxscript"}}.get(extra, set())
+    own = {m.split(".")[0] for m in EXTRAS[extra]} | {
+        "serve": {"starlette", "pydantic"},
+        "eval": {"sacrebleu"},
+        "export": {"onnx", "onnxruntime", "onnxscript"},
+    }.get(extra, set())
     done = run("\n".join(f"import {m}" for m in modules) + "\nprint('ok')\n", OPTIONAL - own, tmp_path)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]

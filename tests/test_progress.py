@@ -52,8 +52,10 @@ def test_on_a_terminal_the_bar_is_plain_tqdm():
 
 def test_a_piped_training_bar_has_no_carriage_returns():
     """The real stderr of a child process, piped as under `| tee`."""
-    code = ("from llmasos.progress import progress_bar\n"
-            "bar = progress_bar(total=1000, desc='pretrain', unit='step')\n"
-            "for _ in range(1000):\n    bar.update(1)\nbar.close()\n")
+    code = (
+        "from llmasos.progress import progress_bar\n"
+        "bar = progress_bar(total=1000, desc='pretrain', unit='step')\n"
+        "for _ in range(1000):\n    bar.update(1)\nbar.close()\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "\r" not in r.stderr and len(r.stderr.splitlines()) <= 25

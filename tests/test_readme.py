@@ -35,11 +35,18 @@ def test_the_readme_has_runnable_blocks_for_every_verb():
 
 
 def test_every_runnable_block_runs(tmp_path):
-    env = {**os.environ, "LLMASOS_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "LLMASOS_HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     for number, (language, block) in enumerate(runnable_blocks(), 1):
         command = ["bash", "-euo", "pipefail", "-c", block] if language == "bash" else [sys.executable, "-c", block]
-        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-                              stdin=subprocess.DEVNULL)
-        assert done.returncode == 0, (f"README block {number} failed:\n{block}\n--- stdout\n{done.stdout[-3000:]}"
-                                      f"\n--- stderr\n{done.stderr[-3000:]}")
+        done = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
+        )
+        assert done.returncode == 0, (
+            f"README block {number} failed:\n{block}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
+        )

@@ -46,9 +46,15 @@ def cmd_models(args: argparse.Namespace) -> None:
         zoo.add_column(col, justify="right" if col in ("params", "layers", "hidden", "context") else "left")
     for name in ZOO:
         c = zoo_config(name)
-        zoo.add_row(name, _human_count(c.num_parameters()), str(c.num_hidden_layers), str(c.hidden_size),
-                    f"{c.num_attention_heads}/{c.num_key_value_heads}", str(c.max_position_embeddings),
-                    ZOO[name].get("hf_id", "-"))
+        zoo.add_row(
+            name,
+            _human_count(c.num_parameters()),
+            str(c.num_hidden_layers),
+            str(c.hidden_size),
+            f"{c.num_attention_heads}/{c.num_key_value_heads}",
+            str(c.max_position_embeddings),
+            ZOO[name].get("hf_id", "-"),
+        )
     console.print(zoo)
     stored = Table(title=f"Stored models ({models_dir()})", title_justify="left")
     for col in ("name", "architecture", "params", "dtype", "size"):
@@ -56,8 +62,7 @@ def cmd_models(args: argparse.Namespace) -> None:
     for path in stored_models():
         try:
             c = load_config(path)
-            stored.add_row(path.name, c.architecture, _human_count(c.num_parameters()), c.dtype,
-                           _human_bytes(dir_size(path)))
+            stored.add_row(path.name, c.architecture, _human_count(c.num_parameters()), c.dtype, _human_bytes(dir_size(path)))
         except LLMasOSError as e:
             stored.add_row(path.name, f"[red]unreadable: {e}[/red]", "", "", "")
     if stored.row_count:
@@ -101,8 +106,11 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("heads / KV heads / head dim", f"{config.num_attention_heads} / {config.num_key_value_heads} / {config.head_dim}"),
         ("vocabulary", str(config.vocab_size)),
         ("context", str(config.max_position_embeddings)),
-        ("rope", f"theta {config.rope_theta:g}, {config.rope_type}"
-                 + (f" x{config.rope_scaling['factor']:g}" if config.rope_scaling else "")),
+        (
+            "rope",
+            f"theta {config.rope_theta:g}, {config.rope_type}"
+            + (f" x{config.rope_scaling['factor']:g}" if config.rope_scaling else ""),
+        ),
         ("tied embeddings", "yes" if config.tie_word_embeddings else "no"),
         ("dtype", config.dtype),
     ]
@@ -128,12 +136,34 @@ def cmd_info(args: argparse.Namespace) -> None:
 def _load_llm(args: argparse.Namespace, max_batch_size: int = 16, **options):
     from llmasos import LLM
 
-    return LLM.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                    compile=args.compile, max_batch_size=max_batch_size, progress=True, **options)
+    return LLM.load(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        compile=args.compile,
+        max_batch_size=max_batch_size,
+        progress=True,
+        **options,
+    )
 
 
-SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-              "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "kib": 2**10,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 2**20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 2**30,
+    "t": 10**12,
+    "tb": 10**12,
+    "tib": 2**40,
+}
 
 
 def _size(text: str) -> int:
@@ -149,8 +179,14 @@ def _size(text: str) -> int:
 def _sampling(args: argparse.Namespace, **overrides):
     from llmasos import SamplingParams
 
-    values = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, seed=args.seed, stop=args.stop or None)
+    values = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop or None,
+    )
     return SamplingParams(**{**values, **overrides})
 
 
@@ -166,12 +202,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
         out = llm.generate([prompt], params)[0]
         seconds = out.finished_at - out.arrival
         decode = out.finished_at - out.first_token_at
-        print(json.dumps({
-            "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
-            "prompt_tokens": len(out.prompt_token_ids), "generated_tokens": len(out.token_ids),
-            "time_to_first_token_s": round(out.first_token_at - out.arrival, 4), "total_s": round(seconds, 4),
-            "decode_tokens_per_s": round((len(out.token_ids) - 1) / decode, 2) if decode > 0 else None,
-        }, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "text": out.text,
+                    "token_ids": out.token_ids,
+                    "finish_reason": out.finish_reason,
+                    "prompt_tokens": len(out.prompt_token_ids),
+                    "generated_tokens": len(out.token_ids),
+                    "time_to_first_token_s": round(out.first_token_at - out.arrival, 4),
+                    "total_s": round(seconds, 4),
+                    "decode_tokens_per_s": round((len(out.token_ids) - 1) / decode, 2) if decode > 0 else None,
+                },
+                ensure_ascii=False,
+            )
+        )
         return
     output = llm.engine.add(prompt, params)
     stream = sys.stdout.isatty()
@@ -183,8 +228,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(output.text, end="")
     print()
     n = len(output.token_ids)
-    print(f"[{n} tokens, {n / (time.perf_counter() - t0):.1f} tok/s, finish: {output.finish_reason}]",
-          file=sys.stderr)
+    print(f"[{n} tokens, {n / (time.perf_counter() - t0):.1f} tok/s, finish: {output.finish_reason}]", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -192,8 +236,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     llm = _load_llm(args)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"Chatting with {args.model}. /reset clears the conversation, /exit quits, Ctrl-C stops an answer.",
-          file=sys.stderr)
+    print(f"Chatting with {args.model}. /reset clears the conversation, /exit quits, Ctrl-C stops an answer.", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
@@ -231,8 +274,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         ttft = (output.first_token_at or t0) - output.arrival
         decode = time.perf_counter() - (output.first_token_at or t0)
         rate = (n - 1) / decode if n > 1 and decode > 0 else 0.0
-        print(f"[{n} tokens, {rate:.1f} tok/s, first token after {ttft:.2f} s, {len(prompt)} prompt tokens]",
-              file=sys.stderr)
+        print(f"[{n} tokens, {rate:.1f} tok/s, first token after {ttft:.2f} s, {len(prompt)} prompt tokens]", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -245,13 +287,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
     budget = args.kv_cache_memory or default_cache_budget()
     llm = _load_llm(args, max_batch_size=args.max_running, max_seq_len=args.max_model_len, cache_budget=budget)
     source = "--kv-cache-memory" if args.kv_cache_memory else "half of the memory available at start-up"
-    print(f"KV cache budget {budget / 2**30:.2f} GiB ({source}): sequences of up to {llm.engine.max_seq_len} tokens, "
-          f"{llm.engine.fit_len(args.max_running)} each when all {args.max_running} rows run", file=sys.stderr)
+    print(
+        f"KV cache budget {budget / 2**30:.2f} GiB ({source}): sequences of up to {llm.engine.max_seq_len} tokens, "
+        f"{llm.engine.fit_len(args.max_running)} each when all {args.max_running} rows run",
+        file=sys.stderr,
+    )
     print(f"serving {args.model} at http://{args.host}:{args.port} (web chat at /, API at /v1)", file=sys.stderr)
     api_key = args.api_key or os.environ.get("LLMASOS_API_KEY") or None
-    serve(llm, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, api_key=api_key,
-          served_model_name=args.served_model_name or args.model, max_queue=args.max_queue,
-          cors_origins=args.cors_origin)
+    serve(
+        llm,
+        host=args.host,
+        port=args.port,
+        shutdown_timeout=args.shutdown_timeout,
+        api_key=api_key,
+        served_model_name=args.served_model_name or args.model,
+        max_queue=args.max_queue,
+        cors_origins=args.cors_origin,
+    )
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -260,14 +312,17 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from llmasos.tokenization.train import train_bpe
 
     stats = SourceStats()
-    docs = (d.text for d in iter_documents(args.inputs, glob=args.glob, text_field=args.text_field,
-                                           on_error=args.on_error, stats=stats))
-    out = train_bpe(docs, args.vocab_size, args.out, min_frequency=args.min_frequency, inputs=args.inputs,
-                    force=args.force)
+    docs = (
+        d.text
+        for d in iter_documents(args.inputs, glob=args.glob, text_field=args.text_field, on_error=args.on_error, stats=stats)
+    )
+    out = train_bpe(docs, args.vocab_size, args.out, min_frequency=args.min_frequency, inputs=args.inputs, force=args.force)
     tok = Tokenizer(out)
     skipped = f", {stats.skipped} records skipped" if stats.skipped else ""
-    print(f"trained a byte-level BPE of {tok.vocab_size} tokens on {stats.documents} documents from "
-          f"{stats.files} files{skipped}; wrote {out / 'tokenizer.json'} and {out / 'tokenizer_config.json'}")
+    print(
+        f"trained a byte-level BPE of {tok.vocab_size} tokens on {stats.documents} documents from "
+        f"{stats.files} files{skipped}; wrote {out / 'tokenizer.json'} and {out / 'tokenizer_config.json'}"
+    )
     for error in stats.errors:
         print(f"  skipped {error}", file=sys.stderr)
 
@@ -278,19 +333,30 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     from llmasos.data.prepare import prepare
 
-    meta, stats, sources = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                                   workers=args.workers, glob=args.glob, text_field=args.text_field,
-                                   on_error=args.on_error, force=args.force)
+    meta, stats, sources = prepare(
+        args.inputs,
+        args.tokenizer,
+        args.out,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        glob=args.glob,
+        text_field=args.text_field,
+        on_error=args.on_error,
+        force=args.force,
+    )
     table = Table(title=f"Prepared {args.out}", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
     for label, value in [
-        ("files read", sources.files), ("documents read", stats.documents_read),
-        ("skipped (malformed)", stats.skipped), ("empty after cleaning", stats.empty),
+        ("files read", sources.files),
+        ("documents read", stats.documents_read),
+        ("skipped (malformed)", stats.skipped),
+        ("empty after cleaning", stats.empty),
         ("exact duplicates removed", stats.duplicates),
         ("train documents / tokens", f"{stats.documents['train']:,} / {stats.tokens['train']:,}"),
         ("val documents / tokens", f"{stats.documents['val']:,} / {stats.tokens['val']:,}"),
-        ("token dtype", meta["dtype"]), ("vocabulary", f"{meta['vocab_size']:,}"),
+        ("token dtype", meta["dtype"]),
+        ("vocabulary", f"{meta['vocab_size']:,}"),
     ]:
         table.add_row(label, str(value))
     Console().print(table)
@@ -314,10 +380,11 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     require("train", "llmasos pretrain")
     from llmasos.training.trainer import pretrain
 
-    run = pretrain(_training_config(TrainConfig, args), resume=bool(args.resume), force=args.force,
-                   inputs=[args.config])
-    print(f"trained {run.steps} steps; the model is in {run.dir / 'final'}; metrics in {run.dir / 'metrics.csv'}, "
-          f"loss curve in {run.dir / 'loss.png'}")
+    run = pretrain(_training_config(TrainConfig, args), resume=bool(args.resume), force=args.force, inputs=[args.config])
+    print(
+        f"trained {run.steps} steps; the model is in {run.dir / 'final'}; metrics in {run.dir / 'metrics.csv'}, "
+        f"loss curve in {run.dir / 'loss.png'}"
+    )
     print(f"next: llmasos generate {run.dir / 'final'} -p 'Hello'")
 
 
@@ -327,8 +394,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     if not args.resume and not args.model:
         raise LLMasOSError("finetune: name the model to start from (llmasos finetune MODEL --data FILE ...)")
-    run = finetune(_training_config(FinetuneConfig, args), resume=bool(args.resume), force=args.force,
-                   inputs=[args.config])
+    run = finetune(_training_config(FinetuneConfig, args), resume=bool(args.resume), force=args.force, inputs=[args.config])
     out = run.dir
     print(f"fine-tuned {run.steps} steps; metrics in {out / 'metrics.csv'}, loss curve in {out / 'loss.png'}")
     for name, what in (("adapter", "the LoRA adapter (PEFT format)"), ("final", "the fine-tuned model (HF dir)")):
@@ -352,9 +418,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.results:
         raise LLMasOSError(f"unexpected arguments {' '.join(args.results)} (only `llmasos eval compare` takes files)")
-    config = EvalConfig(tasks=[t for t in (args.tasks or "").split(",") if t], limit=args.limit,
-                        batch_size=args.batch_size, num_fewshot=args.num_fewshot, include_path=args.include_path,
-                        perplexity=args.perplexity, stride=args.stride)
+    config = EvalConfig(
+        tasks=[t for t in (args.tasks or "").split(",") if t],
+        limit=args.limit,
+        batch_size=args.batch_size,
+        num_fewshot=args.num_fewshot,
+        include_path=args.include_path,
+        perplexity=args.perplexity,
+        stride=args.stride,
+    )
     if args.out:
         inputs = [args.model, args.perplexity, args.include_path, *config.tasks]
         check_results_path(Path(args.out), inputs, args.force)  # before the model is loaded
@@ -379,6 +451,8 @@ def cmd_tasks(args: argparse.Namespace) -> None:
         task = load_task(name)
         table.add_row(name, task.kind, str(len(task.records)), ", ".join(task.metrics), task.description)
     Console().print(table)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -390,8 +464,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
         written = export_gguf(path, out, args.dtype, force=args.force)
         print(f"wrote {written} ({_human_bytes(written.stat().st_size)}) and {written.parent / 'Modelfile'}")
-        print(f"next: llama.cpp loads the .gguf as it is; for Ollama: cd {written.parent} && "
-              f"ollama create {path.name.removesuffix('.gguf')} -f Modelfile")
+        print(
+            f"next: llama.cpp loads the .gguf as it is; for Ollama: cd {written.parent} && "
+            f"ollama create {path.name.removesuffix('.gguf')} -f Modelfile"
+        )
     elif args.format == "hf":
         from llmasos.checkpoints.export import export_hf
 
@@ -419,8 +495,9 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 def _verb(sub, name: str, func: Callable, help: str, examples: str) -> argparse.ArgumentParser:
     VERBS[name] = (help, examples)
-    p = sub.add_parser(name, help=help, description=help, epilog="examples:\n" + examples,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        name, help=help, description=help, epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.set_defaults(func=func)
     return p
 
@@ -442,14 +519,19 @@ def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--stop", action="append", help="stop at this string (repeatable)")
 
 
-def _force_option(p: argparse.ArgumentParser, does: str = "replace what is at --out",
-                  ours: str = "it is an empty dir or this same command wrote it (a dir it writes carries a .llmasos "
-                              "marker)") -> None:
+def _force_option(
+    p: argparse.ArgumentParser,
+    does: str = "replace what is at --out",
+    ours: str = "it is an empty dir or this same command wrote it (a dir it writes carries a .llmasos marker)",
+) -> None:
     """--force, with the rule it overrides: nothing the user owns is replaced without it, and no input ever."""
-    p.add_argument("--force", action="store_true",
-                   help=f"{does}, even if LLMasOS did not write it. Without --force an existing --out is used only "
-                        f"if {ours}. An --out that is or contains an input is refused even with "
-                        f"--force")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=f"{does}, even if LLMasOS did not write it. Without --force an existing --out is used only "
+        f"if {ours}. An --out that is or contains an input is refused even with "
+        f"--force",
+    )
 
 
 def _train_options(p: argparse.ArgumentParser, command: str, config: type[TrainConfig], skip: tuple[str, ...] = ()) -> None:
@@ -457,18 +539,28 @@ def _train_options(p: argparse.ArgumentParser, command: str, config: type[TrainC
     description and default for help; a yes/no key also works bare (`--merge`). The flags default to None, so
     that only those given override the YAML."""
     p.add_argument("--config", help="a YAML file of the keys below (flags override it)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
-                                                       "(from step 0, with its saved config, if it has none yet)")
-    _force_option(p, "delete what is at --out and start a new run there",
-                  f"it is an empty dir, or `llmasos {command}` wrote it (its .llmasos marker) and it holds no "
-                  f"checkpoints yet")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint (from step 0, with its saved config, if it has none yet)",
+    )
+    _force_option(
+        p,
+        "delete what is at --out and start a new run there",
+        f"it is an empty dir, or `llmasos {command}` wrote it (its .llmasos marker) and it holds no checkpoints yet",
+    )
     descriptions = config.descriptions()
     for key, hint in config.keys().items():
         if key in skip:
             continue
         extra = {"nargs": "?", "const": "true"} if hint is bool else {}
-        p.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=_metavar(config, key, hint),
-                       help=descriptions[key].replace("%", "%%"), **extra)
+        p.add_argument(
+            f"--{key.replace('_', '-')}",
+            dest=key,
+            metavar=_metavar(config, key, hint),
+            help=descriptions[key].replace("%", "%%"),
+            **extra,
+        )
 
 
 def _metavar(config: type[TrainConfig], key: str, hint) -> str:
@@ -481,8 +573,12 @@ def _metavar(config: type[TrainConfig], key: str, hint) -> str:
 def _corpus_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--glob", default="*", help="which files to take from directories (default: all)")
     p.add_argument("--text-field", default="text", help="the field (JSONL) or column (Parquet) with the text")
-    p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                   help="a malformed record stops the run (fail) or is skipped and counted (skip)")
+    p.add_argument(
+        "--on-error",
+        choices=["fail", "skip"],
+        default="fail",
+        help="a malformed record stops the run (fail) or is skipped and counted (skip)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -492,26 +588,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
 
-    _verb(sub, "models", cmd_models, "list the zoo (named shapes) and the models in the local store",
-          "  llmasos models")
+    _verb(sub, "models", cmd_models, "list the zoo (named shapes) and the models in the local store", "  llmasos models")
 
-    p = _verb(sub, "pull", cmd_pull, "import a model into the store (HF dir, Meta dir, GGUF file, zoo name or hub id)",
-              "  llmasos pull ./my-hf-model --name my-model\n"
-              "  llmasos pull ./llama-2-7b            # Meta params.json + consolidated.*.pth\n"
-              "  llmasos pull ./Llama-3.2-1B-Instruct-Q4_K_M.gguf   # llama.cpp / Ollama download\n"
-              "  llmasos pull TinyLlama/TinyLlama-1.1B-Chat-v1.0   # needs network access")
-    p.add_argument("source", help="a local HF dir, a Meta checkpoint dir, a .gguf file, a zoo name or a hub id "
-                                  "(owner/name)")
+    p = _verb(
+        sub,
+        "pull",
+        cmd_pull,
+        "import a model into the store (HF dir, Meta dir, GGUF file, zoo name or hub id)",
+        "  llmasos pull ./my-hf-model --name my-model\n"
+        "  llmasos pull ./llama-2-7b            # Meta params.json + consolidated.*.pth\n"
+        "  llmasos pull ./Llama-3.2-1B-Instruct-Q4_K_M.gguf   # llama.cpp / Ollama download\n"
+        "  llmasos pull TinyLlama/TinyLlama-1.1B-Chat-v1.0   # needs network access",
+    )
+    p.add_argument("source", help="a local HF dir, a Meta checkpoint dir, a .gguf file, a zoo name or a hub id (owner/name)")
     p.add_argument("--name", help="store name (default: from the source)")
     p.add_argument("--force", action="store_true", help="replace a stored model of the same name")
 
-    p = _verb(sub, "info", cmd_info, "architecture, shape, parameters, dtype, size and tokenizer of a model",
-              "  llmasos info my-model\n  llmasos info ./path/to/model-dir\n  llmasos info llama-3.1-8b   # a zoo shape")
+    p = _verb(
+        sub,
+        "info",
+        cmd_info,
+        "architecture, shape, parameters, dtype, size and tokenizer of a model",
+        "  llmasos info my-model\n  llmasos info ./path/to/model-dir\n  llmasos info llama-3.1-8b   # a zoo shape",
+    )
     p.add_argument("model", help="a store name, a model dir, or a zoo shape name")
 
-    p = _verb(sub, "prepare", cmd_prepare, "clean, deduplicate, tokenize and pack a corpus into shards",
-              "  llmasos prepare ./corpus --tokenizer ./my-tokenizer --out ./data\n"
-              "  llmasos prepare a.jsonl b.parquet --text-field content --tokenizer llama2 --out ./data --workers 2")
+    p = _verb(
+        sub,
+        "prepare",
+        cmd_prepare,
+        "clean, deduplicate, tokenize and pack a corpus into shards",
+        "  llmasos prepare ./corpus --tokenizer ./my-tokenizer --out ./data\n"
+        "  llmasos prepare a.jsonl b.parquet --text-field content --tokenizer llama2 --out ./data --workers 2",
+    )
     p.add_argument("inputs", nargs="+", help="text files, directories (recursive), .jsonl or .parquet files")
     p.add_argument("--tokenizer", required=True, help="a tokenizer dir, a model dir or a stored model's name")
     p.add_argument("--out", required=True, help="the data dir to write")
@@ -520,56 +629,91 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     _corpus_options(p)
 
-    p = _verb(sub, "pretrain", cmd_pretrain, "train a model from scratch on prepared data (every YAML key is a flag)",
-              "  llmasos pretrain --config pretrain.yaml\n"
-              "  llmasos pretrain --model tiny-gqa --data ./data --out runs/tiny --max-steps 200 --lr 1e-3\n"
-              "  llmasos pretrain --resume runs/tiny              # continue an interrupted run exactly")
+    p = _verb(
+        sub,
+        "pretrain",
+        cmd_pretrain,
+        "train a model from scratch on prepared data (every YAML key is a flag)",
+        "  llmasos pretrain --config pretrain.yaml\n"
+        "  llmasos pretrain --model tiny-gqa --data ./data --out runs/tiny --max-steps 200 --lr 1e-3\n"
+        "  llmasos pretrain --resume runs/tiny              # continue an interrupted run exactly",
+    )
     _train_options(p, "pretrain", TrainConfig)
 
-    p = _verb(sub, "finetune", cmd_finetune,
-              "fine-tune a model (full, LoRA or QLoRA) on instruction data or a prepared corpus (every YAML key is a flag)",
-              "  llmasos finetune my-model --data alpaca.jsonl --method lora --out runs/ft --epochs 2\n"
-              "  llmasos finetune my-model --data chats.jsonl --method qlora --quantize int4 --merge --out runs/ft\n"
-              "  llmasos finetune my-model --data train.jsonl --method full --max-steps 200 --lr 1e-5\n"
-              "  torchrun --nproc-per-node 2 -m llmasos finetune my-model --data a.jsonl --strategy fsdp --out runs/ft\n"
-              "  llmasos finetune --resume runs/ft")
+    p = _verb(
+        sub,
+        "finetune",
+        cmd_finetune,
+        "fine-tune a model (full, LoRA or QLoRA) on instruction data or a prepared corpus (every YAML key is a flag)",
+        "  llmasos finetune my-model --data alpaca.jsonl --method lora --out runs/ft --epochs 2\n"
+        "  llmasos finetune my-model --data chats.jsonl --method qlora --quantize int4 --merge --out runs/ft\n"
+        "  llmasos finetune my-model --data train.jsonl --method full --max-steps 200 --lr 1e-5\n"
+        "  torchrun --nproc-per-node 2 -m llmasos finetune my-model --data a.jsonl --strategy fsdp --out runs/ft\n"
+        "  llmasos finetune --resume runs/ft",
+    )
     p.add_argument("model", nargs="?", help="the model to start from: a store name or a model dir")
     _train_options(p, "finetune", FinetuneConfig, skip=("model",))
 
-    p = _verb(sub, "export", cmd_export, "write a model as an HF dir, a GGUF file (llama.cpp, Ollama) or ONNX",
-              "  llmasos export my-model --format gguf --dtype q8_0 --out ./export   # + an Ollama Modelfile\n"
-              "  llmasos export my-model --format gguf --out ./my-model-f16.gguf --dtype f16\n"
-              "  llmasos export ./model.Q4_K_M.gguf --format hf --dtype bf16 --out ./model-hf\n"
-              "  llmasos export my-model --format onnx --out ./onnx")
+    p = _verb(
+        sub,
+        "export",
+        cmd_export,
+        "write a model as an HF dir, a GGUF file (llama.cpp, Ollama) or ONNX",
+        "  llmasos export my-model --format gguf --dtype q8_0 --out ./export   # + an Ollama Modelfile\n"
+        "  llmasos export my-model --format gguf --out ./my-model-f16.gguf --dtype f16\n"
+        "  llmasos export ./model.Q4_K_M.gguf --format hf --dtype bf16 --out ./model-hf\n"
+        "  llmasos export my-model --format onnx --out ./onnx",
+    )
     p.add_argument("model", help="a store name, a model dir or a .gguf file")
     p.add_argument("--format", required=True, choices=["hf", "gguf", "onnx"], help="what to write")
-    p.add_argument("--dtype", default="auto", choices=["auto", "f32", "f16", "bf16", "q8_0", "q4_0"],
-                   help="auto keeps the stored dtype; q8_0 and q4_0 are GGUF quantizations (norms stay f32)")
-    p.add_argument("--out", required=True,
-                   help="gguf: a .gguf path, or a dir for MODEL-DTYPE.gguf (the Modelfile goes beside it); "
-                        "hf/onnx: a dir")
-    _force_option(p, "replace what is at --out (for gguf: the .gguf file and the Modelfile beside it)",
-                  "it is an empty dir or this same command wrote it (a dir it writes carries a .llmasos marker, a "
-                  "Modelfile says so in its first line; a .gguf is never replaced without --force)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "f32", "f16", "bf16", "q8_0", "q4_0"],
+        help="auto keeps the stored dtype; q8_0 and q4_0 are GGUF quantizations (norms stay f32)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="gguf: a .gguf path, or a dir for MODEL-DTYPE.gguf (the Modelfile goes beside it); hf/onnx: a dir",
+    )
+    _force_option(
+        p,
+        "replace what is at --out (for gguf: the .gguf file and the Modelfile beside it)",
+        "it is an empty dir or this same command wrote it (a dir it writes carries a .llmasos marker, a "
+        "Modelfile says so in its first line; a .gguf is never replaced without --force)",
+    )
 
-    p = _verb(sub, "quickstart", cmd_quickstart,
-              "the whole life cycle offline: train a tokenizer and a small LLaMA on Python's stdlib, evaluate, "
-              "store and sample it",
-              "  llmasos quickstart                 # about 4 minutes on 2 CPU cores\n"
-              "  llmasos quickstart --minutes 20    # train longer: a better model")
+    p = _verb(
+        sub,
+        "quickstart",
+        cmd_quickstart,
+        "the whole life cycle offline: train a tokenizer and a small LLaMA on Python's stdlib, evaluate, store and sample it",
+        "  llmasos quickstart                 # about 4 minutes on 2 CPU cores\n"
+        "  llmasos quickstart --minutes 20    # train longer: a better model",
+    )
     p.add_argument("--minutes", type=float, default=3.5, help="pretraining time budget (default 3.5)")
-    p.add_argument("--out", default="runs/quickstart", help="the run dir (default runs/quickstart); a rerun "
-                                                             "reuses its tokenizer and data")
+    p.add_argument(
+        "--out", default="runs/quickstart", help="the run dir (default runs/quickstart); a rerun reuses its tokenizer and data"
+    )
     _force_option(p)
     p.add_argument("--corpus-mb", type=float, default=6.0, help="megabytes of stdlib source to use (default 6)")
 
-    p = _verb(sub, "tokenizer", None, "tokenizers: `llmasos tokenizer train` trains a byte-level BPE",
-              "  llmasos tokenizer train ./corpus --vocab-size 8000 --out ./my-tokenizer\n"
-              "  llmasos tokenizer train data.jsonl --text-field content --vocab-size 32000 --out ./tok")
+    p = _verb(
+        sub,
+        "tokenizer",
+        None,
+        "tokenizers: `llmasos tokenizer train` trains a byte-level BPE",
+        "  llmasos tokenizer train ./corpus --vocab-size 8000 --out ./my-tokenizer\n"
+        "  llmasos tokenizer train data.jsonl --text-field content --vocab-size 32000 --out ./tok",
+    )
     tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer that transformers' AutoTokenizer loads",
-                        description="Train a byte-level BPE (Llama 3 conventions) on text files, directories, "
-                                    "JSONL or Parquet; write tokenizer.json and tokenizer_config.json.")
+    t = tsub.add_parser(
+        "train",
+        help="train a byte-level BPE tokenizer that transformers' AutoTokenizer loads",
+        description="Train a byte-level BPE (Llama 3 conventions) on text files, directories, "
+        "JSONL or Parquet; write tokenizer.json and tokenizer_config.json.",
+    )
     t.set_defaults(func=cmd_tokenizer_train)
     t.add_argument("inputs", nargs="+", help="text files, directories (recursive), .jsonl or .parquet files")
     t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, special ones included")
@@ -578,28 +722,43 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
     _corpus_options(t)
 
-    p = _verb(sub, "generate", cmd_generate, "complete a prompt (streams on a terminal)",
-              "  llmasos generate my-model -p 'def fibonacci(n):' --max-tokens 64 --temperature 0\n"
-              "  llmasos generate my-model -p 'Once upon a time' --seed 1 --stop '\\n\\n' --json\n"
-              "  llmasos generate my-model -p 'Hello' --quantize int8")
+    p = _verb(
+        sub,
+        "generate",
+        cmd_generate,
+        "complete a prompt (streams on a terminal)",
+        "  llmasos generate my-model -p 'def fibonacci(n):' --max-tokens 64 --temperature 0\n"
+        "  llmasos generate my-model -p 'Once upon a time' --seed 1 --stop '\\n\\n' --json\n"
+        "  llmasos generate my-model -p 'Hello' --quantize int8",
+    )
     _model_options(p)
     p.add_argument("-p", "--prompt", required=True, help="the prompt ('-' reads it from standard input)")
     _sampling_options(p, 128)
     p.add_argument("--json", action="store_true", help="print text, token ids, finish reason and timing as JSON")
 
-    p = _verb(sub, "chat", cmd_chat, "talk with a model, using its chat template, streaming the answers",
-              "  llmasos chat my-model\n  llmasos chat my-model --system 'You are terse.' --temperature 0.7")
+    p = _verb(
+        sub,
+        "chat",
+        cmd_chat,
+        "talk with a model, using its chat template, streaming the answers",
+        "  llmasos chat my-model\n  llmasos chat my-model --system 'You are terse.' --temperature 0.7",
+    )
     _model_options(p)
     p.add_argument("--system", help="a system message at the start of the conversation")
     _sampling_options(p, 512)
 
-    p = _verb(sub, "eval", cmd_eval, "evaluate a model: built-in or YAML tasks, lm-eval tasks, perplexity; compare runs",
-              "  llmasos eval my-model --tasks arithmetic_qa,science_mc --limit 20 --out results.json\n"
-              "  llmasos eval my-model --tasks ./my_task.yaml --num-fewshot 0\n"
-              "  llmasos eval my-model --perplexity ./text.txt --stride 256   # or a prepared data dir (val split)\n"
-              "  llmasos eval my-model --tasks lm_eval:hellaswag --limit 100\n"
-              "  llmasos eval my-model --tasks lm_eval:my_task --include-path ./lm_eval_tasks\n"
-              "  llmasos eval compare base.json tuned.json")
+    p = _verb(
+        sub,
+        "eval",
+        cmd_eval,
+        "evaluate a model: built-in or YAML tasks, lm-eval tasks, perplexity; compare runs",
+        "  llmasos eval my-model --tasks arithmetic_qa,science_mc --limit 20 --out results.json\n"
+        "  llmasos eval my-model --tasks ./my_task.yaml --num-fewshot 0\n"
+        "  llmasos eval my-model --perplexity ./text.txt --stride 256   # or a prepared data dir (val split)\n"
+        "  llmasos eval my-model --tasks lm_eval:hellaswag --limit 100\n"
+        "  llmasos eval my-model --tasks lm_eval:my_task --include-path ./lm_eval_tasks\n"
+        "  llmasos eval compare base.json tuned.json",
+    )
     _model_options(p)
     p.add_argument("results", nargs="*", metavar="RESULTS.json", help="with `compare` as MODEL: results files")
     p.add_argument("--tasks", help="comma-separated: built-in names (`llmasos tasks`), task YAMLs, lm_eval:TASK")
@@ -607,36 +766,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
     p.add_argument("--include-path", help="a directory of lm-eval task YAMLs (for lm_eval:TASK)")
-    p.add_argument("--perplexity", metavar="FILE_OR_DATA_DIR", help="sliding-window perplexity of a text file "
-                   "or of a prepared data dir's val split")
+    p.add_argument(
+        "--perplexity",
+        metavar="FILE_OR_DATA_DIR",
+        help="sliding-window perplexity of a text file or of a prepared data dir's val split",
+    )
     p.add_argument("--stride", type=int, help="perplexity window stride in tokens (default half the context)")
     p.add_argument("--out", help="write the results as JSON here")
     _force_option(p, ours="it is a results file `llmasos eval` wrote")
 
-    _verb(sub, "tasks", cmd_tasks, "list the built-in evaluation tasks (name, kind, samples, metrics)",
-          "  llmasos tasks")
-    p = _verb(sub, "serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API, with a web chat page",
-              "  llmasos serve my-model                       # http://127.0.0.1:8000, chat page at /\n"
-              "  llmasos serve my-model --port 8080 --api-key sk-local --served-model-name llama\n"
-              "  llmasos serve ./model-dir --host 0.0.0.0 --max-running 32 --quantize int8")
+    _verb(sub, "tasks", cmd_tasks, "list the built-in evaluation tasks (name, kind, samples, metrics)", "  llmasos tasks")
+    p = _verb(
+        sub,
+        "serve",
+        cmd_serve,
+        "serve a model over an OpenAI-compatible HTTP API, with a web chat page",
+        "  llmasos serve my-model                       # http://127.0.0.1:8000, chat page at /\n"
+        "  llmasos serve my-model --port 8080 --api-key sk-local --served-model-name llama\n"
+        "  llmasos serve ./model-dir --host 0.0.0.0 --max-running 32 --quantize int8",
+    )
     _model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize and the "
-                   "API docs; LLMASOS_API_KEY=KEY in the environment does the same and keeps the key out of `ps`")
+    p.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize and the "
+        "API docs; LLMASOS_API_KEY=KEY in the environment does the same and keeps the key out of `ps`",
+    )
     p.add_argument("--served-model-name", help="the model id clients send and see (default: MODEL as given)")
     p.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default 16)")
-    p.add_argument("--max-queue", type=int, default=256,
-                   help="sequences that may wait for a slot; beyond that requests get 503 (default 256)")
-    p.add_argument("--max-model-len", type=int,
-                   help="the longest sequence (prompt + answer) served (default: the model's context, capped by the "
-                        "KV cache budget)")
-    p.add_argument("--kv-cache-memory", type=_size, metavar="SIZE",
-                   help="memory the KV cache may take, e.g. 4GiB (default: half of the memory available at start-up); "
-                        "a request that cannot fit is refused with the largest that does")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="sequences that may wait for a slot; beyond that requests get 503 (default 256)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        help="the longest sequence (prompt + answer) served (default: the model's context, capped by the KV cache budget)",
+    )
+    p.add_argument(
+        "--kv-cache-memory",
+        type=_size,
+        metavar="SIZE",
+        help="memory the KV cache may take, e.g. 4GiB (default: half of the memory available at start-up); "
+        "a request that cannot fit is refused with the largest that does",
+    )
     p.add_argument("--cors-origin", action="append", help="a browser origin allowed to call the API (repeatable)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds running requests get to finish (default 30)")
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds running requests get to finish (default 30)"
+    )
     return parser
 
 

@@ -34,5 +34,6 @@ def require(extra: str, what: str) -> None:
     """Raise `MissingExtra` naming `what` and the extra unless every package of `extra` is installed."""
     missing = [m for m in EXTRAS[extra] if not installed(m)]
     if missing:
-        raise MissingExtra(f"{what} needs the '{extra}' extra ({', '.join(missing)} not installed): "
-                           f"pip install 'llmasos[{extra}]'")
+        raise MissingExtra(
+            f"{what} needs the '{extra}' extra ({', '.join(missing)} not installed): pip install 'llmasos[{extra}]'"
+        )

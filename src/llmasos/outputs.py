@@ -71,12 +71,15 @@ def check_inputs(out: Path, inputs: Iterable[Path | str | None]) -> None:
         path = Path(given).expanduser().resolve()
         if target == path or target in path.parents:
             what = "is" if target == path else "contains"
-            raise LLMasOSError(f"the output {out} {what} the input {given}: writing it would destroy the input "
-                               f"(even with --force); choose another --out")
+            raise LLMasOSError(
+                f"the output {out} {what} the input {given}: writing it would destroy the input "
+                f"(even with --force); choose another --out"
+            )
 
 
-def check_output(out: Path, inputs: Iterable[Path | str | None], force: bool, command: str,
-                 owned: Callable[[Path], bool] | None = None) -> None:
+def check_output(
+    out: Path, inputs: Iterable[Path | str | None], force: bool, command: str, owned: Callable[[Path], bool] | None = None
+) -> None:
     """Refuse `out` if it is or contains an input, or (unless force) if it exists, is not an empty dir, and
     `owned` (default: it carries `command`'s marker) does not say the command wrote it."""
     check_inputs(out, inputs)
@@ -86,8 +89,11 @@ def check_output(out: Path, inputs: Iterable[Path | str | None], force: bool, co
         return
     if (owned or (lambda path: written_by(path) == command))(out):
         return
-    what = f"is not an empty dir or one `{command}` wrote (its {MARKER} marker)" if out.is_dir() else \
-        f"is not known to be an output of `{command}`"
+    what = (
+        f"is not an empty dir or one `{command}` wrote (its {MARKER} marker)"
+        if out.is_dir()
+        else f"is not known to be an output of `{command}`"
+    )
     raise LLMasOSError(f"{out} already exists and {what}: choose another --out, or pass --force to replace it")
 
 

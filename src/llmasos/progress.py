@@ -41,8 +41,9 @@ class LineBar(tqdm):
         self._line_step = max(1, math.ceil(total * LINE_EVERY)) if total else None
         self._last_line: tuple[float, float] | None = None  # (n, time) when the last line was printed
         if self._line_step:
-            kwargs.setdefault("bar_format", "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} "
-                                            "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+            kwargs.setdefault(
+                "bar_format", "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+            )
             kwargs.update(miniters=self._line_step, mininterval=0)
         else:
             kwargs.update(miniters=1, mininterval=LINE_SECONDS)

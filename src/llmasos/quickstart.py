@@ -20,8 +20,15 @@ from rich.table import Table
 
 STORE_NAME = "quickstart-stdlib"
 COMMAND = "llmasos quickstart"
-MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
+MODEL = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
 VOCAB = 4096
 SEQ_LEN = 256
 
@@ -42,8 +49,14 @@ def stdlib_files(max_bytes: int) -> list[Path]:
     return files
 
 
-def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: float = 6.0, store: bool = True,
-        console: Console | None = None, force: bool = False) -> dict:
+def run(
+    minutes: float = 3.5,
+    out: Path | str = "runs/quickstart",
+    corpus_mb: float = 6.0,
+    store: bool = True,
+    console: Console | None = None,
+    force: bool = False,
+) -> dict:
     import torch
 
     from llmasos import LLM, SamplingParams
@@ -66,12 +79,13 @@ def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: fl
     settings = {"corpus_mb": corpus_mb, "vocab": VOCAB, "python": sysconfig.get_python_version()}
     stamp = out / "corpus.json"
     fresh = not stamp.exists() or json.loads(stamp.read_text()) != settings
-    console.print(f"[bold]1. Corpus[/bold]: {len(files)} files of the Python {settings['python']} standard library "
-                  f"({sum(f.stat().st_size for f in files) / 2**20:.1f} MB) from {files[0].parent}")
+    console.print(
+        f"[bold]1. Corpus[/bold]: {len(files)} files of the Python {settings['python']} standard library "
+        f"({sum(f.stat().st_size for f in files) / 2**20:.1f} MB) from {files[0].parent}"
+    )
     if fresh or not (out / "tokenizer" / "tokenizer.json").exists():
         console.print(f"[bold]2. Tokenizer[/bold]: training a byte-level BPE of {VOCAB} tokens")
-        train_bpe((d.text for d in iter_documents(files)), VOCAB, out / "tokenizer", model_max_length=SEQ_LEN * 2,
-                  force=True)
+        train_bpe((d.text for d in iter_documents(files)), VOCAB, out / "tokenizer", model_max_length=SEQ_LEN * 2, force=True)
     else:
         console.print(f"[bold]2. Tokenizer[/bold]: reusing {out / 'tokenizer'}")
     if fresh or not (out / "data" / "metadata.json").exists():
@@ -81,14 +95,27 @@ def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: fl
     else:
         console.print(f"[bold]3. Data[/bold]: reusing {out / 'data'}")
     meta = json.loads((out / "data" / "metadata.json").read_text())
-    console.print(f"   {meta['splits']['train']['tokens']:,} training and {meta['splits']['val']['tokens']:,} "
-                  f"validation tokens")
+    console.print(f"   {meta['splits']['train']['tokens']:,} training and {meta['splits']['val']['tokens']:,} validation tokens")
 
     # bf16-mixed only where the CPU computes in bf16 (it widens to fp32 where bf16 would be emulated, and slow)
     precision = "bf16-mixed" if compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16 else "fp32"
-    base = dict(model=MODEL, data=str(out / "data"), out=str(out / "run"), seq_len=SEQ_LEN, micro_batch_size=8,
-                global_batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, weight_decay=0.1,
-                eval_batches=8, precision=precision, seed=0, log_every=5, keep_checkpoints=1)
+    base = dict(
+        model=MODEL,
+        data=str(out / "data"),
+        out=str(out / "run"),
+        seq_len=SEQ_LEN,
+        micro_batch_size=8,
+        global_batch_size=16,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=20,
+        weight_decay=0.1,
+        eval_batches=8,
+        precision=precision,
+        seed=0,
+        log_every=5,
+        keep_checkpoints=1,
+    )
     run_dir = out / "run"
     resume = trainer.latest_checkpoint(run_dir) is not None and not (run_dir / "final").exists()
     if resume:
@@ -96,8 +123,9 @@ def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: fl
         console.print(f"[bold]4. Pretraining[/bold]: resuming the interrupted run in {run_dir}")
     else:
         # Calibrate: time a few steps of this shape here, then size the run to the budget.
-        probe = TrainConfig.from_dict({**base, "max_steps": 4, "out": str(out / "probe"), "eval_every": 1000,
-                                       "checkpoint_every": 1000, "log_every": 1})
+        probe = TrainConfig.from_dict(
+            {**base, "max_steps": 4, "out": str(out / "probe"), "eval_every": 1000, "checkpoint_every": 1000, "log_every": 1}
+        )
         trainer.pretrain(probe, progress=False, force=True)
         rates = [float(r.split(",")[3]) for r in (out / "probe" / "metrics.csv").read_text().splitlines()[2:]]
         step_seconds = probe.global_batch_size * SEQ_LEN / sorted(rates)[len(rates) // 2]
@@ -105,10 +133,19 @@ def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: fl
 
         shutil.rmtree(out / "probe", ignore_errors=True)
         steps = max(10, int(minutes * 60 / step_seconds))
-        config = TrainConfig.from_dict({**base, "max_steps": steps, "warmup_steps": max(1, min(50, steps // 10)),
-                                        "eval_every": max(10, steps // 5), "checkpoint_every": max(10, steps // 10)})
-        console.print(f"[bold]4. Pretraining[/bold]: {steps} steps of {config.global_batch_size} x {SEQ_LEN} tokens "
-                      f"(~{minutes:g} min at {step_seconds:.2f} s/step, {precision})")
+        config = TrainConfig.from_dict(
+            {
+                **base,
+                "max_steps": steps,
+                "warmup_steps": max(1, min(50, steps // 10)),
+                "eval_every": max(10, steps // 5),
+                "checkpoint_every": max(10, steps // 10),
+            }
+        )
+        console.print(
+            f"[bold]4. Pretraining[/bold]: {steps} steps of {config.global_batch_size} x {SEQ_LEN} tokens "
+            f"(~{minutes:g} min at {step_seconds:.2f} s/step, {precision})"
+        )
 
     val = PackedData(out / "data", "val")
     from llmasos.training.trainer import build_model_config, evaluate
@@ -142,12 +179,19 @@ def run(minutes: float = 3.5, out: Path | str = "runs/quickstart", corpus_mb: fl
     console.print(prompt + sample, markup=False, highlight=False)
     target = name or str(run_dir / "final")
     console.print("[bold]Next[/bold]:")
-    for cmd in (f"llmasos chat {target}",
-                f"llmasos serve {target}                      # OpenAI-compatible API + chat page on :8000",
-                f"llmasos eval {target} --tasks story_continuation --perplexity {out / 'data'}",
-                f"llmasos export {target} --format gguf --out {target}.gguf   # for llama.cpp and Ollama",
-                f"llmasos finetune {target} --data my-instructions.jsonl --method lora --out runs/ft",
-                f"llmasos quickstart --minutes {max(10, int(minutes) * 3)}    # train longer: a better model"):
+    for cmd in (
+        f"llmasos chat {target}",
+        f"llmasos serve {target}                      # OpenAI-compatible API + chat page on :8000",
+        f"llmasos eval {target} --tasks story_continuation --perplexity {out / 'data'}",
+        f"llmasos export {target} --format gguf --out {target}.gguf   # for llama.cpp and Ollama",
+        f"llmasos finetune {target} --data my-instructions.jsonl --method lora --out runs/ft",
+        f"llmasos quickstart --minutes {max(10, int(minutes) * 3)}    # train longer: a better model",
+    ):
         console.print(f"  {cmd}", markup=False, highlight=False)
-    return {"perplexity_before": before, "perplexity_after": after, "steps": config.total_steps,
-            "model": target, "sample": sample}
+    return {
+        "perplexity_before": before,
+        "perplexity_after": after,
+        "steps": config.total_steps,
+        "model": target,
+        "sample": sample,
+    }

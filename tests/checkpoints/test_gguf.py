@@ -18,8 +18,15 @@ from llmasos.tokenization import Tokenizer
 
 Q = gguf.GGMLQuantizationType
 # Hidden 64 and FFN 96 fill whole 32-value blocks (Q8_0, Q4_0); 4 heads over 2 KV heads exercises the K reorder.
-SHAPE = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5}
+SHAPE = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+}
 PROMPT = "Once upon a time, the quick brown fox"
 
 
@@ -48,8 +55,9 @@ def sp_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen2_model(tmp_path_factory):
     """A tiny Qwen2: bias on q, k and v; GGUF architecture qwen2 (no Q/K reorder)."""
-    path, hf = make_hf_model(tmp_path_factory.mktemp("gguf") / "tiny-qwen2", family="qwen2", seed=1,
-                             tie_word_embeddings=False, **SHAPE)
+    path, hf = make_hf_model(
+        tmp_path_factory.mktemp("gguf") / "tiny-qwen2", family="qwen2", seed=1, tie_word_embeddings=False, **SHAPE
+    )
     write_bpe_tokenizer(path, llama3_split=True)
     return path, hf
 
@@ -57,8 +65,9 @@ def qwen2_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tied_model(tmp_path_factory):
     """A tiny Qwen2 with tied embeddings, as the small Qwen2 models have (its greedy path repeats itself)."""
-    path, hf = make_hf_model(tmp_path_factory.mktemp("gguf") / "tiny-tied", family="qwen2", seed=2,
-                             tie_word_embeddings=True, **SHAPE)
+    path, hf = make_hf_model(
+        tmp_path_factory.mktemp("gguf") / "tiny-tied", family="qwen2", seed=2, tie_word_embeddings=True, **SHAPE
+    )
     write_bpe_tokenizer(path, llama3_split=True)
     return path, hf
 
@@ -66,8 +75,9 @@ def tied_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory):
     """256 wide, so every matrix row fills K-quant blocks (256 values)."""
-    path, hf = make_hf_model(tmp_path_factory.mktemp("gguf") / "tiny-wide",
-                             **{**SHAPE, "hidden_size": 256, "intermediate_size": 512})
+    path, hf = make_hf_model(
+        tmp_path_factory.mktemp("gguf") / "tiny-wide", **{**SHAPE, "hidden_size": 256, "intermediate_size": 512}
+    )
     write_bpe_tokenizer(path, llama3_split=True)
     return path, hf
 
@@ -76,8 +86,10 @@ def wide_model(tmp_path_factory):
 def exports(bpe_model, tmp_path_factory):
     """One export of the BPE model per dtype, shared by the tests that only read them."""
     out = tmp_path_factory.mktemp("exports")
-    return {dtype: export_gguf(bpe_model[0], out / dtype / f"tiny-{dtype}.gguf", dtype, progress=False)
-            for dtype in ("f32", "f16", "bf16", "q8_0", "q4_0")}
+    return {
+        dtype: export_gguf(bpe_model[0], out / dtype / f"tiny-{dtype}.gguf", dtype, progress=False)
+        for dtype in ("f32", "f16", "bf16", "q8_0", "q4_0")
+    }
 
 
 def field(reader, key):
@@ -93,15 +105,27 @@ def logits(model, ids):
 # ---- export ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype, matrix_type", [("f32", Q.F32), ("f16", Q.F16), ("bf16", Q.BF16),
-                                                ("q8_0", Q.Q8_0), ("q4_0", Q.Q4_0)])
+@pytest.mark.parametrize(
+    "dtype, matrix_type", [("f32", Q.F32), ("f16", Q.F16), ("bf16", Q.BF16), ("q8_0", Q.Q8_0), ("q4_0", Q.Q4_0)]
+)
 def test_export_writes_the_metadata_names_and_shapes_llama_cpp_reads(exports, bpe_model, dtype, matrix_type):
     reader = gguf.GGUFReader(exports[dtype])
-    expect = {"general.architecture": "llama", "llama.block_count": 2, "llama.context_length": 256,
-              "llama.embedding_length": 64, "llama.feed_forward_length": 96, "llama.attention.head_count": 4,
-              "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 16, "llama.vocab_size": 512,
-              "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.bos_token_id": 0,
-              "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.add_bos_token": True}
+    expect = {
+        "general.architecture": "llama",
+        "llama.block_count": 2,
+        "llama.context_length": 256,
+        "llama.embedding_length": 64,
+        "llama.feed_forward_length": 96,
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2,
+        "llama.rope.dimension_count": 16,
+        "llama.vocab_size": 512,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "llama-bpe",
+        "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.add_bos_token": True,
+    }
     assert {k: field(reader, k) for k in expect} == expect
     assert field(reader, "llama.rope.freq_base") == pytest.approx(10000.0)
     assert field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
@@ -113,9 +137,16 @@ def test_export_writes_the_metadata_names_and_shapes_llama_cpp_reads(exports, bp
     tensors = {t.name: t for t in reader.tensors}
     layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
     assert set(tensors) == {"token_embd.weight", "output_norm.weight", "output.weight"} | {
-        f"blk.{i}.{n}.weight" for i in range(2) for n in layer}
-    shapes = {"token_embd.weight": [64, 512], "output.weight": [64, 512], "blk.1.attn_q.weight": [64, 64],
-              "blk.1.attn_k.weight": [64, 32], "blk.1.ffn_down.weight": [96, 64], "blk.0.ffn_norm.weight": [64]}
+        f"blk.{i}.{n}.weight" for i in range(2) for n in layer
+    }
+    shapes = {
+        "token_embd.weight": [64, 512],
+        "output.weight": [64, 512],
+        "blk.1.attn_q.weight": [64, 64],
+        "blk.1.attn_k.weight": [64, 32],
+        "blk.1.ffn_down.weight": [96, 64],
+        "blk.0.ffn_norm.weight": [64],
+    }
     assert {n: tensors[n].shape.tolist() for n in shapes} == shapes  # GGUF lists the fastest dimension first
     for name, t in tensors.items():
         if name.endswith("norm.weight"):
@@ -140,7 +171,7 @@ def test_export_reorders_q_and_k_rows_into_llama_cpp_rotary_layout(exports, bpe_
 def test_export_writes_an_ollama_modelfile_beside_the_gguf(exports):
     text = (exports["q8_0"].parent / "Modelfile").read_text()
     assert "FROM ./tiny-q8_0.gguf\n" in text
-    assert '{{ .Role }}<|end_header_id|>' in text and '<|start_header_id|>assistant<|end_header_id|>' in text
+    assert "{{ .Role }}<|end_header_id|>" in text and "<|start_header_id|>assistant<|end_header_id|>" in text
     assert 'PARAMETER stop "<|eot_id|>"' in text and 'PARAMETER stop "<|end_of_text|>"' in text
     assert "PARAMETER num_ctx 256" in text
 
@@ -156,16 +187,23 @@ def test_export_to_a_directory_names_the_file_and_refuses_to_overwrite(bpe_model
 
 
 def test_export_writes_llama3_rope_scaling_as_the_rope_freqs_tensor_and_reads_it_back(tmp_path):
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
-    path, _ = make_hf_model(tmp_path / "rope", rope_scaling=scaling, rope_theta=500000.0,
-                             **{**SHAPE, "max_position_embeddings": 512})
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    path, _ = make_hf_model(
+        tmp_path / "rope", rope_scaling=scaling, rope_theta=500000.0, **{**SHAPE, "max_position_embeddings": 512}
+    )
     write_bpe_tokenizer(path, llama3_split=True)
     with pytest.raises(CheckpointError, match="rope_freqs.weight holds rope frequency factors"):
         load_model(export_gguf(path, tmp_path / "rope.gguf", "f32", progress=False))  # 64 is not Llama 3.1's 8192
     scaling["original_max_position_embeddings"] = 8192
-    path, _ = make_hf_model(tmp_path / "rope31", rope_scaling=scaling, rope_theta=500000.0,
-                             **{**SHAPE, "max_position_embeddings": 512})
+    path, _ = make_hf_model(
+        tmp_path / "rope31", rope_scaling=scaling, rope_theta=500000.0, **{**SHAPE, "max_position_embeddings": 512}
+    )
     write_bpe_tokenizer(path, llama3_split=True)
     out = export_gguf(path, tmp_path / "rope31.gguf", "f32", progress=False)
     factors = {t.name: t for t in gguf.GGUFReader(out).tensors}["rope_freqs.weight"]
@@ -206,8 +244,9 @@ def test_f32_round_trip_gives_identical_logits(fixture, request, tmp_path):
     assert (logits(ours, ids) - logits(hf, ids)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("dtype, max_error, mean_error", [("f16", 0.02, 0.002), ("bf16", 0.1, 0.01),
-                                                       ("q8_0", 0.2, 0.03), ("q4_0", 3.0, 0.4)])
+@pytest.mark.parametrize(
+    "dtype, max_error, mean_error", [("f16", 0.02, 0.002), ("bf16", 0.1, 0.01), ("q8_0", 0.2, 0.03), ("q4_0", 3.0, 0.4)]
+)
 def test_quantized_round_trip_logits_are_close(exports, bpe_model, dtype, max_error, mean_error):
     """Logits of this model have a standard deviation of 0.86. Measured errors (max / mean): f16 0.005 / 0.0006,
     bf16 0.033 / 0.0047, Q8_0 0.098 / 0.015, Q4_0 2.0 / 0.24 (random Gaussian weights are Q4_0's worst case)."""
@@ -231,8 +270,9 @@ def test_pull_gguf_stores_an_hf_dir_that_transformers_loads(exports, bpe_model):
 
     stored = pull(str(exports["q8_0"]), progress=False)
     assert stored.name == "tiny-q8_0"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json"} <= {p.name for p in stored.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {
+        p.name for p in stored.iterdir()
+    }
     ids = list(range(3, 40))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(stored).eval()
     assert (logits(theirs, ids) - logits(load_model(exports["q8_0"]), ids)).abs().max() < 1e-4
@@ -292,16 +332,13 @@ def test_k_quant_tensors_are_dequantised_and_q_k_reordered(wide_model, tmp_path)
         expected[t.name] = (torch.from_numpy(gguf.quants.dequantize(data, kinds[n % 3])), kinds[n % 3])
         return data, kinds[n % 3]
 
-    rewrite_gguf(export_gguf(wide_model[0], tmp_path / "f32.gguf", "f32", progress=False), tmp_path / "k.gguf",
-                 tensors=k_quant)
+    rewrite_gguf(export_gguf(wide_model[0], tmp_path / "f32.gguf", "f32", progress=False), tmp_path / "k.gguf", tensors=k_quant)
     model = load_model(tmp_path / "k.gguf")
     state = model.state_dict()
     assert {q for _, q in expected.values()} == set(kinds)
     assert torch.equal(state["model.layers.1.mlp.down_proj.weight"], expected["blk.1.ffn_down.weight"][0])
-    assert torch.equal(state["model.layers.0.self_attn.q_proj.weight"],
-                       permute_rotary(expected["blk.0.attn_q.weight"][0], 4))
-    assert torch.equal(state["model.layers.0.self_attn.k_proj.weight"],
-                       permute_rotary(expected["blk.0.attn_k.weight"][0], 2))
+    assert torch.equal(state["model.layers.0.self_attn.q_proj.weight"], permute_rotary(expected["blk.0.attn_q.weight"][0], 4))
+    assert torch.equal(state["model.layers.0.self_attn.k_proj.weight"], permute_rotary(expected["blk.0.attn_k.weight"][0], 2))
     assert torch.isfinite(logits(model, [1, 2, 3])).all()
 
 
@@ -338,8 +375,14 @@ def test_sentencepiece_gguf_pulled_then_exported_again_keeps_its_vocabulary(sp_m
     first = export_gguf(sp_model[0], tmp_path / "first.gguf", "f32", progress=False)
     second = export_gguf(pull(str(first), progress=False), tmp_path / "second.gguf", "f32", progress=False)
     a, b = gguf.GGUFReader(first), gguf.GGUFReader(second)
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id"):
+    for key in (
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.unknown_token_id",
+    ):
         assert field(b, key) == field(a, key), key
     write_tokenizer(second, tmp_path / "tok")
     original, rebuilt = Tokenizer(sp_model[0]), Tokenizer(tmp_path / "tok")
@@ -392,14 +435,20 @@ def _patched(source, target, change):
     return target
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("llama.attention.head_count", 0, "head_count is 0; expected an integer from 1 to 64 \\(the embedding width\\)"),
-    ("llama.attention.head_count_kv", 0, "head_count_kv is 0; expected an integer from 1 to 4 \\(the head count\\)"),
-    ("llama.attention.head_count", 65, "head_count is 65; expected an integer from 1 to 64"),
-    ("llama.block_count", 100_000, "block_count is 100000; expected an integer from 1 to \\d+ \\(the file holds \\d+ "
-                                   "tensors\\)"),
-    ("llama.feed_forward_length", 2**32 - 1, "feed_forward_length is 4294967295; expected .* \\(the file has \\d+ bytes"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("llama.attention.head_count", 0, "head_count is 0; expected an integer from 1 to 64 \\(the embedding width\\)"),
+        ("llama.attention.head_count_kv", 0, "head_count_kv is 0; expected an integer from 1 to 4 \\(the head count\\)"),
+        ("llama.attention.head_count", 65, "head_count is 65; expected an integer from 1 to 64"),
+        (
+            "llama.block_count",
+            100_000,
+            "block_count is 100000; expected an integer from 1 to \\d+ \\(the file holds \\d+ tensors\\)",
+        ),
+        ("llama.feed_forward_length", 2**32 - 1, "feed_forward_length is 4294967295; expected .* \\(the file has \\d+ bytes"),
+    ],
+)
 def test_gguf_counts_and_sizes_are_bounded_by_the_file(exports, tmp_path, key, value, message):
     def change(reader):
         reader.fields[key].parts[-1][0] = value
@@ -426,33 +475,44 @@ def test_gguf_head_dim_beyond_the_file_is_refused(exports, tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(CheckpointError, match=r"key_length is 4294967295; expected an integer from 1 to \d+ "
-                                              r"\(the file has \d+ bytes\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"key_length is 4294967295; expected an integer from 1 to \d+ "
+        r"\(the file has \d+ bytes\)",
+    ):
         load_model(tmp_path / "bad.gguf")
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in scalar add:RuntimeWarning")  # the reader's own sum
 def test_gguf_tensor_offset_that_wraps_around_onto_the_metadata_is_refused(exports, tmp_path):
     """The report: offset 2**64 - 616 made the reader's uint64 sum point into the metadata, read as weights."""
+
     def change(reader):
         t = next(t for t in reader.tensors if t.name == "output_norm.weight")
         t.field.parts[-1][0] = 2**64 - reader.data_offset + 24
 
     bad = _patched(exports["f32"], tmp_path / "bad.gguf", change)
     assert next(t for t in gguf.GGUFReader(bad).tensors if t.name == "output_norm.weight").data_offset == 24
-    with pytest.raises(CheckpointError, match=r"bad.gguf: tensor output_norm.weight's data \(bytes \d+ to \d+\) "
-                                              r"lies outside the file"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"bad.gguf: tensor output_norm.weight's data \(bytes \d+ to \d+\) "
+        r"lies outside the file",
+    ):
         load_model(bad)
 
 
 def test_gguf_tensor_dimension_of_zero_or_beyond_the_file_is_refused(exports, tmp_path):
     """[2**40, 0] holds no bytes, so no data check catches it, yet it is no model's shape."""
+
     def change(reader):
         next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight").field.parts[3][:] = [2**40, 0]
 
     bad = _patched(exports["f32"], tmp_path / "bad.gguf", change)
-    with pytest.raises(CheckpointError, match=r"bad.gguf: tensor blk.0.attn_q.weight has dimensions "
-                                              r"\[1099511627776, 0\]; each must be from 1 to the file's size"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"bad.gguf: tensor blk.0.attn_q.weight has dimensions "
+        r"\[1099511627776, 0\]; each must be from 1 to the file's size",
+    ):
         load_model(bad)
 
 
@@ -497,19 +557,21 @@ try:
 except ImportError:
     llama_cpp = None
 needs_llama_cpp = pytest.mark.skipif(
-    llama_cpp is None, reason="llama_cpp is not importable: pip install 'llmasos[llamacpp]' (CI installs it)")
+    llama_cpp is None, reason="llama_cpp is not importable: pip install 'llmasos[llamacpp]' (CI installs it)"
+)
 
 
 def llama_cpp_model(path):
     """Its KV cache in f32 (type 0), not the default f16, so that an f32 model computes in f32 throughout."""
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
-                           type_k=0, type_v=0, verbose=False)
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True, type_k=0, type_v=0, verbose=False
+    )
 
 
 def llama_cpp_logits(llm, ids) -> torch.Tensor:
     llm.reset()
     llm.eval(ids)
-    return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+    return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
 
 
 def llama_cpp_greedy(llm, ids, n: int) -> list[int]:
@@ -565,8 +627,9 @@ def test_llama_cpp_logits_on_our_quantized_export_match_our_import_of_it(exports
     and 0.07 at most (measured, Q8_0 and Q4_0 alike)."""
     ids = Tokenizer(bpe_model[0]).encode(PROMPT)
     theirs = llama_cpp_logits(llama_cpp_model(exports[dtype]), ids)
-    mean, worst, from_exact = quantization_errors(theirs, logits(load_model(exports[dtype]), ids),
-                                                  logits(load_model(bpe_model[0]), ids))
+    mean, worst, from_exact = quantization_errors(
+        theirs, logits(load_model(exports[dtype]), ids), logits(load_model(bpe_model[0]), ids)
+    )
     assert mean < 0.025 and worst < 0.15
     if dtype == "q4_0":  # Q4_0's own error is 15x that: we must land on llama.cpp's side of it
         assert mean < 0.2 * from_exact
@@ -589,15 +652,16 @@ def test_llama_cpp_quantized_files_import_to_llama_cpp_logits(wide_model, tmp_pa
     assert {t.tensor_type.name for t in gguf.GGUFReader(target).tensors} & {"Q4_K", "Q5_K", "Q6_K"}
     ids = Tokenizer(wide_model[0]).encode(PROMPT)
     theirs = llama_cpp_logits(llama_cpp_model(target), ids)
-    mean, worst, from_exact = quantization_errors(theirs, logits(load_model(target), ids),
-                                                  logits(load_model(wide_model[0]), ids))
+    mean, worst, from_exact = quantization_errors(theirs, logits(load_model(target), ids), logits(load_model(wide_model[0]), ids))
     assert mean < 0.1 and worst < 0.8
     assert mean < {"Q4_K_M": 0.25, "Q5_K_M": 0.4, "Q6_K": 0.6}[ftype] * from_exact
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("model, pre", [("bpe_model", "llama-bpe"), ("bpe_model", "qwen2"), ("bpe_model", "gpt-2"),
-                                        ("bpe_model", "default"), ("sp_model", None)])
+@pytest.mark.parametrize(
+    "model, pre",
+    [("bpe_model", "llama-bpe"), ("bpe_model", "qwen2"), ("bpe_model", "gpt-2"), ("bpe_model", "default"), ("sp_model", None)],
+)
 def test_tokenizer_rebuilt_from_gguf_tokenizes_as_llama_cpp(model, pre, request, tmp_path):
     """The same vocabulary under each pre-tokenizer name we rebuild (and SentencePiece): our tokenizer.json
     from the file and llama.cpp's tokenizer from the file give the same ids."""

@@ -81,8 +81,11 @@ def test_shape_mismatch_names_the_tensor(model_dir):
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (model_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.layers.0.mlp.gate_proj.weight has "
-                                              r"shape \[96, 64\], the config implies \[128, 64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: tensor model.layers.0.mlp.gate_proj.weight has "
+        r"shape \[96, 64\], the config implies \[128, 64\]",
+    ):
         load_model(model_dir)
 
 

@@ -10,10 +10,14 @@ from llmasos.checkpoints.load import load_model
 
 # HF name -> (Meta name, dim the model-parallel shards split it on)
 TO_META = {
-    "self_attn.q_proj.weight": ("attention.wq.weight", 0), "self_attn.k_proj.weight": ("attention.wk.weight", 0),
-    "self_attn.v_proj.weight": ("attention.wv.weight", 0), "self_attn.o_proj.weight": ("attention.wo.weight", 1),
-    "mlp.gate_proj.weight": ("feed_forward.w1.weight", 0), "mlp.up_proj.weight": ("feed_forward.w3.weight", 0),
-    "mlp.down_proj.weight": ("feed_forward.w2.weight", 1), "input_layernorm.weight": ("attention_norm.weight", None),
+    "self_attn.q_proj.weight": ("attention.wq.weight", 0),
+    "self_attn.k_proj.weight": ("attention.wk.weight", 0),
+    "self_attn.v_proj.weight": ("attention.wv.weight", 0),
+    "self_attn.o_proj.weight": ("attention.wo.weight", 1),
+    "mlp.gate_proj.weight": ("feed_forward.w1.weight", 0),
+    "mlp.up_proj.weight": ("feed_forward.w3.weight", 0),
+    "mlp.down_proj.weight": ("feed_forward.w2.weight", 1),
+    "input_layernorm.weight": ("attention_norm.weight", None),
     "post_attention_layernorm.weight": ("ffn_norm.weight", None),
 }
 
@@ -43,9 +47,16 @@ def write_meta_checkpoint(hf_model, out, shards=1, embed_split=1):
     for rank in range(shards):
         part = {k: (t if d is None else t.chunk(shards, d)[rank]).clone() for k, (t, d) in meta.items()}
         torch.save(part, out / f"consolidated.{rank:02d}.pth")
-    params = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
-              "n_kv_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size, "multiple_of": 32,
-              "norm_eps": cfg.rms_norm_eps, "rope_theta": 10000.0}
+    params = {
+        "dim": cfg.hidden_size,
+        "n_layers": cfg.num_hidden_layers,
+        "n_heads": cfg.num_attention_heads,
+        "n_kv_heads": cfg.num_key_value_heads,
+        "vocab_size": cfg.vocab_size,
+        "multiple_of": 32,
+        "norm_eps": cfg.rms_norm_eps,
+        "rope_theta": 10000.0,
+    }
     (out / "params.json").write_text(json.dumps(params))
     return out
 
@@ -55,8 +66,9 @@ def hf(tmp_path_factory):
     return make_hf_model(tmp_path_factory.mktemp("hf"), num_key_value_heads=2, rms_norm_eps=1e-5)[1]
 
 
-@pytest.mark.parametrize("shards, embed_split", [(1, 1), (2, 1), (2, 0)],
-                         ids=["one-shard", "two-shards-llama2", "two-shards-llama3-vocab-split"])
+@pytest.mark.parametrize(
+    "shards, embed_split", [(1, 1), (2, 1), (2, 0)], ids=["one-shard", "two-shards-llama2", "two-shards-llama3-vocab-split"]
+)
 @torch.no_grad()
 def test_meta_checkpoint_loads_to_the_hf_logits(hf, tmp_path, shards, embed_split):
     path = write_meta_checkpoint(hf, tmp_path / "meta", shards, embed_split)

@@ -7,12 +7,21 @@ import pytest
 from llmasos.checkpoints.ollama import FORMATS, GENERIC, chat_format, modelfile
 from llmasos.tokenization.chat import LLAMA2_TEMPLATE, LLAMA3_TEMPLATE
 
-CHATML_JINJA = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML_JINJA = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
-@pytest.mark.parametrize("template, expected", [(LLAMA3_TEMPLATE, "llama3"), (LLAMA2_TEMPLATE, "llama2"),
-                                                (CHATML_JINJA, "chatml"), ("{{ messages[0]['content'] }}", "generic")])
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        (LLAMA3_TEMPLATE, "llama3"),
+        (LLAMA2_TEMPLATE, "llama2"),
+        (CHATML_JINJA, "chatml"),
+        ("{{ messages[0]['content'] }}", "generic"),
+    ],
+)
 def test_chat_format_is_recognised_from_the_jinja_template(template, expected):
     assert chat_format(template) == expected
 

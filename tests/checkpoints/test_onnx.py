@@ -16,9 +16,19 @@ from llmasos.checkpoints.onnx import export_onnx
 from llmasos.errors import LLMasOSError
 
 # GQA, tied embeddings, biases and Llama 3.1 rope scaling in one model; Mistral's sliding window in the other.
-LLAMA = {"num_key_value_heads": 2, "tie_word_embeddings": True, "attention_bias": True,
-         "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}
+LLAMA = {
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+    "attention_bias": True,
+    "rope_parameters": {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+}
 MISTRAL = {"num_key_value_heads": 1, "sliding_window": 4}
 
 
@@ -35,8 +45,7 @@ def llama(tmp_path_factory, bpe_dir):
         mp.setenv("LLMASOS_HOME", str(root / "home"))
         stored = pull(str(src), "tiny", progress=False)
         path = export_onnx("tiny", root / "onnx")
-    return SimpleNamespace(model=load_model(stored), session=ort.InferenceSession(str(path)), out=path.parent,
-                           stored=stored)
+    return SimpleNamespace(model=load_model(stored), session=ort.InferenceSession(str(path)), out=path.parent, stored=stored)
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +73,25 @@ def prefill_and_decode_error(model, session, length: int) -> float:
     ids = torch.randint(0, model.config.vocab_size, (2, length + 2), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids)
-    logits, past = run(session, ids[:, :length], torch.ones(2, length, dtype=torch.int64),
-                       torch.arange(length).expand(2, length), empty_past(model, 2))
+    logits, past = run(
+        session,
+        ids[:, :length],
+        torch.ones(2, length, dtype=torch.int64),
+        torch.arange(length).expand(2, length),
+        empty_past(model, 2),
+    )
     errors = [(logits - want[:, :length]).abs().max()]
     for p in (length, length + 1):
-        logits, past = run(session, ids[:, p:p + 1], torch.ones(2, p + 1, dtype=torch.int64), torch.full((2, 1), p), past)
-        errors.append((logits - want[:, p:p + 1]).abs().max())
+        logits, past = run(session, ids[:, p : p + 1], torch.ones(2, p + 1, dtype=torch.int64), torch.full((2, 1), p), past)
+        errors.append((logits - want[:, p : p + 1]).abs().max())
     return float(max(errors))
 
 
 def test_export_is_a_self_contained_dir_with_the_optimum_layout(llama):
     model, session, out = llama.model, llama.session, llama.out
     assert {"model.onnx", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
     genai = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
     n = model.config.num_hidden_layers
@@ -110,8 +125,9 @@ def test_greedy_loop_on_onnxruntime_gives_our_engines_tokens(llama):
     ids, past, got = torch.tensor([prompt]), empty_past(model, 1), []
     while len(got) < 16:
         length = len(prompt) + len(got)
-        logits, past = run(session, ids, torch.ones(1, length, dtype=torch.int64),
-                           torch.arange(length - ids.shape[1], length)[None], past)
+        logits, past = run(
+            session, ids, torch.ones(1, length, dtype=torch.int64), torch.arange(length - ids.shape[1], length)[None], past
+        )
         ids = logits[:, -1].argmax(-1, keepdim=True)
         got.append(int(ids))
     assert got == want

@@ -69,8 +69,12 @@ def test_failed_pull_leaves_nothing_behind(home, hf_dir, tmp_path):
 
 
 def test_hub_id_offline_is_a_clear_error(home):
-    r = subprocess.run([sys.executable, "-m", "llmasos", "pull", "someone/some-model"], capture_output=True,
-                       text=True, env={**os.environ, "LLMASOS_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+    r = subprocess.run(
+        [sys.executable, "-m", "llmasos", "pull", "someone/some-model"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LLMASOS_HOME": str(home), "HF_HUB_OFFLINE": "1"},
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "could not download 'someone/some-model' from the Hugging Face Hub" in r.stderr
     assert not models_dir().exists() or list(models_dir().iterdir()) == []

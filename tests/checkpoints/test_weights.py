@@ -58,12 +58,19 @@ def test_malformed_safetensors_header_is_a_checkpoint_error_naming_file_and_tens
         safe_open(path, "pt")
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"abc", r"truncated safetensors file \(3 bytes, no header\)"),
-    (struct.pack("<Q", 100), r"truncated safetensors file \(header of 100 bytes, file of 8\)"),
-    (struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}", r"not a safetensors file \(a header of 100000001 bytes; the "
-                                                      r"limit is 100000000\)"),
-], ids=["shorter_than_8_bytes", "header_beyond_the_file", "header_over_100MB"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"abc", r"truncated safetensors file \(3 bytes, no header\)"),
+        (struct.pack("<Q", 100), r"truncated safetensors file \(header of 100 bytes, file of 8\)"),
+        (
+            struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}",
+            r"not a safetensors file \(a header of 100000001 bytes; the "
+            r"limit is 100000000\)",
+        ),
+    ],
+    ids=["shorter_than_8_bytes", "header_beyond_the_file", "header_over_100MB"],
+)
 def test_short_file_and_oversized_header_are_refused_before_reading_the_header(content, message, tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(content)
@@ -78,20 +85,25 @@ def test_weight_offset_into_the_header_does_not_load(tmp_path):
     path, _ = make_hf_model(tmp_path / "model")
     header_len = struct.unpack("<Q", (path / "model.safetensors").read_bytes()[:8])[0]
     raw = (path / "model.safetensors").read_bytes()
-    header = json.loads(raw[8:8 + header_len])
+    header = json.loads(raw[8 : 8 + header_len])
     info = header["model.norm.weight"]
     size = info["data_offsets"][1] - info["data_offsets"][0]
     info["data_offsets"] = [-size, 0]
-    write_safetensors(path / "model.safetensors", header, raw[8 + header_len:])
+    write_safetensors(path / "model.safetensors", header, raw[8 + header_len :])
     with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.norm.weight has data_offsets \[-"):
         load_model(path)
 
 
 def test_well_formed_files_read_as_the_safetensors_library_reads_them(tmp_path):
     g = torch.Generator().manual_seed(0)
-    tensors = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(7, generator=g).bfloat16(),
-               "i64": torch.arange(6).view(2, 3), "empty": torch.zeros(0, 4), "bool": torch.tensor([True, False]),
-               "scalar": torch.tensor(2.5)}
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g),
+        "bf16": torch.randn(7, generator=g).bfloat16(),
+        "i64": torch.arange(6).view(2, 3),
+        "empty": torch.zeros(0, 4),
+        "bool": torch.tensor([True, False]),
+        "scalar": torch.tensor(2.5),
+    }
     path = tmp_path / "ok.safetensors"
     save_file(tensors, path, metadata={"format": "pt"})
     entries = read_safetensors_header(path)
@@ -107,8 +119,11 @@ def test_legacy_pickle_bin_says_how_to_convert_it(tmp_path):
     path, hf = make_hf_model(tmp_path / "model")
     legacy = shutil.copytree(path, tmp_path / "legacy", ignore=shutil.ignore_patterns("*.safetensors"))
     torch.save(load_file(path / "model.safetensors"), legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match=r"legacy/pytorch_model.bin: a PyTorch file in the legacy .*"
-                                              r"save_pretrained\(OUT, safe_serialization=True\)") as e:
+    with pytest.raises(
+        CheckpointError,
+        match=r"legacy/pytorch_model.bin: a PyTorch file in the legacy .*"
+        r"save_pretrained\(OUT, safe_serialization=True\)",
+    ) as e:
         load_model(legacy)
     assert "mmap" not in str(e.value) and "_use_new_zipfile_serialization" not in str(e.value)
     # the conversion the message suggests (weights_only, so no code runs) gives a file that loads

@@ -9,8 +9,15 @@ import pytest
 from llmasos.data.prepare import PackedData, clean, prepare
 from llmasos.tokenization import Tokenizer
 
-DOCS = ["The first document.\n", "Cafe\u0301 with a combining accent", "tabs\tand\x07bell\x00null\r\nCRLF",
-        "The first document.\n", "   \n", "A fourth, distinct document 🦙", "Another one\u200b here"]
+DOCS = [
+    "The first document.\n",
+    "Cafe\u0301 with a combining accent",
+    "tabs\tand\x07bell\x00null\r\nCRLF",
+    "The first document.\n",
+    "   \n",
+    "A fourth, distinct document 🦙",
+    "Another one\u200b here",
+]
 
 
 @pytest.fixture
@@ -56,11 +63,29 @@ def test_val_split_is_stable_and_disjoint(jsonl, bpe_dir, tmp_path):
 def test_bad_line_fails_with_its_location_and_leaves_no_data_dir(tmp_path, bpe_dir):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n{"text": broken}\n')
-    r = subprocess.run([sys.executable, "-m", "llmasos", "prepare", str(path), "--tokenizer", str(bpe_dir),
-                        "--out", str(tmp_path / "data")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "llmasos", "prepare", str(path), "--tokenizer", str(bpe_dir), "--out", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and f"{path}:2: not valid JSON" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "data").exists()
-    r = subprocess.run([sys.executable, "-m", "llmasos", "prepare", str(path), "--tokenizer", str(bpe_dir),
-                        "--out", str(tmp_path / "data"), "--on-error", "skip"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmasos",
+            "prepare",
+            str(path),
+            "--tokenizer",
+            str(bpe_dir),
+            "--out",
+            str(tmp_path / "data"),
+            "--on-error",
+            "skip",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "skipped (malformed)" in r.stdout and f"skipped {path}:2" in r.stderr

@@ -32,12 +32,15 @@ def test_glob_selects_files(corpus):
     assert [d.text for d in iter_documents([corpus], glob="*.txt")] == ["first document\n", "second ✓"]
 
 
-@pytest.mark.parametrize("line, reason", [
-    ("{not json", r"d.jsonl:2: not valid JSON"),
-    (json.dumps({"content": "x"}), r"d.jsonl:2: no field 'text' \(fields: content\)"),
-    (json.dumps({"text": 5}), r"d.jsonl:2: field 'text' is int, not a string"),
-    (json.dumps(["text"]), r"d.jsonl:2: expected a JSON object, found list"),
-])
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ("{not json", r"d.jsonl:2: not valid JSON"),
+        (json.dumps({"content": "x"}), r"d.jsonl:2: no field 'text' \(fields: content\)"),
+        (json.dumps({"text": 5}), r"d.jsonl:2: field 'text' is int, not a string"),
+        (json.dumps(["text"]), r"d.jsonl:2: expected a JSON object, found list"),
+    ],
+)
 def test_bad_jsonl_line_is_named_and_fails_by_default(tmp_path, line, reason):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "ok"}) + "\n" + line + "\n" + json.dumps({"text": "ok too"}) + "\n")

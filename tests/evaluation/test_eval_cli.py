@@ -26,15 +26,33 @@ def test_eval_writes_results_and_compare_sets_runs_side_by_side(tiny, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("Once upon a time, in a land far away, there lived a small language model. " * 8)
     out = tmp_path / "a.json"
-    r = run("eval", str(tiny[0]), "--tasks", "science_mc,arithmetic_qa", "--limit", "2", "--batch-size", "4",
-            "--perplexity", str(text), "--stride", "64", "--out", str(out))
+    r = run(
+        "eval",
+        str(tiny[0]),
+        "--tasks",
+        "science_mc,arithmetic_qa",
+        "--limit",
+        "2",
+        "--batch-size",
+        "4",
+        "--perplexity",
+        str(text),
+        "--stride",
+        "64",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     assert "science_mc" in r.stdout and "perplexity:text.txt" in r.stdout and f"wrote {out}" in r.stdout
     results = json.loads(out.read_text())
     assert results["model"] == str(tiny[0])
     assert {(x["task"], x["metric"]) for x in results["results"]} == {
-        ("science_mc", "acc"), ("science_mc", "acc_norm"), ("arithmetic_qa", "exact_match"), ("arithmetic_qa", "f1"),
-        ("perplexity:text.txt", "perplexity")}
+        ("science_mc", "acc"),
+        ("science_mc", "acc_norm"),
+        ("arithmetic_qa", "exact_match"),
+        ("arithmetic_qa", "f1"),
+        ("perplexity:text.txt", "perplexity"),
+    }
     for row in results["results"]:
         assert set(row) == {"model", "task", "metric", "value", "stderr", "samples", "config_hash", "seconds"}
     other = {"model": "other", "results": [{**x, "model": "other", "value": 0.125} for x in results["results"]]}
@@ -49,13 +67,25 @@ def write(tmp_path, name, text):
     return str(tmp_path / name)
 
 
-@pytest.mark.parametrize("files, task, message", [
-    ({}, "no_such_task", "error: unknown task 'no_such_task'; built-in tasks: arithmetic_qa"),
-    ({"t.yaml": 'kind: qa\ndata: gone.jsonl\nprompt: "{{ q }}"\ntarget: "{{ a }}"\n'}, "t.yaml",
-     "error: .*t.yaml: data: the data file .*gone.jsonl does not exist"),
-    ({"t.yaml": 'kind: qa\ndata: d.jsonl\nprompt: "{{ question }}"\ntarget: "{{ a }}"\n', "d.jsonl": '{"q": "x", "a": "y"}\n'},
-     "t.yaml", "error: .*t.yaml: prompt names the field 'question', which record 1 of the data lacks"),
-])
+@pytest.mark.parametrize(
+    "files, task, message",
+    [
+        ({}, "no_such_task", "error: unknown task 'no_such_task'; built-in tasks: arithmetic_qa"),
+        (
+            {"t.yaml": 'kind: qa\ndata: gone.jsonl\nprompt: "{{ q }}"\ntarget: "{{ a }}"\n'},
+            "t.yaml",
+            "error: .*t.yaml: data: the data file .*gone.jsonl does not exist",
+        ),
+        (
+            {
+                "t.yaml": 'kind: qa\ndata: d.jsonl\nprompt: "{{ question }}"\ntarget: "{{ a }}"\n',
+                "d.jsonl": '{"q": "x", "a": "y"}\n',
+            },
+            "t.yaml",
+            "error: .*t.yaml: prompt names the field 'question', which record 1 of the data lacks",
+        ),
+    ],
+)
 def test_bad_tasks_are_named_before_the_model_is_loaded(tmp_path, files, task, message):
     """The model path does not exist: the task's error comes first, so no model work was done."""
     import re

@@ -82,7 +82,7 @@ def test_rolling_loglikelihood_conditions_on_bos_only(llm, harness):
     [rolling] = lm.loglikelihood_rolling([instance("loglikelihood_rolling", (text,))], disable_tqdm=True)
     # disjoint windows predicting 16 tokens each, with the rest of a 16-token window as context (BOS first)
     full = [llm.tokenizer.bos_id] + tokens
-    windows = [(full[max(0, s + len(tokens[s:s + 16]) - 16):s + 1], tokens[s:s + 16]) for s in range(0, len(tokens), 16)]
+    windows = [(full[max(0, s + len(tokens[s : s + 16]) - 16) : s + 1], tokens[s : s + 16]) for s in range(0, len(tokens), 16)]
     expected = sum(v for v, _ in loglikelihoods(llm.model, windows, max_length=16))
     assert rolling == pytest.approx(expected, rel=1e-5)
 
@@ -95,13 +95,18 @@ def test_simple_evaluate_by_registered_name_on_local_tasks(llm, tiny, harness, l
     from llmasos.evaluation.tasks import load_task
 
     tasks_dir, tmp = local_tasks
-    out = lm_eval.simple_evaluate(model="llmasos", model_args=f"pretrained={tiny[0]},dtype=float32,kernels=False",
-                                  tasks=["tiny_mc", "tiny_gen"], batch_size=4,
-                                  task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
+    out = lm_eval.simple_evaluate(
+        model="llmasos",
+        model_args=f"pretrained={tiny[0]},dtype=float32,kernels=False",
+        tasks=["tiny_mc", "tiny_gen"],
+        batch_size=4,
+        task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+    )
     assert 0.0 <= out["results"]["tiny_gen"]["exact_match,none"] <= 1.0
     # the same questions as an LLMasOS task give the same accuracy
-    (tmp / "ours.yaml").write_text('kind: multiple_choice\ndata: mc.jsonl\nprompt: "{{ question }}\\nAnswer:"\n'
-                                   'choices: choices\ntarget: "{{ answer }}"\n')
+    (tmp / "ours.yaml").write_text(
+        'kind: multiple_choice\ndata: mc.jsonl\nprompt: "{{ question }}\\nAnswer:"\nchoices: choices\ntarget: "{{ answer }}"\n'
+    )
     ours = run_task(llm, load_task(tmp / "ours.yaml"), EvalConfig(tasks=["x"]), "tiny", progress=False)
     assert out["results"]["tiny_mc"]["acc,none"] == pytest.approx(ours[0].value)
 
@@ -114,4 +119,3 @@ def test_llmasos_eval_runs_lm_eval_tasks_in_process(llm, local_tasks):
     config = EvalConfig(tasks=["lm_eval:tiny_mc"], include_path=str(tasks_dir), limit=3)
     [row] = evaluate(llm, config, "tiny", progress=False)
     assert (row.task, row.metric, row.samples) == ("lm_eval:tiny_mc", "acc", 3) and row.stderr is not None
-

@@ -26,10 +26,10 @@ def test_generation_is_greedy_through_the_engine_and_scored_against_references(l
 
     prompts = ["The quick brown fox", "Once upon a time"]
     outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0))
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"p": p, "a": o.text.strip()}) + "\n"
-                                              for p, o in zip(prompts, outs)))
-    (tmp_path / "t.yaml").write_text('kind: qa\ndata: d.jsonl\nprompt: "{{ p }}"\ntarget: "{{ a }}"\n'
-                                     'generation: {max_tokens: 4}\nmetrics: [exact_match]\n')
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"p": p, "a": o.text.strip()}) + "\n" for p, o in zip(prompts, outs)))
+    (tmp_path / "t.yaml").write_text(
+        'kind: qa\ndata: d.jsonl\nprompt: "{{ p }}"\ntarget: "{{ a }}"\ngeneration: {max_tokens: 4}\nmetrics: [exact_match]\n'
+    )
     [row] = evaluate(llm, EvalConfig(tasks=[str(tmp_path / "t.yaml")]), "tiny", progress=False)
     assert row.value == 1.0 and row.stderr == 0.0
 

@@ -14,7 +14,7 @@ def reference_loglikelihood(ref, context: list[int], continuation: list[int]) ->
     """log P(continuation | context) straight from transformers' model."""
     ids = torch.tensor([context + continuation])
     with torch.no_grad():
-        logprobs = ref(ids).logits[0, len(context) - 1:-1].log_softmax(-1)
+        logprobs = ref(ids).logits[0, len(context) - 1 : -1].log_softmax(-1)
     target = torch.tensor(continuation)
     return float(logprobs.gather(-1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all())
 
@@ -41,9 +41,15 @@ def hf_sliding_perplexity(ref, ids: list[int], max_length: int, stride: int) -> 
 
 
 def test_loglikelihoods_equal_transformers_in_mixed_length_batches(llm, tiny):
-    pairs = [encode_pair(llm.tokenizer, c, k) for c, k in [
-        ("The quick brown fox", " jumps over the lazy dog."), ("Once upon a time,", " in a land"),
-        ("def fibonacci(n):", "\n    return n"), ("Numbers 12345 and", " symbols")]]
+    pairs = [
+        encode_pair(llm.tokenizer, c, k)
+        for c, k in [
+            ("The quick brown fox", " jumps over the lazy dog."),
+            ("Once upon a time,", " in a land"),
+            ("def fibonacci(n):", "\n    return n"),
+            ("Numbers 12345 and", " symbols"),
+        ]
+    ]
     ours = loglikelihoods(llm.model, pairs, batch_size=3)
     for (context, continuation), (value, greedy) in zip(pairs, ours):
         expected, expected_greedy = reference_loglikelihood(tiny[1], context, continuation)
@@ -85,8 +91,9 @@ def test_perplexity_of_a_text_file_and_of_a_prepared_data_dir(llm, tiny, tmp_pat
 def test_multiple_choice_accuracy_on_a_model_rigged_to_say_b(llm, tmp_path):
     """Only the tokens of " B" get a large logit, so " B" is chosen wherever it stands."""
     write_jsonl(tmp_path / "mc.jsonl", MC_RECORDS)
-    (tmp_path / "mc.yaml").write_text('kind: multiple_choice\ndata: mc.jsonl\nprompt: "{{ question }}\\nAnswer:"\n'
-                                      'choices: choices\ntarget: "{{ answer }}"\n')
+    (tmp_path / "mc.yaml").write_text(
+        'kind: multiple_choice\ndata: mc.jsonl\nprompt: "{{ question }}\\nAnswer:"\nchoices: choices\ntarget: "{{ answer }}"\n'
+    )
     task = load_task(tmp_path / "mc.yaml")
     b_tokens = encode_pair(llm.tokenizer, "Answer:", " B")[1]
     original = llm.model.lm_head

@@ -69,18 +69,24 @@ def test_missing_data_file_is_named(tmp_path):
 
 def test_a_template_field_the_data_lacks_is_named(tmp_path):
     write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answers": ["a"]}, {"query": "q2", "answers": ["b"]}])
-    with pytest.raises(TaskError, match="prompt names the field 'question', which record 2 of the data lacks "
-                                        r"\(its fields: query, answers\)"):
+    with pytest.raises(
+        TaskError,
+        match="prompt names the field 'question', which record 2 of the data lacks "
+        r"\(its fields: query, answers\)",
+    ):
         load_task(write_task(tmp_path, QA))
 
 
-@pytest.mark.parametrize("body, message", [
-    ("kind: qa\ndata: x.jsonl\nprompt: p\ntarget: t\ncolour: red\n", "unknown key 'colour'; valid keys: kind, data"),
-    ("kind: essay\ndata: x.jsonl\nprompt: p\ntarget: t\n", "kind 'essay' is not one of generation"),
-    ("kind: qa\ndata: x.jsonl\nprompt: p\ntarget: t\nmetrics: [acc]\n", "metric 'acc' does not apply to a qa task"),
-    ("kind: qa\ndata: x.jsonl\nprompt: p\n", "the key 'target' is required"),
-    ("kind: qa\ndata: x.jsonl\nprompt: p\ntarget: t\ngeneration: {beams: 4}\n", "generation key 'beams' is unknown"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("kind: qa\ndata: x.jsonl\nprompt: p\ntarget: t\ncolour: red\n", "unknown key 'colour'; valid keys: kind, data"),
+        ("kind: essay\ndata: x.jsonl\nprompt: p\ntarget: t\n", "kind 'essay' is not one of generation"),
+        ("kind: qa\ndata: x.jsonl\nprompt: p\ntarget: t\nmetrics: [acc]\n", "metric 'acc' does not apply to a qa task"),
+        ("kind: qa\ndata: x.jsonl\nprompt: p\n", "the key 'target' is required"),
+        ("kind: qa\ndata: x.jsonl\nprompt: p\ntarget: t\ngeneration: {beams: 4}\n", "generation key 'beams' is unknown"),
+    ],
+)
 def test_bad_task_keys_are_named(tmp_path, body, message):
     with pytest.raises(TaskError, match=message):
         load_task(write_task(tmp_path, body))
@@ -104,9 +110,12 @@ def test_a_template_reaching_for_python_internals_is_refused_and_runs_nothing(tm
     """The report: this prompt ran a shell command during `llmasos eval`; task templates render sandboxed."""
     marker = tmp_path / "pwned"
     write_jsonl(tmp_path / "d.jsonl", [{"q": "1+1?", "a": "2"}])
-    templates = {"prompt": "{{ q }}", "target": "{{ a }}",
-                 key: f"{{{{ cycler.__init__.__globals__.os.popen('touch {marker}').read() }}}}"}
-    body = f"kind: qa\ndata: d.jsonl\nprompt: \"{templates['prompt']}\"\ntarget: \"{templates['target']}\"\n"
+    templates = {
+        "prompt": "{{ q }}",
+        "target": "{{ a }}",
+        key: f"{{{{ cycler.__init__.__globals__.os.popen('touch {marker}').read() }}}}",
+    }
+    body = f'kind: qa\ndata: d.jsonl\nprompt: "{templates["prompt"]}"\ntarget: "{templates["target"]}"\n'
     with pytest.raises(TaskError, match=rf"task.yaml: {key} is not allowed in a task template \(.*unsafe"):
         load_task(write_task(tmp_path, body))
     assert not marker.exists()

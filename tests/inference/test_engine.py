@@ -15,7 +15,7 @@ def reference(ref, prompt, n=64, **kw):
     ref.generation_config.eos_token_id = None
     out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, **kw)
     assert out.shape[1] == len(prompt) + n
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def test_greedy_equals_transformers_for_one_prompt(llm, tiny):
@@ -31,8 +31,7 @@ def test_greedy_batch_of_mixed_lengths_equals_transformers(llm, tiny):
 
 def test_repetition_penalty_equals_transformers(llm, tiny):
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, repetition_penalty=1.5)
-    assert llm.generate([PROMPTS[0]], params)[0].token_ids == reference(tiny[1], PROMPTS[0], 32,
-                                                                        repetition_penalty=1.5)
+    assert llm.generate([PROMPTS[0]], params)[0].token_ids == reference(tiny[1], PROMPTS[0], 32, repetition_penalty=1.5)
 
 
 def test_continuous_batching_requests_arriving_at_different_steps(llm):
@@ -94,9 +93,8 @@ def test_stop_token_ids_end_the_sample(llm):
     base = llm.generate([PROMPTS[1]], GREEDY)[0].token_ids
     stop = base[5]
     cut = base.index(stop)
-    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True,
-                                                    stop_token_ids=[stop]))[0]
-    assert out.finish_reason == "stop" and out.token_ids == base[:cut + 1]
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True, stop_token_ids=[stop]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == base[: cut + 1]
 
 
 def test_stop_string_is_cut_from_text_and_stream(llm):
@@ -105,7 +103,7 @@ def test_stop_string_is_cut_from_text_and_stream(llm):
     stop = base[10:13]
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop, "never-there"])
     out = llm.generate([prompt], params)[0]
-    assert out.finish_reason == "stop" and out.text == base[:base.index(stop)]
+    assert out.finish_reason == "stop" and out.text == base[: base.index(stop)]
     assert "".join(llm.stream(prompt, params)) == out.text
 
 
@@ -121,7 +119,7 @@ def test_logprobs_of_the_chosen_tokens(llm, tiny):
     out = llm.generate([PROMPTS[0]], params)[0]
     seq = torch.tensor([PROMPTS[0] + out.token_ids])
     with torch.no_grad():
-        ref = tiny[1](seq).logits[0, len(PROMPTS[0]) - 1:-1].log_softmax(-1)
+        ref = tiny[1](seq).logits[0, len(PROMPTS[0]) - 1 : -1].log_softmax(-1)
     for step, lp in enumerate(out.outputs[0].logprobs):
         assert lp.token_id == out.token_ids[step] == lp.top[0][0]
         assert lp.logprob == pytest.approx(float(ref[step, lp.token_id]), abs=1e-4)
@@ -129,8 +127,11 @@ def test_logprobs_of_the_chosen_tokens(llm, tiny):
 
 
 def test_prompt_plus_max_tokens_beyond_the_context_is_refused_before_any_work(llm):
-    with pytest.raises(LLMasOSError, match=r"prompt \(100 tokens\) plus max_tokens \(64\) exceeds the context of "
-                                           r"128 tokens; lower max_tokens to at most 28"):
+    with pytest.raises(
+        LLMasOSError,
+        match=r"prompt \(100 tokens\) plus max_tokens \(64\) exceeds the context of "
+        r"128 tokens; lower max_tokens to at most 28",
+    ):
         llm.generate([[5] * 100], GREEDY)
     with pytest.raises(LLMasOSError, match="leaving no room"):
         llm.generate([[5] * 128], GREEDY)
@@ -149,13 +150,37 @@ def test_eos_stops_by_default(llm):
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.mark.parametrize("field, value", [
-    ("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("max_tokens", 0), ("n", 0), ("min_p", 2),
-    ("temperature", NAN), ("temperature", INF), ("top_p", NAN), ("min_p", NAN), ("repetition_penalty", NAN),
-    ("repetition_penalty", INF), ("presence_penalty", NAN), ("frequency_penalty", -INF), ("top_k", 2**64),
-    ("seed", 2**64), ("seed", -2**63 - 1), ("max_tokens", 2**64), ("n", 2**64), ("logprobs", 21),
-    ("prompt_logprobs", -1), ("stop", ["x"] * 17), ("stop", "x" * 513), ("stop_token_ids", [-1]),
-    ("temperature", "hot"), ("top_k", 2.5)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", -1),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("max_tokens", 0),
+        ("n", 0),
+        ("min_p", 2),
+        ("temperature", NAN),
+        ("temperature", INF),
+        ("top_p", NAN),
+        ("min_p", NAN),
+        ("repetition_penalty", NAN),
+        ("repetition_penalty", INF),
+        ("presence_penalty", NAN),
+        ("frequency_penalty", -INF),
+        ("top_k", 2**64),
+        ("seed", 2**64),
+        ("seed", -(2**63) - 1),
+        ("max_tokens", 2**64),
+        ("n", 2**64),
+        ("logprobs", 21),
+        ("prompt_logprobs", -1),
+        ("stop", ["x"] * 17),
+        ("stop", "x" * 513),
+        ("stop_token_ids", [-1]),
+        ("temperature", "hot"),
+        ("top_k", 2.5),
+    ],
+)
 def test_bad_sampling_params_are_named(field, value):
     with pytest.raises(LLMasOSError, match=f"SamplingParams.{field}="):
         SamplingParams(**{field: value})
@@ -167,8 +192,9 @@ def test_prompt_logprobs_equal_transformers(llm, tiny):
         ref = tiny[1](torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)
     scored = llm.engine.prompt_logprobs(prompt, top=3)
     assert [s.token_id for s in scored] == prompt[1:]
-    assert torch.allclose(torch.tensor([s.logprob for s in scored]), ref.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0],
-                          atol=1e-4)
+    assert torch.allclose(
+        torch.tensor([s.logprob for s in scored]), ref.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0], atol=1e-4
+    )
     assert [[i for i, _ in s.top] for s in scored] == ref.topk(3).indices.tolist()
     assert llm.engine.prompt_logprobs(prompt)[0].top == []
 

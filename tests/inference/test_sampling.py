@@ -43,13 +43,20 @@ def allowed(row: torch.Tensor, temperature: float, top_k: int, top_p: float, min
 
 
 @settings(max_examples=200, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), temperature=st.floats(0.05, 3.0), top_k=st.integers(-1, 60),
-       top_p=st.floats(0.01, 1.0), min_p=st.floats(0.0, 0.9), scale=st.floats(0.1, 10.0))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    temperature=st.floats(0.05, 3.0),
+    top_k=st.integers(-1, 60),
+    top_p=st.floats(0.01, 1.0),
+    min_p=st.floats(0.0, 0.9),
+    scale=st.floats(0.1, 10.0),
+)
 def test_sampled_tokens_are_always_allowed(seed, temperature, top_k, top_p, min_p, scale):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(4, VOCAB, generator=g) * scale
-    filtered = filter_logits(logits, torch.full((4,), temperature), torch.full((4,), top_k),
-                             torch.full((4,), top_p), torch.full((4,), min_p))
+    filtered = filter_logits(
+        logits, torch.full((4,), temperature), torch.full((4,), top_k), torch.full((4,), top_p), torch.full((4,), min_p)
+    )
     tokens = draw(filtered, [torch.Generator().manual_seed(seed + i) for i in range(4)])
     for row, tok in zip(logits, tokens.tolist()):
         ok = allowed(row, temperature, top_k, top_p, min_p)

@@ -41,8 +41,10 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_the_build_runs(build_dir, 
     assert seen == {"lock_left": False, "build_directory": str(build_dir)}
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma", "f16c"} <= _cpu_flags(),
-                    reason="the kernels are never built on this CPU")
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma", "f16c"} <= _cpu_flags(),
+    reason="the kernels are never built on this CPU",
+)
 def test_a_build_running_elsewhere_is_waited_for_then_the_model_runs_on_stock_pytorch(build_dir):
     """Another live process holds the build (our flock): a fresh process waits `BUILD_WAIT_S` (1 s here), says
     what it waits for, warns, and runs the model without kernels."""

@@ -146,15 +146,35 @@ FEATURES = {
     "tied-embeddings": {"tie_word_embeddings": True},
     "llama-biases": {"attention_bias": True, "mlp_bias": True},
     "norm-eps-and-theta": {"rms_norm_eps": 1e-2, "rope_theta": 500000.0},
-    **{f"rope-{kind}": {"rope_scaling": {"rope_type": kind, "factor": 4.0, **ROPE_EXTRAS.get(kind, {})}}
-       for kind in ROPE_TYPES if kind != "default"},
-    "all-at-once": {"num_key_value_heads": 2, "sliding_window": 5, "attention_bias": True, "mlp_bias": True,
-                    "tie_word_embeddings": True, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    **{
+        f"rope-{kind}": {"rope_scaling": {"rope_type": kind, "factor": 4.0, **ROPE_EXTRAS.get(kind, {})}}
+        for kind in ROPE_TYPES
+        if kind != "default"
+    },
+    "all-at-once": {
+        "num_key_value_heads": 2,
+        "sliding_window": 5,
+        "attention_bias": True,
+        "mlp_bias": True,
+        "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+    },
 }
 # Config fields that are sizes, token ids or names: a value, not a variant of the computation.
-NOT_FEATURES = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "max_position_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id",
-                "architecture", "dtype"}
+NOT_FEATURES = {
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "architecture",
+    "dtype",
+}
 
 
 def test_every_feature_of_the_config_has_a_fast_path_case():
@@ -165,8 +185,15 @@ def test_every_feature_of_the_config_has_a_fast_path_case():
 
 def tiny_pair(flags: dict, dtype: torch.dtype, quantize: str | None):
     """A random plain model, and the same weights on the fast modules (in `dtype`, fp32 activations and cache)."""
-    config = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64, **flags)
+    config = ModelConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        **flags,
+    )
     torch.manual_seed(0)
     ref = Transformer(config)
     ref.init_weights(std=0.1)
@@ -188,8 +215,11 @@ def tiny_pair(flags: dict, dtype: torch.dtype, quantize: str | None):
 
 
 @pytest.mark.parametrize("flags", FEATURES.values(), ids=FEATURES.keys())
-@pytest.mark.parametrize("dtype, quantize", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8"),
-                                             (torch.float32, "int4")], ids=["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize(
+    "dtype, quantize",
+    [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8"), (torch.float32, "int4")],
+    ids=["fp32", "bf16", "int8", "int4"],
+)
 @torch.inference_mode()
 def test_decode_fast_paths_give_the_model_s_logits(monkeypatch, flags, dtype, quantize):
     """The fused decode paths (whole blocks in one call, attention over cache rows at different
@@ -226,8 +256,14 @@ def test_decode_fast_paths_give_the_model_s_logits(monkeypatch, flags, dtype, qu
 def test_the_decode_plan_follows_replaced_weights_and_modules():
     """The whole-block kernel reuses what it gathered of a block's projections from step to step; a weight
     replaced, or a projection swapped for a quantized one, must be seen at the next step."""
-    config = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=64)
+    config = ModelConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     ref = Transformer(config)
     ref.init_weights(std=0.1)

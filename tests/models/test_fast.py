@@ -66,11 +66,14 @@ def test_quantization_and_lora_swap_in_place_and_lora_merges_back():
     assert plain.model.layers[0].self_attn.v_proj.weight is weight
 
 
-@pytest.mark.parametrize("native, kernels, activation, cache", [
-    (True, True, None, torch.bfloat16),
-    (False, True, torch.float32, torch.float32),  # fp32 over bf16 weights, as llama.cpp
-    (False, False, None, torch.float32),  # no kernels to widen the weights: bf16 activations, fp32 cache
-])
+@pytest.mark.parametrize(
+    "native, kernels, activation, cache",
+    [
+        (True, True, None, torch.bfloat16),
+        (False, True, torch.float32, torch.float32),  # fp32 over bf16 weights, as llama.cpp
+        (False, False, None, torch.float32),  # no kernels to widen the weights: bf16 activations, fp32 cache
+    ],
+)
 def test_the_inference_dtypes_are_decided_once_and_kept_on_the_model(monkeypatch, native, kernels, activation, cache):
     monkeypatch.setattr(llmasos.kernels, "native_bf16", lambda: native)
     model = tiny().to(torch.bfloat16)

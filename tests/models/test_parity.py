@@ -7,8 +7,13 @@ from helpers import make_hf_model
 from llmasos.checkpoints.hf import save_model
 from llmasos.checkpoints.load import load_model
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 VARIANTS = {
     "mha": ("llama", {}),
     "gqa": ("llama", dict(num_key_value_heads=2)),
@@ -48,7 +53,7 @@ def test_cached_decode_equals_full_forward(pair):
     cache = ours.new_cache(2, 64)
     steps = [ours(x[:, :30], torch.arange(30), cache)]
     for t in range(30, 40):
-        steps.append(ours(x[:, t:t + 1], torch.tensor([t]), cache))
+        steps.append(ours(x[:, t : t + 1], torch.tensor([t]), cache))
     assert (torch.cat(steps, 1) - expected).abs().max() < 1e-4
 
 

@@ -48,8 +48,10 @@ def test_perplexity_change_of_int8_and_int4_against_bf16(trained):
     int8 = quantize_model(copy.deepcopy(bf16), "int8")
     int4 = quantize_model(copy.deepcopy(bf16), "int4", group_size=32)
     p8, p4 = perplexity(int8, windows), perplexity(int4, windows)
-    print(f"\nperplexity on the fixed text: bf16 {base:.3f}, int8 {p8:.3f} ({(p8 / base - 1) * 100:+.2f}%), "
-          f"int4 {p4:.3f} ({(p4 / base - 1) * 100:+.2f}%)")
+    print(
+        f"\nperplexity on the fixed text: bf16 {base:.3f}, int8 {p8:.3f} ({(p8 / base - 1) * 100:+.2f}%), "
+        f"int4 {p4:.3f} ({(p4 / base - 1) * 100:+.2f}%)"
+    )
     assert base < 100, "the fixture model did not learn the text (an untrained one scores about 400)"
     assert abs(p8 / base - 1) < 0.01  # int8 per channel: within 1%
     assert abs(p4 / base - 1) < 0.10  # int4, groups of 32: within 10%

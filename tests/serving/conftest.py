@@ -25,8 +25,7 @@ def one_thread() -> Iterator[None]:
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random GQA Llama with a byte-level BPE tokenizer and a chat template; 1024 tokens of context
     so that a long request runs for a few seconds."""
-    path, _ = make_hf_model(tmp_path_factory.mktemp("serve") / "tiny", num_key_value_heads=2,
-                            max_position_embeddings=1024)
+    path, _ = make_hf_model(tmp_path_factory.mktemp("serve") / "tiny", num_key_value_heads=2, max_position_embeddings=1024)
     write_bpe_tokenizer(path)
     return path
 
@@ -42,8 +41,9 @@ def llm(tiny_dir):
 def server(llm) -> Iterator[str]:
     """The shared server: an API key, up to 16 running sequences and 64 waiting, bodies up to 1 MiB, and only
     requests addressed to a loopback name (as `llmasos serve` on 127.0.0.1)."""
-    with live_server(llm, served_model_name="tiny", api_key=API_KEY, max_queue=64, max_body_bytes=2**20,
-                     loopback_only=True) as url:
+    with live_server(
+        llm, served_model_name="tiny", api_key=API_KEY, max_queue=64, max_body_bytes=2**20, loopback_only=True
+    ) as url:
         yield url
 
 

@@ -38,8 +38,14 @@ class LongStream(threading.Thread):
         self.status = None
 
     def run(self) -> None:
-        body = {"prompt": "Once upon a time", "max_tokens": self.tokens, "temperature": 0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "prompt": "Once upon a time",
+            "max_tokens": self.tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
         with httpx.stream("POST", f"{self.base}/v1/completions", json=body, headers=headers, timeout=120) as r:
             self.status = r.status_code
@@ -118,8 +124,11 @@ def test_every_error_during_a_long_stream(server, gate):
     assert stream.started.wait(30)
     with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as http:
         for route, body, headers, status, param in ERRORS:
-            sent = dict(content=body, headers={"Content-Type": "application/json", **(headers or {})}) \
-                if isinstance(body, bytes) else dict(json=body, headers=headers)
+            sent = (
+                dict(content=body, headers={"Content-Type": "application/json", **(headers or {})})
+                if isinstance(body, bytes)
+                else dict(json=body, headers=headers)
+            )
             r = http.post(route, **sent)
             assert r.status_code == status, (body if len(str(body)) < 200 else route, r.text)
             error = r.json()["error"]
@@ -147,8 +156,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server, gate):
     gate.hold_after(3)
     before = metric(server, "llmasos_generation_tokens_total")
     body = {"prompt": "Once upon a time", "max_tokens": LONG, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+    with httpx.stream(
+        "POST", f"{server}/v1/completions", json=body, timeout=30, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as r:
         lines = r.iter_lines()
         next(lines), next(lines)
         assert metric(server, "llmasos_num_sequences_running") == 1
@@ -223,13 +233,20 @@ def test_cors_preflight_needs_no_key_and_a_chunked_body_is_still_limited(llm):
     origin = "http://localhost:3000"
     app = create_app(llm, api_key=API_KEY, cors_origins=[origin], max_body_bytes=1000)
     http = TestClient(app)  # no lifespan: the engine thread is not started, and nothing here needs it
-    preflight = http.options("/v1/chat/completions", headers={
-        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+    preflight = http.options(
+        "/v1/chat/completions",
+        headers={"Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"},
+    )
     assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
     refused = http.post("/v1/chat/completions", json={"messages": []}, headers={"Origin": origin})
     assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin
-    assert http.options("/v1/models", headers={"Origin": "http://evil.example",
-                                               "Access-Control-Request-Method": "GET"}).status_code == 400
-    chunked = http.post("/v1/completions", content=iter([b'{"prompt": "', b"x" * 2000, b'"}']),
-                        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert (
+        http.options("/v1/models", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"}).status_code
+        == 400
+    )
+    chunked = http.post(
+        "/v1/completions",
+        content=iter([b'{"prompt": "', b"x" * 2000, b'"}']),
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
     assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"

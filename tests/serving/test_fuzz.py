@@ -19,9 +19,9 @@ def test_no_request_the_schema_allows_is_a_server_error(server):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/tokenize"}
     for operation in operations:
+
         @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
         def no_server_error(case) -> None:
             case.call_and_validate(headers=AUTH, checks=[not_a_server_error], timeout=60)
 

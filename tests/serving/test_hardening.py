@@ -22,8 +22,9 @@ def streamed(base: str, body: dict, into: dict, key: int, headers: dict | None =
 
     def run() -> None:
         text, reasons, error = "", [], None
-        with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=120,
-                          headers=headers or AUTH) as r:
+        with httpx.stream(
+            "POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=120, headers=headers or AUTH
+        ) as r:
             status = r.status_code
             for line in r.iter_lines():
                 if line.startswith("data: {"):
@@ -59,9 +60,14 @@ def test_a_poisoned_request_beside_8_greedy_streams_fails_alone(server, http, ga
     assert wait_for(lambda: metric(server, "llmasos_num_requests_waiting") == 8)
     gate.hold_after(2)  # all 8 admitted together, then a token more, then held: running, not finished
     assert wait_for(lambda: metric(server, "llmasos_num_sequences_running") == 8)
-    for poison in (b'{"prompt": "hi", "temperature": NaN}', b'{"prompt": "hi", "repetition_penalty": NaN}',
-                   b'{"prompt": "hi", "top_k": 18446744073709551616}', b'{"prompt": [-1]}', b'{"prompt": [400]}',
-                   b'{"prompt": "hi", "seed": 18446744073709551616}'):
+    for poison in (
+        b'{"prompt": "hi", "temperature": NaN}',
+        b'{"prompt": "hi", "repetition_penalty": NaN}',
+        b'{"prompt": "hi", "top_k": 18446744073709551616}',
+        b'{"prompt": [-1]}',
+        b'{"prompt": [400]}',
+        b'{"prompt": "hi", "seed": 18446744073709551616}',
+    ):
         r = http.post("/v1/completions", content=poison, headers={"Content-Type": "application/json"})
         assert r.status_code == 400, (poison, r.text)
     # Admitted while the streams run, then sampled in the same batch as they are.
@@ -85,24 +91,25 @@ def test_scored_prompts_wait_in_the_queue_and_leave_with_their_client(tiny_dir):
     llm = LLM.load(tiny_dir, max_batch_size=1)
     gate = StepGate(llm.engine)
     gate.hold_after(0)
-    body = json.dumps({"prompt": [[5, 6, 7], [8, 9], [10, 11, 12]], "echo": True, "logprobs": 1,
-                       "max_tokens": 0}).encode()
+    body = json.dumps({"prompt": [[5, 6, 7], [8, 9], [10, 11, 12]], "echo": True, "logprobs": 1, "max_tokens": 0}).encode()
     with live_server(llm, max_queue=2) as base:
         port = int(base.rsplit(":", 1)[1])
         client = socket.create_connection(("127.0.0.1", port))  # a client this test hangs up on itself
-        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        client.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         assert wait_for(lambda: metric(base, "llmasos_num_requests_waiting") == 3)
         r = httpx.post(f"{base}/v1/completions", json={"prompt": [5], "echo": True, "logprobs": 1, "max_tokens": 0})
         assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"  # scoring counts in the queue
         client.close()
         assert wait_for(lambda: metric(base, "llmasos_num_requests_waiting") == 0)  # gone with their client
         gate.release()
-        r = httpx.post(f"{base}/v1/completions", json={"prompt": [5, 6, 7], "echo": True, "logprobs": 1,
-                                                       "max_tokens": 0})
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": [5, 6, 7], "echo": True, "logprobs": 1, "max_tokens": 0})
         scored = r.json()["choices"][0]["logprobs"]["token_logprobs"]
         assert scored[0] is None and scored[1:] == pytest.approx(
-            [e.logprob for e in llm.engine.prompt_logprobs([5, 6, 7])], abs=1e-5)
+            [e.logprob for e in llm.engine.prompt_logprobs([5, 6, 7])], abs=1e-5
+        )
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +124,18 @@ def long_context(tmp_path_factory):
 
 def test_the_event_loop_answers_while_long_text_is_encoded_and_rendered(long_context):
     with live_server(long_context) as base:
-        bodies = [("/v1/completions", {"prompt": "Once upon a time, " * 70_000, "max_tokens": 1}),
-                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello there"}] * 16_000,
-                                            "max_tokens": 1})]
+        bodies = [
+            ("/v1/completions", {"prompt": "Once upon a time, " * 70_000, "max_tokens": 1}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello there"}] * 16_000, "max_tokens": 1}),
+        ]
         for route, body in bodies:
             answer: dict = {}
             content = json.dumps(body).encode()  # encoded here, not in the thread: the server shares this process
-            worker = threading.Thread(target=lambda url=f"{base}{route}", content=content, answer=answer: answer.update(
-                r=httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=120)))
+            worker = threading.Thread(
+                target=lambda url=f"{base}{route}", content=content, answer=answer: answer.update(
+                    r=httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=120)
+                )
+            )
             worker.start()
             slowest = 0.0
             while worker.is_alive():
@@ -167,10 +178,22 @@ def test_with_a_key_the_docs_need_it_too(llm):
     assert http.get("/health").status_code != 401  # 503 here: no lifespan, no engine thread; but no key needed
 
 
-@pytest.mark.parametrize("host, loopback", [
-    ("127.0.0.1:8000", True), ("localhost", True), ("LOCALHOST:80", True), ("[::1]:8000", True), ("127.5.6.7", True),
-    ("::1", True), ("rebind.attacker.example", False), ("localhost.attacker.example", False), ("0.0.0.0:8000", False),
-    ("192.168.1.10", False), ("", False)])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1:8000", True),
+        ("localhost", True),
+        ("LOCALHOST:80", True),
+        ("[::1]:8000", True),
+        ("127.5.6.7", True),
+        ("::1", True),
+        ("rebind.attacker.example", False),
+        ("localhost.attacker.example", False),
+        ("0.0.0.0:8000", False),
+        ("192.168.1.10", False),
+        ("", False),
+    ],
+)
 def test_loopback_hosts(host, loopback):
     from llmasos.serving.app import is_loopback
 

@@ -37,9 +37,26 @@ def test_sigterm_drains_the_running_request_and_exits_0(tiny_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     hold = tmp_path / "hold"
     hold.touch()
-    proc = subprocess.Popen([sys.executable, "-c", GATED_SERVE, str(hold), "serve", str(tiny_dir), "--port", str(port),
-                             "--served-model-name", "tiny", "--shutdown-timeout", "60"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            GATED_SERVE,
+            str(hold),
+            "serve",
+            str(tiny_dir),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "tiny",
+            "--shutdown-timeout",
+            "60",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -54,8 +71,15 @@ def test_sigterm_drains_the_running_request_and_exits_0(tiny_dir, tmp_path):
         first = threading.Event()
 
         def read() -> None:
-            body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 600, "ignore_eos": True,
-                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            body = {
+                "model": "tiny",
+                "prompt": "Once upon a time",
+                "max_tokens": 600,
+                "ignore_eos": True,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
                 for line in r.iter_lines():
                     if line:

@@ -7,8 +7,15 @@ import pytest
 from helpers import API_KEY
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +48,7 @@ def test_a_typed_message_gets_a_streamed_answer(page, gate):
     page.fill("#max-tokens", "64")
     page.fill("#input", "Once upon a time")
     page.press("#input", "Enter")
-    page.wait_for_function("(document.querySelector('.msg.assistant')?.textContent || '').length > 0",
-                           timeout=30_000)
+    page.wait_for_function("(document.querySelector('.msg.assistant')?.textContent || '').length > 0", timeout=30_000)
     partial = page.text_content(".msg.assistant")
     assert page.locator(".stats").count() == 0  # not finished: what shows was streamed
     gate.release()

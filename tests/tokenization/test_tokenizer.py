@@ -7,8 +7,16 @@ from llmasos.errors import LLMasOSError
 from llmasos.tokenization import StreamDecoder, Tokenizer
 from llmasos.tokenization.chat import LLAMA2_TEMPLATE
 
-TEXTS = sorted(set(CORPUS)) + ["", "  two leading spaces", "a\n\nb", "tabs\tand\r\nCRLF", "<s>[INST] hi [/INST]",
-                               "<|begin_of_text|>hello<|eot_id|>", "trailing space ", "日本語のテキスト 🦙"]
+TEXTS = sorted(set(CORPUS)) + [
+    "",
+    "  two leading spaces",
+    "a\n\nb",
+    "tabs\tand\r\nCRLF",
+    "<s>[INST] hi [/INST]",
+    "<|begin_of_text|>hello<|eot_id|>",
+    "trailing space ",
+    "日本語のテキスト 🦙",
+]
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Hi there!"},
@@ -49,7 +57,8 @@ def test_chat_template_equals_transformers(pair, add_generation_prompt):
     text = ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     assert text == ref.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     assert ours.apply_chat_template(messages, add_generation_prompt, tokenize=True) == ref.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False)
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+    )
     assert ours.has_chat_template
 
 
@@ -73,8 +82,10 @@ def test_builtin_llama3_format_when_the_checkpoint_has_no_template(tmp_path):
     tok = Tokenizer(write_bpe_tokenizer(tmp_path, chat_template=None))
     assert not tok.has_chat_template
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
-    assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert tok.token_to_id("<|eot_id|>") in tok.stop_ids
 
 

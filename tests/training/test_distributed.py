@@ -10,17 +10,42 @@ from helpers import make_hf_model, write_bpe_tokenizer, write_jsonl
 
 pytestmark = pytest.mark.slow
 
-FLAGS = ["--model", "tiny-gqa", "--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3",
-         "--warmup-steps", "2", "--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "3", "--log-every", "1",
-         "--precision", "fp32", "--eval-batches", "2"]
+FLAGS = [
+    "--model",
+    "tiny-gqa",
+    "--seq-len",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "2",
+    "--max-steps",
+    "6",
+    "--eval-every",
+    "3",
+    "--checkpoint-every",
+    "3",
+    "--log-every",
+    "1",
+    "--precision",
+    "fp32",
+    "--eval-batches",
+    "2",
+]
 
 
 def llmasos(args, procs=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"] \
-        if procs > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+        if procs > 1
+        else [sys.executable]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(launcher + ["-m", "llmasos", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    done = subprocess.run(launcher + ["-m", "llmasos", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done
 
@@ -59,9 +84,28 @@ def test_lora_finetune_under_ddp_equals_one_process(tmp_path):
     write_bpe_tokenizer(base)
     records = [{"instruction": f"Add {a} and {b}.", "output": f"{a + b}"} for a in range(4) for b in range(4)]
     write_jsonl(tmp_path / "a.jsonl", records)
-    flags = ["finetune", base, "--data", tmp_path / "a.jsonl", "--method", "lora", "--max-steps", "4",
-             "--micro-batch-size", "2", "--global-batch-size", "8", "--precision", "fp32", "--lr", "1e-2",
-             "--val-fraction", "0", "--log-every", "1"]
+    flags = [
+        "finetune",
+        base,
+        "--data",
+        tmp_path / "a.jsonl",
+        "--method",
+        "lora",
+        "--max-steps",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--precision",
+        "fp32",
+        "--lr",
+        "1e-2",
+        "--val-fraction",
+        "0",
+        "--log-every",
+        "1",
+    ]
     llmasos([*flags, "--out", tmp_path / "one"])
     llmasos([*flags, "--out", tmp_path / "two", "--strategy", "ddp"], procs=2)
     assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "one"))

@@ -16,11 +16,18 @@ from llmasos.training import finetune as ft
 from llmasos.training.config import FinetuneConfig
 
 ALPACA = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a + b}"} for a in range(6) for b in range(4)]
-CHATS = [{"messages": [{"role": "system", "content": "Be brief."},
-                       {"role": "user", "content": f"Name a number after {i}."},
-                       {"role": "assistant", "content": f"{i + 1}"},
-                       {"role": "user", "content": "And the one after?"},
-                       {"role": "assistant", "content": f"{i + 2}"}]} for i in range(10)]
+CHATS = [
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"Name a number after {i}."},
+            {"role": "assistant", "content": f"{i + 1}"},
+            {"role": "user", "content": "And the one after?"},
+            {"role": "assistant", "content": f"{i + 2}"},
+        ]
+    }
+    for i in range(10)
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +38,24 @@ def base(tmp_path_factory):
 
 
 def config(base, data, out, **kw):
-    values = dict(model=str(base), data=str(data), out=str(out), seq_len=64, micro_batch_size=4, global_batch_size=8,
-                  lr=3e-3, warmup_steps=2, min_lr=0.0, weight_decay=0.0, max_steps=12, eval_every=6,
-                  checkpoint_every=4, log_every=1, precision="fp32", val_fraction=0.2)
+    values = dict(
+        model=str(base),
+        data=str(data),
+        out=str(out),
+        seq_len=64,
+        micro_batch_size=4,
+        global_batch_size=8,
+        lr=3e-3,
+        warmup_steps=2,
+        min_lr=0.0,
+        weight_decay=0.0,
+        max_steps=12,
+        eval_every=6,
+        checkpoint_every=4,
+        log_every=1,
+        precision="fp32",
+        val_fraction=0.2,
+    )
     return FinetuneConfig.from_dict({**values, **kw})
 
 
@@ -49,8 +71,7 @@ def test_alpaca_labels_cover_exactly_the_answer_and_the_end_of_turn(base, tmp_pa
     [ex] = load_examples(write_jsonl(tmp_path / "a.jsonl", ALPACA[7:8]), tok)
     trained = [t for t in ex.labels if t != IGNORE]
     assert tok.decode(trained, skip_special_tokens=False) == "4<|eot_id|><|end_of_text|>"
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Add 1 and 3."}], add_generation_prompt=True,
-                                     tokenize=True)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Add 1 and 3."}], add_generation_prompt=True, tokenize=True)
     assert ex.input_ids[: len(prompt)] == prompt  # the prompt inference builds, untrained
     assert all(t == IGNORE for t in ex.labels[: len(prompt)])
 
@@ -78,13 +99,16 @@ def test_alpaca_json_list_and_completion_records(base, tmp_path):
     assert tok.decode([t for t in ex.labels if t != IGNORE], skip_special_tokens=False) == " 4<|end_of_text|>"
 
 
-@pytest.mark.parametrize("line, reason", [
-    ('{"instruction": "x"', "not valid JSON"),
-    ('{"instruction": "x", "input": ""}', "not an instruction record"),
-    ('{"messages": [{"role": "robot", "content": "hi"}]}', "messages[0] must have a role"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
-    ('["a list"]', "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ('{"instruction": "x"', "not valid JSON"),
+        ('{"instruction": "x", "input": ""}', "not an instruction record"),
+        ('{"messages": [{"role": "robot", "content": "hi"}]}', "messages[0] must have a role"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+        ('["a list"]', "expected a JSON object"),
+    ],
+)
 def test_malformed_records_are_named_by_file_and_line(base, tmp_path, line, reason):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(ALPACA[0]) + "\n" + line + "\n")
@@ -98,8 +122,9 @@ def test_batches_are_a_pure_function_of_the_step_and_cover_each_epoch(base, tmp_
     x1, y1 = ft.example_batch(examples, cfg, 5, 1, pad_id=0)
     x2, y2 = ft.example_batch(examples, cfg, 5, 1, pad_id=0)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    firsts = {tuple(ft.example_batch(examples, cfg, s, m, 0)[0][r].tolist())
-              for s in range(3) for m in range(2) for r in range(4)}
+    firsts = {
+        tuple(ft.example_batch(examples, cfg, s, m, 0)[0][r].tolist()) for s in range(3) for m in range(2) for r in range(4)
+    }
     assert len(firsts) == len(examples)  # 24 examples = 3 steps of 8: each seen once in epoch 0
 
 
@@ -124,8 +149,7 @@ def test_lora_trains_only_the_adapter_and_every_way_to_load_it_agrees(base, tmp_
     from llmasos.models.lora import load_adapter
 
     data = write_jsonl(tmp_path / "c.jsonl", CHATS + CHATS)
-    cfg = config(base[0], data, tmp_path / "run", method="lora", lora_rank=4, lora_targets="q_proj,v_proj,down_proj",
-                 merge=True)
+    cfg = config(base[0], data, tmp_path / "run", method="lora", lora_rank=4, lora_targets="q_proj,v_proj,down_proj", merge=True)
     run = ft.finetune(cfg, progress=False).dir
     assert losses(run)[-1] < losses(run)[0]
     ckpt = load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
@@ -161,8 +185,20 @@ def test_qlora_trains_adapters_over_a_quantized_base(base, tmp_path):
 
     data = write_jsonl(tmp_path / "a.jsonl", ALPACA)
     for bits in ("int8", "int4"):
-        run = ft.finetune(config(base[0], data, tmp_path / bits, method="qlora", quantize=bits, lora_rank=8,
-                                 lora_targets="all-linear", merge=True, max_steps=8), progress=False).dir
+        run = ft.finetune(
+            config(
+                base[0],
+                data,
+                tmp_path / bits,
+                method="qlora",
+                quantize=bits,
+                lora_rank=8,
+                lora_targets="all-linear",
+                merge=True,
+                max_steps=8,
+            ),
+            progress=False,
+        ).dir
         curve = losses(run)
         assert curve[-1] < curve[0], bits
         assert (run / "adapter" / "adapter_config.json").exists()
@@ -192,8 +228,10 @@ def test_bad_finetune_configs_are_named(base, tmp_path):
     with pytest.raises(ConfigError, match="method: 'dora' is not one of full, lora, qlora"):
         config(base[0], "x.jsonl", tmp_path, method="dora")
     with pytest.raises(ConfigError, match="lora_targets: unknown module.*qkv"):
-        ft.finetune(config(base[0], write_jsonl(tmp_path / "a.jsonl", ALPACA), tmp_path / "r", method="lora",
-                           lora_targets="qkv"), progress=False)
+        ft.finetune(
+            config(base[0], write_jsonl(tmp_path / "a.jsonl", ALPACA), tmp_path / "r", method="lora", lora_targets="qkv"),
+            progress=False,
+        )
 
 
 def test_a_task_drives_finetuning_through_its_template(base, tmp_path):
@@ -205,16 +243,21 @@ def test_a_task_drives_finetuning_through_its_template(base, tmp_path):
     tok = Tokenizer(base[0])
     assert examples[0].input_ids[: len(tok.encode(prompt))] == tok.encode(prompt)
     assert tok.decode([t for t in examples[0].labels if t != IGNORE]) == answer
-    run = ft.finetune(config(base[0], "", tmp_path / "run", task="arithmetic_qa", method="lora", max_steps=2),
-                      progress=False).dir
+    run = ft.finetune(config(base[0], "", tmp_path / "run", task="arithmetic_qa", method="lora", max_steps=2), progress=False).dir
     assert (run / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_finetune_config_carries_the_fine_tuning_defaults():
     full, lora = FinetuneConfig(model="m", data="d.jsonl"), FinetuneConfig(model="m", data="d.jsonl", method="lora")
     assert (full.lr, lora.lr, FinetuneConfig(model="m", method="lora", lr=1e-3).lr) == (2e-5, 2e-4, 1e-3)
-    assert (full.out, full.weight_decay, full.min_lr, full.warmup_steps, full.seq_len, full.epochs) == \
-        ("runs/finetune", 0.0, 0.0, 10, 512, 1.0)
+    assert (full.out, full.weight_decay, full.min_lr, full.warmup_steps, full.seq_len, full.epochs) == (
+        "runs/finetune",
+        0.0,
+        0.0,
+        10,
+        512,
+        1.0,
+    )
     with pytest.raises(ConfigError, match="set max_steps, max_tokens or epochs"):
         FinetuneConfig(model="m", data="d.jsonl", epochs=None)
 

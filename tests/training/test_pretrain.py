@@ -16,9 +16,21 @@ from llmasos.training.config import TrainConfig
 
 
 def config(data, out, **kw):
-    values = dict(model="tiny-gqa", data=str(data), out=str(out), seq_len=32, micro_batch_size=2,
-                  global_batch_size=4, lr=3e-3, warmup_steps=3, max_steps=16, eval_every=8, checkpoint_every=4,
-                  log_every=1, keep_checkpoints=2)
+    values = dict(
+        model="tiny-gqa",
+        data=str(data),
+        out=str(out),
+        seq_len=32,
+        micro_batch_size=2,
+        global_batch_size=4,
+        lr=3e-3,
+        warmup_steps=3,
+        max_steps=16,
+        eval_every=8,
+        checkpoint_every=4,
+        log_every=1,
+        keep_checkpoints=2,
+    )
     return TrainConfig.from_dict({**values, **kw})
 
 
@@ -71,8 +83,25 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(data, tmp
     from llmasos.cli import main
 
     def flags(out):
-        return ["pretrain", "--model", "tiny-gqa", "--data", str(data), "--out", str(out), "--seq-len", "32",
-                "--micro-batch-size", "2", "--global-batch-size", "2", "--max-steps", "3", "--log-every", "1"]
+        return [
+            "pretrain",
+            "--model",
+            "tiny-gqa",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--seq-len",
+            "32",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "2",
+            "--max-steps",
+            "3",
+            "--log-every",
+            "1",
+        ]
 
     assert main(flags(tmp_path / "whole")) == 0
 
@@ -97,9 +126,32 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(data, tmp
 
 def test_kill_9_leaves_the_last_checkpoint_loadable(data, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "llmasos", "pretrain", "--model", "tiny-gqa", "--data", str(data), "--out", str(out),
-           "--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "2", "--max-steps", "100000",
-           "--checkpoint-every", "1", "--eval-every", "1000", "--log-every", "1000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmasos",
+        "pretrain",
+        "--model",
+        "tiny-gqa",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--seq-len",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "2",
+        "--max-steps",
+        "100000",
+        "--checkpoint-every",
+        "1",
+        "--eval-every",
+        "1000",
+        "--log-every",
+        "1000",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
@@ -133,8 +185,24 @@ def test_flags_override_the_yaml(tmp_path):
 
 
 def test_cli_pretrain_refuses_an_unknown_model_shape(data, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "llmasos", "pretrain", "--model", "tiny-nope", "--data", str(data),
-                        "--out", str(tmp_path / "x"), "--max-steps", "2"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmasos",
+            "pretrain",
+            "--model",
+            "tiny-nope",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "x"),
+            "--max-steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "unknown model shape 'tiny-nope'" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -26,16 +26,17 @@ def export_hf(model_dir: Path, out_dir: Path, dtype: str = "auto", force: bool =
     `llmasos export` wrote, anything else only with `force`; never the model itself."""
     model_dir = Path(model_dir)
     if dtype != "auto" and dtype not in HF_DTYPES:
-        raise LLMasOSError(f"dtype {dtype!r} cannot be written to an HF dir; use auto, {', '.join(HF_DTYPES)} "
-                           f"(q8_0 and q4_0 are GGUF types: --format gguf)")
+        raise LLMasOSError(
+            f"dtype {dtype!r} cannot be written to an HF dir; use auto, {', '.join(HF_DTYPES)} "
+            f"(q8_0 and q4_0 are GGUF types: --format gguf)"
+        )
     with output_dir(Path(out_dir), [model_dir], force, "llmasos export") as tmp:
         model = load_model(model_dir, HF_DTYPES.get(dtype))
         save_model(model, tmp, tokenizer_dir=tokenizer_source(model_dir))
     return Path(out_dir)
 
 
-def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", force: bool = False,
-                progress: bool = True) -> Path:
+def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", force: bool = False, progress: bool = True) -> Path:
     """Write the model in `model_dir` as one GGUF file that llama.cpp and Ollama load; returns its path.
 
     out: a `.gguf` path, or a directory to write `<model>-<dtype>.gguf` into. dtype: auto (as stored),
@@ -56,8 +57,7 @@ def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", for
     check_output(out, [model_dir], force, "llmasos export", owned=lambda path: False)
     check_output(modelfile_path(out), [model_dir], force, "llmasos export", owned=written_by_export)
     tokenizer = Tokenizer(tokenizer_source(model_dir))
-    context = write_gguf(out, config, entries, dtype, name, partial(write_vocab, tokenizer=tokenizer, config=config),
-                         progress)
+    context = write_gguf(out, config, entries, dtype, name, partial(write_vocab, tokenizer=tokenizer, config=config), progress)
     stops = [tokenizer.decode([i], skip_special_tokens=False) for i in sorted(tokenizer.stop_ids)]
     write_modelfile(out, tokenizer.chat_template, stops, context)
     return out

@@ -36,29 +36,42 @@ GGUF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2
 HF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # Mistral's GGUFs say "llama"
 Q = gguf.GGMLQuantizationType
 EXPORT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
-FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+FILE_TYPES = {
+    "f32": gguf.LlamaFileType.ALL_F32,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+}
 AUTO_DTYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 # What `gguf.quants` dequantises: the float types, the legacy block types and the K-quants.
-READABLE_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K,
-                  Q.Q6_K)
+READABLE_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 
 # Our name inside `model.layers.N.` -> llama.cpp's inside `blk.N.`
 LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.o_proj.bias": "attn_output.bias",
     "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.gate_proj.bias": "ffn_gate.bias",
-    "mlp.up_proj.weight": "ffn_up.weight", "mlp.up_proj.bias": "ffn_up.bias",
-    "mlp.down_proj.weight": "ffn_down.weight", "mlp.down_proj.bias": "ffn_down.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.gate_proj.bias": "ffn_gate.bias",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.up_proj.bias": "ffn_up.bias",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.down_proj.bias": "ffn_down.bias",
 }
-TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+TOP_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 rope scaling: one divisor per rotary frequency
 
 
@@ -100,8 +113,11 @@ def _write_hparams(writer: gguf.GGUFWriter, config: ModelConfig, name: str, file
     writer.add_name(name)
     context = config.max_position_embeddings
     if config.sliding_window is not None and config.sliding_window < context:
-        warnings.warn(f"llama.cpp has no sliding window for this architecture: the GGUF's context length is "
-                      f"clipped to the window, {config.sliding_window} tokens (the model says {context})", stacklevel=2)
+        warnings.warn(
+            f"llama.cpp has no sliding window for this architecture: the GGUF's context length is "
+            f"clipped to the window, {config.sliding_window} tokens (the model says {context})",
+            stacklevel=2,
+        )
         context = config.sliding_window
     writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)
@@ -130,8 +146,15 @@ def _rope_factors(config: ModelConfig) -> torch.Tensor:
     return plain / rope_inv_freq(config)
 
 
-def write_gguf(out: Path, config: ModelConfig, entries: dict[str, TensorEntry], dtype: str, name: str,
-               write_vocab: Callable[[gguf.GGUFWriter], None], progress: bool = True) -> int:
+def write_gguf(
+    out: Path,
+    config: ModelConfig,
+    entries: dict[str, TensorEntry],
+    dtype: str,
+    name: str,
+    write_vocab: Callable[[gguf.GGUFWriter], None],
+    progress: bool = True,
+) -> int:
     """Write the model `entries` hold as the GGUF file `out`, its matrices in `dtype` (f32, f16, bf16, q8_0 or
     q4_0), under a temporary name renamed when complete; `write_vocab` adds the `tokenizer.*` keys. Returns
     the context length written."""
@@ -209,8 +232,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, TensorEntry]]:
     _check_tensor_data(reader, path)
     arch = read_field(reader, "general.architecture")
     if arch not in HF_ARCHS:
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
-                              f"{', '.join(HF_ARCHS)}")
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(HF_ARCHS)}")
     tensors = {t.name: t for t in reader.tensors}
     for t in reader.tensors:
         if t.tensor_type not in READABLE_TYPES:
@@ -243,14 +265,14 @@ def _check_tensor_data(reader: gguf.GGUFReader, path: Path) -> None:
     for t in reader.tensors:
         dims = [int(d) for d in t.shape]
         if not all(1 <= d <= size for d in dims):
-            raise CheckpointError(f"{path}: tensor {t.name} has dimensions {dims}; each must be from 1 to the "
-                                  f"file's size ({size} bytes)")
+            raise CheckpointError(
+                f"{path}: tensor {t.name} has dimensions {dims}; each must be from 1 to the file's size ({size} bytes)"
+            )
         block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
         start = reader.data_offset + int(t.field.parts[-1][0])  # the offset as stored, from the data section
         end = start + math.prod(dims) // block * type_size
         if end > size:
-            raise CheckpointError(f"{path}: tensor {t.name}'s data (bytes {start} to {end}) lies outside the "
-                                  f"file ({size} bytes)")
+            raise CheckpointError(f"{path}: tensor {t.name}'s data (bytes {start} to {end}) lies outside the file ({size} bytes)")
 
 
 def _config(reader: gguf.GGUFReader, arch: str, tensors: dict[str, gguf.ReaderTensor], path: Path) -> ModelConfig:
@@ -265,8 +287,7 @@ def _config(reader: gguf.GGUFReader, arch: str, tensors: dict[str, gguf.ReaderTe
         if value is None:
             raise CheckpointError(f"{path}: the key {arch}.{name} is missing")
         if type(value) is not int or not 1 <= value <= high:
-            raise CheckpointError(f"{path}: {arch}.{name} is {value!r}; expected an integer from 1 to {high} "
-                                  f"({bound})")
+            raise CheckpointError(f"{path}: {arch}.{name} is {value!r}; expected an integer from 1 to {high} ({bound})")
         return value
 
     if "token_embd.weight" not in tensors:
@@ -279,8 +300,9 @@ def _config(reader: gguf.GGUFReader, arch: str, tensors: dict[str, gguf.ReaderTe
     heads = count("attention.head_count", hidden, "the embedding width")
     head_dim = count("attention.key_length", nbytes, in_file, hidden // heads)
     if key("rope.dimension_count", head_dim) != head_dim:
-        raise CheckpointError(f"{path}: rotary embedding on part of each head "
-                              f"({key('rope.dimension_count')} of {head_dim} dims) is not supported")
+        raise CheckpointError(
+            f"{path}: rotary embedding on part of each head ({key('rope.dimension_count')} of {head_dim} dims) is not supported"
+        )
     rope_scaling = None
     scaling = key("rope.scaling.type", "none")
     if scaling == "linear":
@@ -297,15 +319,22 @@ def _config(reader: gguf.GGUFReader, arch: str, tensors: dict[str, gguf.ReaderTe
     context = count("context_length", 2**32 - 1, "llama.cpp's limit", 4096)
     try:
         config = ModelConfig(
-            architecture=HF_ARCHS[arch], vocab_size=vocab, hidden_size=hidden,
-            intermediate_size=intermediate, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv_heads,
-            head_dim=head_dim, max_position_embeddings=context,
+            architecture=HF_ARCHS[arch],
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=context,
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rope_scaling=rope_scaling,
             tie_word_embeddings="output.weight" not in tensors,
             attention_bias=arch == "llama" and "blk.0.attn_output.bias" in tensors,
-            qkv_bias=arch == "qwen2", mlp_bias="blk.0.ffn_up.bias" in tensors,
+            qkv_bias=arch == "qwen2",
+            mlp_bias="blk.0.ffn_up.bias" in tensors,
             bos_token_id=read_field(reader, "tokenizer.ggml.bos_token_id"),
             eos_token_id=[eos, eot] if eot is not None and eos is not None and eot != eos else eos,
             pad_token_id=read_field(reader, "tokenizer.ggml.padding_token_id"),
@@ -324,10 +353,17 @@ def _llama3_rope(config: ModelConfig, tensor: gguf.ReaderTensor, path: Path) -> 
     factors = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type))).reshape(-1)
     if torch.allclose(factors, torch.ones_like(factors)):
         return config
-    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": float(factors.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     config = dataclasses.replace(config, rope_scaling=scaling)
     if factors.shape != (config.head_dim // 2,) or not torch.allclose(_rope_factors(config), factors, rtol=1e-4):
-        raise CheckpointError(f"{path}: tensor {ROPE_FREQS} holds rope frequency factors that are not Llama 3.1's "
-                              f"scaling; they cannot be represented here")
+        raise CheckpointError(
+            f"{path}: tensor {ROPE_FREQS} holds rope frequency factors that are not Llama 3.1's "
+            f"scaling; they cannot be represented here"
+        )
     return config

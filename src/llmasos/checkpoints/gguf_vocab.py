@@ -25,13 +25,19 @@ if TYPE_CHECKING:
 
 # Byte-level BPE pre-tokenizers by `tokenizer.ggml.pre`: the regexes llama.cpp splits with, in order, and
 # whether a word found whole in the vocabulary skips the merges (llama.cpp's `ignore_merges`).
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 BPE_PRE_TOKENIZERS: dict[str, tuple[list[str], bool]] = {
-    "llama-bpe": ([LLAMA3_SPLIT], True), "llama3": ([LLAMA3_SPLIT], True), "llama-v3": ([LLAMA3_SPLIT], True),
+    "llama-bpe": ([LLAMA3_SPLIT], True),
+    "llama3": ([LLAMA3_SPLIT], True),
+    "llama-v3": ([LLAMA3_SPLIT], True),
     "qwen2": ([QWEN2_SPLIT], False),
     "gpt-2": ([GPT2_SPLIT], False),
     "default": ([r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"], False),
@@ -64,12 +70,17 @@ def write_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, config: ModelConf
         writer.add_tokenizer_pre("default")
         writer.add_token_scores(_pad(scores, config.vocab_size, -1000.0))
     if len(tokens) > config.vocab_size:
-        raise CheckpointError(f"{tokenizer.dir}: the tokenizer has {len(tokens)} tokens, more than the model's "
-                              f"vocab_size {config.vocab_size}")
+        raise CheckpointError(
+            f"{tokenizer.dir}: the tokenizer has {len(tokens)} tokens, more than the model's vocab_size {config.vocab_size}"
+        )
     writer.add_token_list(_pad(tokens, config.vocab_size, None))
     writer.add_token_types(_pad(types, config.vocab_size, gguf.TokenType.UNUSED))
-    for key, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id),
-                   ("unk", tokenizer.token_to_id(tokenizer.unk_token))):
+    for key, i in (
+        ("bos", tokenizer.bos_id),
+        ("eos", tokenizer.eos_id),
+        ("pad", tokenizer.pad_id),
+        ("unk", tokenizer.token_to_id(tokenizer.unk_token)),
+    ):
         if i is not None:
             getattr(writer, f"add_{key}_token_id")(i)
     extra_stops = sorted(tokenizer.stop_ids - {tokenizer.eos_id})
@@ -94,13 +105,20 @@ def _sentencepiece_vocab(file: Path, tokenizer_config: dict[str, Any]) -> tuple[
     for i in range(sp.GetPieceSize()):
         tokens.append(sp.IdToPiece(i))
         scores.append(sp.GetScore(i))
-        types.append(gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
-                     else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
-                     else gguf.TokenType.NORMAL)
+        types.append(
+            gguf.TokenType.UNKNOWN
+            if sp.IsUnknown(i)
+            else gguf.TokenType.CONTROL
+            if sp.IsControl(i)
+            else gguf.TokenType.UNUSED
+            if sp.IsUnused(i)
+            else gguf.TokenType.BYTE
+            if sp.IsByte(i)
+            else gguf.TokenType.NORMAL
+        )
     for key, tok in sorted((tokenizer_config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
         i = int(key)
-        tokens, scores, types = _pad(tokens, i + 1, None), _pad(scores, i + 1, -1000.0), \
-            _pad(types, i + 1, gguf.TokenType.UNUSED)
+        tokens, scores, types = _pad(tokens, i + 1, None), _pad(scores, i + 1, -1000.0), _pad(types, i + 1, gguf.TokenType.UNUSED)
         tokens[i], scores[i] = tok["content"], -1000.0
         types[i] = gguf.TokenType.CONTROL if tok.get("special") else gguf.TokenType.USER_DEFINED
     return tokens, scores, types
@@ -114,8 +132,7 @@ def _json_vocab(file: Path) -> tuple[dict[str, Any], list[str], list[int]]:
         raise CheckpointError(f"{file.parent}: no tokenizer (tokenizer.json or tokenizer.model)") from None
     model = data.get("model") or {}
     if model.get("type") != "BPE":
-        raise CheckpointError(f"{file}: a {model.get('type')} tokenizer cannot be written to GGUF (BPE or "
-                              f"SentencePiece only)")
+        raise CheckpointError(f"{file}: a {model.get('type')} tokenizer cannot be written to GGUF (BPE or SentencePiece only)")
     added = data.get("added_tokens", [])
     size = max([*model["vocab"].values(), *(t["id"] for t in added)], default=-1) + 1
     tokens: list[str] = [f"[PAD{i}]" for i in range(size)]
@@ -183,32 +200,36 @@ def write_tokenizer(path: Path, out: Path, reader: gguf.GGUFReader | None = None
     pre = read_field(reader, "tokenizer.ggml.pre", "default")
     if kind == "gpt2":
         if pre not in BPE_PRE_TOKENIZERS:
-            raise CheckpointError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: "
-                                  f"{', '.join(BPE_PRE_TOKENIZERS)}")
+            raise CheckpointError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: {', '.join(BPE_PRE_TOKENIZERS)}")
         splits, ignore_merges = BPE_PRE_TOKENIZERS[pre]
         merges = [tuple(m.split(" ", 1)) for m in read_field(reader, "tokenizer.ggml.merges", [])]
         tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
         tk.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
         tk.decoder = decoders.ByteLevel()
         default_bos = pre in ("llama-bpe", "llama3", "llama-v3")
     else:
         scores = read_field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
         unk = tokens[ids["unknown"]] if ids["unknown"] is not None else None
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=_merges_from_scores(tokens, scores, types), unk_token=unk,
-                                  fuse_unk=True, byte_fallback=True))
+        tk = Tokenizer(
+            models.BPE(
+                vocab=vocab, merges=_merges_from_scores(tokens, scores, types), unk_token=unk, fuse_unk=True, byte_fallback=True
+            )
+        )
         tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-        tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                        decoders.Strip(" ", 1, 0)])
+        tk.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
         default_bos = True
     # Unused rows ("[PADn]", where the embedding outgrows the tokenizer) are special so decoding drops them, as
     # the original tokenizer, which has no such ids, did.
     special = {gguf.TokenType.CONTROL, gguf.TokenType.UNKNOWN, gguf.TokenType.UNUSED}
-    tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                           for i, t in enumerate(types) if t in special])
-    tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                   for i, t in enumerate(types) if t == gguf.TokenType.USER_DEFINED])
+    tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t in special])
+    tk.add_tokens(
+        [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == gguf.TokenType.USER_DEFINED]
+    )
     add_bos = bool(read_field(reader, "tokenizer.ggml.add_bos_token", default_bos)) and ids["bos"] is not None
     add_eos = bool(read_field(reader, "tokenizer.ggml.add_eos_token", False)) and ids["eos"] is not None
     # In the file too, not only in tokenizer_config.json: transformers' generic fast tokenizer reads only this.
@@ -216,14 +237,23 @@ def write_tokenizer(path: Path, out: Path, reader: gguf.GGUFReader | None = None
     single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
     pair = " ".join([single] + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
     tk.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=[(bos, ids["bos"])] * add_bos + [(eos, ids["eos"])] * add_eos)
+        single=single, pair=pair, special_tokens=[(bos, ids["bos"])] * add_bos + [(eos, ids["eos"])] * add_eos
+    )
     out.mkdir(parents=True, exist_ok=True)
     tk.save(str(out / "tokenizer.json"))
 
-    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                           "add_bos_token": add_bos, "add_eos_token": add_eos}
-    for key, i in (("bos_token", ids["bos"]), ("eos_token", ids["eos"]), ("unk_token", ids["unknown"]),
-                   ("pad_token", ids["padding"])):
+    cfg: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+    }
+    for key, i in (
+        ("bos_token", ids["bos"]),
+        ("eos_token", ids["eos"]),
+        ("unk_token", ids["unknown"]),
+        ("pad_token", ids["padding"]),
+    ):
         if i is not None and 0 <= i < len(tokens):
             cfg[key] = tokens[i]
     context = read_field(reader, f"{read_field(reader, 'general.architecture')}.context_length")

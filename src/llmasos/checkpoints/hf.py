@@ -72,8 +72,14 @@ def state_dict_for_saving(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_model(model, out_dir: Path | str, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None,
-               tokenizer_dir: Path | None = None, generation_config: dict[str, Any] | None = None) -> Path:
+def save_model(
+    model,
+    out_dir: Path | str,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+    tokenizer_dir: Path | None = None,
+    generation_config: dict[str, Any] | None = None,
+) -> Path:
     """Write an HF dir: config.json, safetensors (sharded above `max_shard_bytes`), generation and tokenizer files."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -39,8 +39,9 @@ def open_checkpoint(path: Path | str) -> tuple[ModelConfig, dict[str, TensorEntr
         return load_config(path), weight_entries(path)
     if path.is_file() and path.suffix == ".gguf":
         return read_gguf(path)
-    raise CheckpointError(f"{path}: not a model (expected a dir with config.json + weights, or params.json + "
-                          f"consolidated.*.pth, or a .gguf file)")
+    raise CheckpointError(
+        f"{path}: not a model (expected a dir with config.json + weights, or params.json + consolidated.*.pth, or a .gguf file)"
+    )
 
 
 def uniform_dtype(config: ModelConfig, entries: dict[str, TensorEntry]) -> torch.dtype | None:
@@ -88,13 +89,11 @@ def check_entries(model: torch.nn.Module, entries: dict[str, TensorEntry], where
     for name, t in expected.items():
         if tuple(t.shape) != entries[name].shape:
             raise CheckpointError(
-                f"{entries[name].file}: tensor {name} has shape {list(entries[name].shape)}, "
-                f"the config implies {list(t.shape)}"
+                f"{entries[name].file}: tensor {name} has shape {list(entries[name].shape)}, the config implies {list(t.shape)}"
             )
 
 
-def materialize(model, entries: dict[str, TensorEntry], dtype: torch.dtype | None, device, where: Path,
-                progress: bool = False):
+def materialize(model, entries: dict[str, TensorEntry], dtype: torch.dtype | None, device, where: Path, progress: bool = False):
     """Fill a meta-device model from `entries`, tensor by tensor, in `dtype` (default: as stored).
 
     Tensors already in `dtype` are memory-mapped copy-on-write: training may update them in place."""
@@ -114,8 +113,7 @@ def materialize(model, entries: dict[str, TensorEntry], dtype: torch.dtype | Non
     return model
 
 
-def load_model(path: Path | str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               progress: bool = False):
+def load_model(path: Path | str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", progress: bool = False):
     """A `Transformer` with the weights of an HF or Meta dir or a GGUF file, in `dtype` (default: as stored),
     in eval mode."""
     config, entries = open_checkpoint(path)

@@ -101,16 +101,28 @@ def read_meta_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, TensorEntry
 
     rope_scaling = None
     if params.get("use_scaled_rope"):
-        rope_scaling = {"rope_type": "llama3", "factor": float(params.get("rope_scaling_factor", 8.0)),
-                        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": float(params.get("rope_scaling_factor", 8.0)),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
     llama3 = vocab >= 128000
     config = ModelConfig(
-        vocab_size=vocab, hidden_size=dim, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-        num_key_value_heads=n_kv, intermediate_size=state["model.layers.0.mlp.gate_proj.weight"].shape[0],
-        rms_norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
-        rope_scaling=rope_scaling, tie_word_embeddings=tied,
+        vocab_size=vocab,
+        hidden_size=dim,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        intermediate_size=state["model.layers.0.mlp.gate_proj.weight"].shape[0],
+        rms_norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=params.get("rope_theta", 10000.0),
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=tied,
         max_position_embeddings=131072 if rope_scaling else (8192 if llama3 else 4096),
-        bos_token_id=128000 if llama3 else 1, eos_token_id=128001 if llama3 else 2,
+        bos_token_id=128000 if llama3 else 1,
+        eos_token_id=128001 if llama3 else 2,
         dtype=str(state["model.embed_tokens.weight"].dtype).removeprefix("torch."),
     )
     entries = {k: TensorEntry(files[0], v.dtype, tuple(v.shape), tensor=v) for k, v in state.items()}

@@ -10,18 +10,21 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-LLAMA3 = ("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
-          "{{ .Content }}<|eot_id|>\n{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n")
-LLAMA2 = ('{{- $system := "" }}{{- range .Messages }}{{- if eq .Role "system" }}{{- $system = .Content }}'
-          "{{- end }}{{- end }}\n"
-          "{{- $first := true }}\n"
-          "{{- range .Messages }}\n"
-          '{{- if eq .Role "user" }}[INST] {{ if and $first $system }}<<SYS>>\n{{ $system }}\n<</SYS>>\n\n'
-          "{{ end }}{{- $first = false }}{{ .Content }} [/INST]\n"
-          '{{- else if eq .Role "assistant" }} {{ .Content }}</s><s>\n'
-          "{{- end }}\n{{- end }}")
-CHATML = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
-          "{{ end }}<|im_start|>assistant\n")
+LLAMA3 = (
+    "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+    "{{ .Content }}<|eot_id|>\n{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+LLAMA2 = (
+    '{{- $system := "" }}{{- range .Messages }}{{- if eq .Role "system" }}{{- $system = .Content }}'
+    "{{- end }}{{- end }}\n"
+    "{{- $first := true }}\n"
+    "{{- range .Messages }}\n"
+    '{{- if eq .Role "user" }}[INST] {{ if and $first $system }}<<SYS>>\n{{ $system }}\n<</SYS>>\n\n'
+    "{{ end }}{{- $first = false }}{{ .Content }} [/INST]\n"
+    '{{- else if eq .Role "assistant" }} {{ .Content }}</s><s>\n'
+    "{{- end }}\n{{- end }}"
+)
+CHATML = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 GENERIC = "{{- range .Messages }}{{ .Role }}: {{ .Content }}\n{{ end }}assistant: "
 
 # name -> (a marker that identifies the format in a Jinja template, Go template, the format's stop strings)
@@ -53,8 +56,10 @@ def modelfile(gguf_name: str, chat_template: str, stop_tokens: list[str], contex
         *(f'PARAMETER stop "{s}"' for s in stops if '"' not in s),
     ]
     if num_ctx < context_length:
-        lines.append(f"# Context clipped from the model's {context_length} tokens to {num_ctx}: raise num_ctx if "
-                     f"you need more (the KV cache grows with it).")
+        lines.append(
+            f"# Context clipped from the model's {context_length} tokens to {num_ctx}: raise num_ctx if "
+            f"you need more (the KV cache grows with it)."
+        )
     lines.append(f"PARAMETER num_ctx {num_ctx}")
     return "\n".join(lines) + "\n"
 

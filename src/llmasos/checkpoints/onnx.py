@@ -37,13 +37,20 @@ from llmasos.models.llama import ForwardBatch, Transformer
 from llmasos.outputs import check_inputs, output_dir
 from llmasos.tokenization import copy_tokenizer_files
 
-DTYPES = {"float32": torch.float32, "f32": torch.float32, "fp32": torch.float32,
-          "float16": torch.float16, "f16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "f32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "f16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def input_names(num_layers: int) -> list[str]:
     return ["input_ids", "attention_mask", "position_ids"] + [
-        f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")
+    ]
 
 
 def output_names(num_layers: int) -> list[str]:
@@ -85,8 +92,18 @@ class OnnxDecoder(nn.Module):
         x = model.model.embed_tokens(input_ids)
         cos, sin = model.rotary(position_ids, x.dtype)
         cache = ConcatCache(past)
-        batch = ForwardBatch(cos=cos, sin=sin, input_pos=position_ids, mask=mask[:, None], causal=False, kv_len=total,
-                             start=None, rows=None, cache=cache, row0=0)
+        batch = ForwardBatch(
+            cos=cos,
+            sin=sin,
+            input_pos=position_ids,
+            mask=mask[:, None],
+            causal=False,
+            kv_len=total,
+            start=None,
+            rows=None,
+            cache=cache,
+            row0=0,
+        )
         for block in model.model.layers:
             x = block(x, batch)
         return (model.lm_head(model.model.norm(x)), *cache.present)
@@ -112,15 +129,28 @@ def genai_config(config: ModelConfig) -> dict[str, Any]:
                 "num_attention_heads": config.num_attention_heads,
                 "num_hidden_layers": config.num_hidden_layers,
                 "num_key_value_heads": config.num_key_value_heads,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
             },
         },
-        "search": {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": config.max_position_embeddings,
-                   "min_length": 0, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0,
-                   "past_present_share_buffer": False},
+        "search": {
+            "do_sample": False,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "max_length": config.max_position_embeddings,
+            "min_length": 0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+            "repetition_penalty": 1.0,
+            "past_present_share_buffer": False,
+        },
     }
 
 
@@ -158,21 +188,35 @@ def _export(path: Path, out_dir: Path, dtype: str) -> None:
     """The export itself, writing into `out_dir` (a fresh temporary dir)."""
     require("export", "ONNX export")
     from onnxscript import ir
+
     model = load_model(path, dtype=DTYPES[dtype])
     config = model.config
     n = config.num_hidden_layers
     # Sample sizes all differ and exceed 1, so that torch.export keeps every axis symbolic.
     batch, seq, past = 2, 3, 4
-    sample = (torch.zeros(batch, seq, dtype=torch.int64), torch.ones(batch, past + seq, dtype=torch.int64),
-              torch.arange(past, past + seq).expand(batch, seq),
-              *(torch.zeros(batch, config.num_key_value_heads, past, config.head_dim, dtype=DTYPES[dtype])
-                for _ in range(2 * n)))  # distinct tensors: torch.export would merge inputs that alias
+    sample = (
+        torch.zeros(batch, seq, dtype=torch.int64),
+        torch.ones(batch, past + seq, dtype=torch.int64),
+        torch.arange(past, past + seq).expand(batch, seq),
+        *(torch.zeros(batch, config.num_key_value_heads, past, config.head_dim, dtype=DTYPES[dtype]) for _ in range(2 * n)),
+    )  # distinct tensors: torch.export would merge inputs that alias
     b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
-    shapes = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: torch.export.Dim.AUTO}, "position_ids": {0: b, 1: s},
-              "past": tuple({0: b, 2: p} for _ in range(2 * n))}
+    shapes = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: torch.export.Dim.AUTO},
+        "position_ids": {0: b, 1: s},
+        "past": tuple({0: b, 2: p} for _ in range(2 * n)),
+    }
     with torch.no_grad(), quiet_exporter():
-        program = torch.onnx.export(OnnxDecoder(model).eval(), sample, input_names=input_names(n),
-                                    output_names=output_names(n), dynamic_shapes=shapes, dynamo=True, verbose=False)
+        program = torch.onnx.export(
+            OnnxDecoder(model).eval(),
+            sample,
+            input_names=input_names(n),
+            output_names=output_names(n),
+            dynamic_shapes=shapes,
+            dynamo=True,
+            verbose=False,
+        )
     mask = program.model.graph.inputs[1]  # its length is past + seq, which torch.export cannot be told
     mask.shape = ir.Shape(["batch", "past + seq"])
     program.save(out_dir / "model.onnx")

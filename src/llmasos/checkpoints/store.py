@@ -24,14 +24,32 @@ from llmasos.models.zoo import hf_id
 from llmasos.outputs import atomic_dir
 from llmasos.tokenization import Tokenizer, copy_tokenizer_files
 
-__all__ = ["default_name", "dir_size", "download", "import_checkpoint", "models_dir", "pull", "resolve",
-           "stored_models", "write_meta_tokenizer_config"]
+__all__ = [
+    "default_name",
+    "dir_size",
+    "download",
+    "import_checkpoint",
+    "models_dir",
+    "pull",
+    "resolve",
+    "stored_models",
+    "write_meta_tokenizer_config",
+]
 
 # Checked with fullmatch: `$` also matches before a trailing newline, which let "evil\n" in.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                "chat_template.jinja", "chat_template.json"]
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+]
 
 
 def dir_size(path: Path) -> int:
@@ -96,8 +114,7 @@ def import_checkpoint(src: Path, out: Path, progress: bool = True) -> None:
                 shutil.copy2(src / f, out / f)
     else:
         dtype = uniform_dtype(config, entries)
-        state = {n: e.tensor if e.tensor is not None and dtype is None else load_tensor(e, dtype, n)
-                 for n, e in entries.items()}
+        state = {n: e.tensor if e.tensor is not None and dtype is None else load_tensor(e, dtype, n) for n, e in entries.items()}
         save_safetensors_shards(state, out)
         (out / "config.json").write_text(config.to_json() + "\n")
     if not (out / "generation_config.json").exists():
@@ -124,6 +141,13 @@ def write_meta_tokenizer_config(out: Path) -> None:
             f"{out / 'tokenizer.model'}: not a SentencePiece model (Llama 3's tiktoken tokenizer is not supported "
             f"in Meta dirs; pull the Hugging Face version of the model instead)"
         ) from None
-    cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-           "add_bos_token": True, "add_eos_token": False, "legacy": False}
+    cfg = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")

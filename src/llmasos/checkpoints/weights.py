@@ -23,9 +23,18 @@ import torch
 from llmasos.errors import CheckpointError
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 MAX_HEADER_BYTES = 100_000_000  # the `safetensors` library's limit
 
@@ -56,8 +65,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (header_len,) = struct.unpack("<Q", raw)
             if header_len > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: not a safetensors file (a header of {header_len} bytes; "
-                                      f"the limit is {MAX_HEADER_BYTES})")
+                raise CheckpointError(
+                    f"{path}: not a safetensors file (a header of {header_len} bytes; the limit is {MAX_HEADER_BYTES})"
+                )
             if 8 + header_len > size:
                 raise CheckpointError(f"{path}: truncated safetensors file (header of {header_len} bytes, file of {size})")
             header = json.loads(f.read(header_len))
@@ -66,8 +76,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a safetensors file (bad header: {e})") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (the header is a JSON {type(header).__name__}, "
-                              f"not an object)")
+        raise CheckpointError(f"{path}: not a safetensors file (the header is a JSON {type(header).__name__}, not an object)")
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: __metadata__ must map names to strings, found {metadata!r:.100}")
@@ -76,8 +85,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
     end = base
     for name, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
         if entry.start != end:
-            raise CheckpointError(f"{path}: tensor {name} starts at byte {entry.start - base} of the data, expected "
-                                  f"{end - base} (tensors must follow each other without overlaps or gaps)")
+            raise CheckpointError(
+                f"{path}: tensor {name} starts at byte {entry.start - base} of the data, expected "
+                f"{end - base} (tensors must follow each other without overlaps or gaps)"
+            )
         end = entry.end
     if end != size:
         raise CheckpointError(f"{path}: {size - end} bytes after the last tensor (not a safetensors file)")
@@ -87,18 +98,17 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
 def _header_entry(path: Path, name: str, info: object, base: int, size: int) -> TensorEntry:
     """One tensor's header entry, checked; its offsets are relative to the data, which starts at `base`."""
     if not isinstance(info, dict):
-        raise CheckpointError(f"{path}: tensor {name}: expected an object with dtype, shape and data_offsets, "
-                              f"found {info!r:.100}")
+        raise CheckpointError(
+            f"{path}: tensor {name}: expected an object with dtype, shape and data_offsets, found {info!r:.100}"
+        )
     dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
     if dtype is None:
         raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
         raise CheckpointError(f"{path}: tensor {name} has shape {shape!r:.100}, not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
-            and offsets[0] <= offsets[1]):
-        raise CheckpointError(f"{path}: tensor {name} has data_offsets {offsets!r:.100}, not [start, end] "
-                              f"with 0 <= start <= end")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets) and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path}: tensor {name} has data_offsets {offsets!r:.100}, not [start, end] with 0 <= start <= end")
     start, end = offsets
     if end - start != math.prod(shape) * dtype.itemsize:
         raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes for shape {shape} {info['dtype']}")
@@ -157,13 +167,25 @@ def read_into(entry: TensorEntry, out: torch.Tensor, name: str = "") -> torch.Te
     return out if direct else out.copy_(buf)
 
 
-def load_tensor(entry: TensorEntry, dtype: torch.dtype | None = None, name: str = "",
-                device: torch.device | str = "cpu", maps: dict[Path, mmap.mmap] | None = None) -> torch.Tensor:
+def load_tensor(
+    entry: TensorEntry,
+    dtype: torch.dtype | None = None,
+    name: str = "",
+    device: torch.device | str = "cpu",
+    maps: dict[Path, mmap.mmap] | None = None,
+) -> torch.Tensor:
     """The tensor in `dtype` on `device`: memory-mapped when nothing needs converting, else read and cast."""
     dtype = dtype or entry.dtype
     nbytes = entry.end - entry.start
-    if (maps is not None and entry.tensor is None and entry.decode is None and dtype == entry.dtype
-            and torch.device(device).type == "cpu" and nbytes and entry.start % dtype.itemsize == 0):
+    if (
+        maps is not None
+        and entry.tensor is None
+        and entry.decode is None
+        and dtype == entry.dtype
+        and torch.device(device).type == "cpu"
+        and nbytes
+        and entry.start % dtype.itemsize == 0
+    ):
         if entry.file not in maps:
             with open(entry.file, "rb") as f:
                 maps[entry.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -172,8 +194,9 @@ def load_tensor(entry: TensorEntry, dtype: torch.dtype | None = None, name: str 
     return read_into(entry, torch.empty(entry.shape, dtype=dtype, device=device), name)
 
 
-def save_safetensors_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = 5 * 2**30,
-                            prefix: str = "model") -> list[str]:
+def save_safetensors_shards(
+    tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = 5 * 2**30, prefix: str = "model"
+) -> list[str]:
     """Write `tensors` as one `model.safetensors`, or shards with `model.safetensors.index.json` above the limit."""
     from safetensors.torch import save_file
 
@@ -201,4 +224,3 @@ def save_safetensors_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return names
-

@@ -86,8 +86,10 @@ def to_messages(record: Any) -> list[dict[str, str]] | tuple[str, str]:
         return system + [{"role": "user", "content": user}, {"role": "assistant", "content": fields["output"]}]
     if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
         return record["prompt"], record["completion"]
-    raise ValueError(f"not an instruction record: expected 'messages', 'instruction' + 'output', or 'prompt' + "
-                     f"'completion' (fields: {', '.join(record) or 'none'})")
+    raise ValueError(
+        f"not an instruction record: expected 'messages', 'instruction' + 'output', or 'prompt' + "
+        f"'completion' (fields: {', '.join(record) or 'none'})"
+    )
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -137,9 +139,9 @@ def _end_with_stop(tokenizer, ids: list[int], labels: list[int]) -> None:
     start = trained[-1]
     while start > 0 and labels[start - 1] != IGNORE:
         start -= 1
-    if any(t in tokenizer.stop_ids for t in labels[start:trained[-1] + 1]):
+    if any(t in tokenizer.stop_ids for t in labels[start : trained[-1] + 1]):
         return
-    del ids[trained[-1] + 1:], labels[trained[-1] + 1:]
+    del ids[trained[-1] + 1 :], labels[trained[-1] + 1 :]
     ids.append(tokenizer.eos_id)
     labels.append(tokenizer.eos_id)
 

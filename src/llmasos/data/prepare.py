@@ -109,9 +109,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def prepare(inputs: list[str | Path], tokenizer: str | Path, out: Path | str, val_fraction: float = 0.01,
-            workers: int = 1, glob: str = "*", text_field: str = "text", on_error: str = "fail",
-            progress: bool = True, force: bool = False) -> tuple[dict, PrepareStats, SourceStats]:
+def prepare(
+    inputs: list[str | Path],
+    tokenizer: str | Path,
+    out: Path | str,
+    val_fraction: float = 0.01,
+    workers: int = 1,
+    glob: str = "*",
+    text_field: str = "text",
+    on_error: str = "fail",
+    progress: bool = True,
+    force: bool = False,
+) -> tuple[dict, PrepareStats, SourceStats]:
     """Write the data dir; returns its metadata and the counts for the summary.
 
     `out` may replace a data dir `llmasos prepare` wrote, anything else only with `force`; never an input."""
@@ -183,8 +192,9 @@ def prepare(inputs: list[str | Path], tokenizer: str | Path, out: Path | str, va
             "bos_id": tok.bos_id,
             "eos_id": tok.eos_id,
             "dtype": dtype.name,
-            "splits": {s: {"tokens": stats.tokens[s], "documents": stats.documents[s], "shards": w.shards}
-                       for s, w in writers.items()},
+            "splits": {
+                s: {"tokens": stats.tokens[s], "documents": stats.documents[s], "shards": w.shards} for s, w in writers.items()
+            },
             "sources": [{"path": str(f), "sha256": sha256_file(f)} for f in files],
             "stats": asdict(stats),
             "val_fraction": val_fraction,
@@ -206,8 +216,11 @@ class PackedData:
         if split not in self.metadata["splits"]:
             raise LLMasOSError(f"{data_dir}: no split {split!r}")
         dtype = np.dtype(self.metadata["dtype"])
-        self.shards = [np.memmap(data_dir / s["file"], dtype=dtype, mode="r")
-                       for s in self.metadata["splits"][split]["shards"] if s["tokens"]]
+        self.shards = [
+            np.memmap(data_dir / s["file"], dtype=dtype, mode="r")
+            for s in self.metadata["splits"][split]["shards"]
+            if s["tokens"]
+        ]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
 
     def __len__(self) -> int:
@@ -222,6 +235,6 @@ class PackedData:
             i = int(np.searchsorted(self.offsets, pos, side="right")) - 1
             local = pos - int(self.offsets[i])
             take = min(start + length - pos, len(self.shards[i]) - local)
-            parts.append(np.asarray(self.shards[i][local:local + take]))
+            parts.append(np.asarray(self.shards[i][local : local + take]))
             pos += take
         return np.concatenate(parts) if len(parts) > 1 else parts[0]

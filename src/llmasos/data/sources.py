@@ -41,8 +41,9 @@ def expand_inputs(inputs: list[str | Path], glob: str = "*") -> list[Path]:
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob(glob) if p.is_file() and not any(
-                part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted(
+                p for p in path.rglob(glob) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not found:
                 raise LLMasOSError(f"{path}: no files matching {glob!r} in this directory")
             files += found
@@ -108,8 +109,9 @@ def _read_text(path: Path) -> Iterator[tuple[str | None, str, str | None]]:
         yield None, f"{path}:{line}", f"not UTF-8 ({e.reason} at byte {e.start})"
 
 
-def iter_documents(inputs: list[str | Path], glob: str = "*", text_field: str = "text", on_error: str = "fail",
-                   stats: SourceStats | None = None) -> Iterator[Document]:
+def iter_documents(
+    inputs: list[str | Path], glob: str = "*", text_field: str = "text", on_error: str = "fail", stats: SourceStats | None = None
+) -> Iterator[Document]:
     """Documents from text files (one per file), JSONL (one per line) and Parquet (one per row)."""
     if on_error not in ("fail", "skip"):
         raise LLMasOSError(f"on_error must be 'fail' or 'skip', not {on_error!r}")

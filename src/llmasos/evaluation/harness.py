@@ -42,17 +42,24 @@ class LLMasOSLM(TemplateLM):
     model_args: pretrained (a store name or model dir), dtype, device, batch_size, max_length, kernels
     (as `LLM.load`); or pass an already loaded `LLM` as llm=."""
 
-    def __init__(self, pretrained: str | None = None, llm=None, dtype: str = "auto", device: str | None = None,
-                 batch_size: int | str | None = 16, max_length: int | None = None, kernels: bool = True,
-                 **_ignored: Any):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        llm=None,
+        dtype: str = "auto",
+        device: str | None = None,
+        batch_size: int | str | None = 16,
+        max_length: int | None = None,
+        kernels: bool = True,
+        **_ignored: Any,
+    ):
         super().__init__()
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI asks for cuda by default
         if llm is None:
             if pretrained is None:
                 raise LLMasOSError("the llmasos lm-eval model needs pretrained=MODEL (a store name or model dir)")
-            llm = LLM.load(pretrained, dtype=dtype, device=device, max_batch_size=_batch_size(batch_size),
-                           kernels=kernels)
+            llm = LLM.load(pretrained, dtype=dtype, device=device, max_batch_size=_batch_size(batch_size), kernels=kernels)
         self.llm, self.name = llm, str(pretrained or llm.path)
         self.tokenizer = llm.tokenizer
         self._batch_size = _batch_size(batch_size)
@@ -76,12 +83,16 @@ class LLMasOSLM(TemplateLM):
         return self.name
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string, add_special_tokens=True if add_special_tokens is None
-                                     else add_special_tokens)
+        return self.tokenizer.encode(string, add_special_tokens=True if add_special_tokens is None else add_special_tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        results = loglikelihoods(self.llm.model, [(ctx, cont) for _, ctx, cont in requests],
-                                 batch_size=self._batch_size, max_length=self.max_length, progress=not disable_tqdm)
+        results = loglikelihoods(
+            self.llm.model,
+            [(ctx, cont) for _, ctx, cont in requests],
+            batch_size=self._batch_size,
+            max_length=self.max_length,
+            progress=not disable_tqdm,
+        )
         for (pair, _, _), result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", pair, result)
         return results
@@ -96,8 +107,9 @@ class LLMasOSLM(TemplateLM):
             for window in get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, context_len=1):
                 windows.append(make_disjoint_window(window))
                 owner.append(i)
-        scores = loglikelihoods(self.llm.model, windows, batch_size=self._batch_size, max_length=self.max_length,
-                                progress=not disable_tqdm)
+        scores = loglikelihoods(
+            self.llm.model, windows, batch_size=self._batch_size, max_length=self.max_length, progress=not disable_tqdm
+        )
         totals = [0.0] * len(requests)
         for i, (logprob, _) in zip(owner, scores):
             totals[i] += logprob
@@ -115,10 +127,15 @@ class LLMasOSLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), 256)
             max_tokens = min(int(kwargs["max_gen_toks"]), self.max_length - 1)
             until = kwargs.get("until") or []
-            params.append(SamplingParams(max_tokens=max_tokens, temperature=float(kwargs.get("temperature", 0.0)),
-                                         top_p=float(kwargs.get("top_p") or 1.0), stop=[until] if
-                                         isinstance(until, str) else list(until)))
-            prompts.append(self.tok_encode(context)[-(self.max_length - max_tokens):])  # oldest tokens go first
+            params.append(
+                SamplingParams(
+                    max_tokens=max_tokens,
+                    temperature=float(kwargs.get("temperature", 0.0)),
+                    top_p=float(kwargs.get("top_p") or 1.0),
+                    stop=[until] if isinstance(until, str) else list(until),
+                )
+            )
+            prompts.append(self.tok_encode(context)[-(self.max_length - max_tokens) :])  # oldest tokens go first
         engine = self.llm.engine
         outputs = [engine.add(p, sp) for p, sp in zip(prompts, params)]
         texts = [o.text for o in engine.run(outputs, progress=not disable_tqdm)]
@@ -154,8 +171,11 @@ def check_tasks(names: list[str], include_path: str | None = None):
     manager = task_manager(names, include_path)
     for name in names:
         if name not in manager.all_tasks:
-            where = f" (searched lm-eval's tasks and {include_path})" if include_path else \
-                " (a local task YAML needs --include-path DIR)"
+            where = (
+                f" (searched lm-eval's tasks and {include_path})"
+                if include_path
+                else " (a local task YAML needs --include-path DIR)"
+            )
             raise LLMasOSError(f"unknown lm-eval task {name!r}{where}")
     return manager
 
@@ -165,9 +185,14 @@ def run_lm_eval(llm: LLM, names: list[str], manager, config: EvalConfig, model_n
     import lm_eval
 
     t0 = time.perf_counter()
-    out = lm_eval.simple_evaluate(model=LLMasOSLM(llm=llm, batch_size=config.batch_size), tasks=names,
-                                  task_manager=manager, limit=config.limit, num_fewshot=config.num_fewshot,
-                                  log_samples=False)
+    out = lm_eval.simple_evaluate(
+        model=LLMasOSLM(llm=llm, batch_size=config.batch_size),
+        tasks=names,
+        task_manager=manager,
+        limit=config.limit,
+        num_fewshot=config.num_fewshot,
+        log_samples=False,
+    )
     seconds = time.perf_counter() - t0
     rows = []
     for task, values in out["results"].items():
@@ -179,9 +204,18 @@ def run_lm_eval(llm: LLM, names: list[str], manager, config: EvalConfig, model_n
             if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             stderr = values.get(f"{metric}_stderr,{filt}")
-            rows.append(Result(model_name, f"lm_eval:{task}", metric if filt == "none" else f"{metric},{filt}",
-                               float(value), float(stderr) if isinstance(stderr, (int, float)) else None,
-                               int(samples), digest, seconds))
+            rows.append(
+                Result(
+                    model_name,
+                    f"lm_eval:{task}",
+                    metric if filt == "none" else f"{metric},{filt}",
+                    float(value),
+                    float(stderr) if isinstance(stderr, (int, float)) else None,
+                    int(samples),
+                    digest,
+                    seconds,
+                )
+            )
     return rows
 
 

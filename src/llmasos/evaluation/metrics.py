@@ -34,6 +34,7 @@ def exact_match(prediction: str, references: list[str]) -> float:
 
 def token_f1(prediction: str, references: list[str]) -> float:
     """SQuAD's token F1 against the best-matching reference."""
+
     def f1(pred: list[str], ref: list[str]) -> float:
         if not pred or not ref:
             return float(pred == ref)

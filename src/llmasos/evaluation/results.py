@@ -95,11 +95,11 @@ def _fmt(value: float | None) -> str:
 def results_table(rows: list[Result]):
     table = Table(title=f"Evaluation of {rows[0].model}" if rows else "Evaluation", title_justify="left")
     for col in ("task", "metric", "value", "± stderr", "samples", "seconds", "config"):
-        table.add_column(col, justify="left" if col in ("task", "metric", "config") else "right",
-                         no_wrap=col in ("task", "metric"))
+        table.add_column(
+            col, justify="left" if col in ("task", "metric", "config") else "right", no_wrap=col in ("task", "metric")
+        )
     for r in rows:
-        table.add_row(r.task, r.metric, _fmt(r.value), _fmt(r.stderr), str(r.samples), f"{r.seconds:.1f}",
-                      r.config_hash)
+        table.add_row(r.task, r.metric, _fmt(r.value), _fmt(r.stderr), str(r.samples), f"{r.seconds:.1f}", r.config_hash)
     return table
 
 

@@ -34,7 +34,7 @@ class Plan:
 def plan(config: EvalConfig) -> Plan:
     """Load and check every task (and the perplexity source's existence) before any model work."""
     ours = [load_task(t) for t in config.tasks if not t.startswith(LM_EVAL_PREFIX)]
-    theirs = [t[len(LM_EVAL_PREFIX):] for t in config.tasks if t.startswith(LM_EVAL_PREFIX)]
+    theirs = [t[len(LM_EVAL_PREFIX) :] for t in config.tasks if t.startswith(LM_EVAL_PREFIX)]
     if config.num_fewshot is not None:
         for task in ours:
             task.fewshot_prefix(config.num_fewshot)  # refuses more shots than the task has
@@ -71,8 +71,7 @@ def run_task(llm, task: Task, config: EvalConfig, model_name: str, progress: boo
     score = {"batch_size": config.batch_size, "progress": progress}
     scores: dict[str, metrics.Score]
     if task.kind == "multiple_choice":
-        pairs = [encode_pair(llm.tokenizer, prefix + e.prompt, task.target_delimiter + c)
-                 for e in examples for c in e.choices]
+        pairs = [encode_pair(llm.tokenizer, prefix + e.prompt, task.target_delimiter + c) for e in examples for c in e.choices]
         lls = iter(loglikelihoods(llm.model, pairs, **score))
         acc, acc_norm = [], []
         for e in examples:
@@ -87,31 +86,42 @@ def run_task(llm, task: Task, config: EvalConfig, model_name: str, progress: boo
         context = llm.engine.max_seq_len
         for i, ids in enumerate(prompts):
             if len(ids) + (params.max_tokens or 1) > context:
-                raise TaskError(f"{task.name}: example {i + 1} has a prompt of {len(ids)} tokens; with max_tokens "
-                                f"{params.max_tokens} it exceeds the model's context of {context} tokens (use fewer "
-                                "few-shot examples: --num-fewshot)")
+                raise TaskError(
+                    f"{task.name}: example {i + 1} has a prompt of {len(ids)} tokens; with max_tokens "
+                    f"{params.max_tokens} it exceeds the model's context of {context} tokens (use fewer "
+                    "few-shot examples: --num-fewshot)"
+                )
         outputs = llm.generate(prompts, params, progress=progress)
         predictions = [o.text.strip() for o in outputs]
         references = [e.references for e in examples]
         scores = metrics.generative_scores(task.metrics, predictions, references)
         if "perplexity" in task.metrics:
-            pairs = [encode_pair(llm.tokenizer, prefix + e.prompt, task.target_delimiter + e.references[0])
-                     for e in examples]
+            pairs = [encode_pair(llm.tokenizer, prefix + e.prompt, task.target_delimiter + e.references[0]) for e in examples]
             lls = loglikelihoods(llm.model, pairs, **score)
             scores["perplexity"] = metrics.perplexity([v for v, _ in lls], [len(c) for _, c in pairs])
     seconds = time.perf_counter() - t0
     digest = task.config_hash(limit=config.limit, num_fewshot=shots)
-    return [Result(model_name, task.name, m, scores[m].value, scores[m].stderr, len(examples), digest, seconds)
-            for m in task.metrics]
+    return [
+        Result(model_name, task.name, m, scores[m].value, scores[m].stderr, len(examples), digest, seconds) for m in task.metrics
+    ]
 
 
 def run_perplexity(llm, config: EvalConfig, model_name: str, progress: bool = True) -> Result:
     t0 = time.perf_counter()
     ids = perplexity_tokens(config.perplexity, llm.tokenizer, llm.config.vocab_size)
     window = llm.config.max_position_embeddings
-    result = sliding_perplexity(llm.model, ids, max_length=window, stride=config.stride,
-                                batch_size=config.batch_size, progress=progress)
+    result = sliding_perplexity(
+        llm.model, ids, max_length=window, stride=config.stride, batch_size=config.batch_size, progress=progress
+    )
     digest = hashlib.sha256(json.dumps([window, config.stride]).encode() + np.asarray(ids, np.int64).tobytes())
     digest = digest.hexdigest()[:12]
-    return Result(model_name, f"perplexity:{Path(config.perplexity).name}", "perplexity", result.perplexity,
-                  None, result.tokens, digest, time.perf_counter() - t0)
+    return Result(
+        model_name,
+        f"perplexity:{Path(config.perplexity).name}",
+        "perplexity",
+        result.perplexity,
+        None,
+        result.tokens,
+        digest,
+        time.perf_counter() - t0,
+    )

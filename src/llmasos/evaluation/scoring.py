@@ -26,7 +26,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
-    return whole[:len(context_ids)], whole[len(context_ids):]
+    return whole[: len(context_ids)], whole[len(context_ids) :]
 
 
 def _device(model) -> torch.device:
@@ -34,8 +34,13 @@ def _device(model) -> torch.device:
 
 
 @torch.inference_mode()
-def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 16,
-                   max_length: int | None = None, progress: bool = False) -> list[tuple[float, bool]]:
+def loglikelihoods(
+    model,
+    requests: list[tuple[list[int], list[int]]],
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> list[tuple[float, bool]]:
     """(log P(continuation | context), whether greedy decoding yields the continuation) per request.
 
     Requests run longest first in right-padded batches (a causal model never looks at the padding);
@@ -47,22 +52,21 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
     if progress:
         bar = progress_bar(total=len(requests), desc="scoring", unit="req", leave=False)
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         inputs = []
         for i in batch:
             context, continuation = requests[i]
             if not continuation or len(continuation) > max_length:
-                raise LLMasOSError(f"a continuation of {len(continuation)} tokens cannot be scored in a window "
-                                   f"of {max_length}")
-            inputs.append((context + continuation)[-(max_length + 1):-1])
+                raise LLMasOSError(f"a continuation of {len(continuation)} tokens cannot be scored in a window of {max_length}")
+            inputs.append((context + continuation)[-(max_length + 1) : -1])
         ids = torch.zeros(len(batch), max(map(len, inputs)), dtype=torch.long)
         for row, x in enumerate(inputs):
-            ids[row, :len(x)] = torch.tensor(x)
+            ids[row, : len(x)] = torch.tensor(x)
         logits = model(ids.to(_device(model)))
         for row, i in enumerate(batch):
             target = torch.tensor(requests[i][1], device=logits.device)
             end = len(inputs[row])
-            logprobs = logits[row, end - len(target):end].float().log_softmax(-1)
+            logprobs = logits[row, end - len(target) : end].float().log_softmax(-1)
             total = logprobs.gather(-1, target[:, None]).sum()
             results[i] = (float(total), bool((logprobs.argmax(-1) == target).all()))
         if bar is not None:
@@ -81,8 +85,9 @@ class Perplexity:
 
 
 @torch.inference_mode()
-def sliding_perplexity(model, ids: list[int], max_length: int | None = None, stride: int | None = None,
-                       batch_size: int = 4, progress: bool = False) -> Perplexity:
+def sliding_perplexity(
+    model, ids: list[int], max_length: int | None = None, stride: int | None = None, batch_size: int = 4, progress: bool = False
+) -> Perplexity:
     """Perplexity of a token sequence by transformers' sliding-window recipe.
 
     Windows of max_length tokens start every `stride` tokens; each scores only the tokens no earlier
@@ -107,15 +112,15 @@ def sliding_perplexity(model, ids: list[int], max_length: int | None = None, str
         bar = progress_bar(total=len(windows), desc="perplexity", unit="window", leave=False)
     device = _device(model)
     for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size]
+        batch = windows[start : start + batch_size]
         width = max(end - begin for begin, end, _ in batch)
         x = torch.zeros(len(batch), width, dtype=torch.long)
         for row, (begin, end, _) in enumerate(batch):
-            x[row, :end - begin] = torch.tensor(ids[begin:end])
+            x[row, : end - begin] = torch.tensor(ids[begin:end])
         logits = model(x.to(device))
         for row, (begin, end, first) in enumerate(batch):
-            logprobs = logits[row, first - begin - 1:end - begin - 1].float().log_softmax(-1)
-            target = x[row, first - begin:end - begin].to(logits.device)
+            logprobs = logits[row, first - begin - 1 : end - begin - 1].float().log_softmax(-1)
+            target = x[row, first - begin : end - begin].to(logits.device)
             nll -= float(logprobs.gather(-1, target[:, None]).sum())
             count += end - first
         if bar is not None:
@@ -132,8 +137,9 @@ def perplexity_tokens(source: str | Path, tokenizer, vocab_size: int) -> list[in
     if path.is_dir():
         data = PackedData(path, "val")
         if data.metadata.get("vocab_size", 0) > vocab_size:
-            raise LLMasOSError(f"{path}: prepared with a vocabulary of {data.metadata['vocab_size']} tokens; "
-                               f"the model has {vocab_size}")
+            raise LLMasOSError(
+                f"{path}: prepared with a vocabulary of {data.metadata['vocab_size']} tokens; the model has {vocab_size}"
+            )
         if len(data) < 2:
             raise LLMasOSError(f"{path}: the val split has {len(data)} tokens (prepare with --val-fraction above 0)")
         return data.tokens(0, len(data)).tolist()

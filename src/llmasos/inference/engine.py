@@ -130,28 +130,26 @@ class Sequence:
         hold = 0
         if params.stop_strings:
             longest = max(map(len, params.stop_strings))
-            window = self.full_text[max(0, self.emitted - longest):]
+            window = self.full_text[max(0, self.emitted - longest) :]
             hits = [i for i in (window.find(s) for s in params.stop_strings) if i >= 0]
             if hits:
-                self.full_text = self.full_text[:max(0, self.emitted - longest) + min(hits)]
+                self.full_text = self.full_text[: max(0, self.emitted - longest) + min(hits)]
                 c.finish_reason = "stop"
             else:
                 hold = longest - 1  # the tail might be the start of a stop string
         end = len(self.full_text) if c.finish_reason else max(self.emitted, len(self.full_text) - hold)
-        text = self.full_text[self.emitted:end]
+        text = self.full_text[self.emitted : end]
         self.emitted = end
         c.text = self.full_text[:end]
         return Delta(req.output, self.index, text, [token], c.finish_reason is not None)
 
 
 class Request:
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
-                 max_tokens: int):
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer, max_tokens: int):
         self.id, self.prompt_ids, self.params, self.tokenizer = request_id, prompt_ids, params, tokenizer
         self.max_tokens = max_tokens
         self.stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else tokenizer.stop_ids)
-        self.output = RequestOutput(request_id, prompt_ids, [Completion(i) for i in range(params.n)],
-                                    arrival=time.perf_counter())
+        self.output = RequestOutput(request_id, prompt_ids, [Completion(i) for i in range(params.n)], arrival=time.perf_counter())
         self.sequences = [Sequence(self, i) for i in range(params.n)]
         self.prompt_tensor = torch.tensor(prompt_ids)
 
@@ -169,8 +167,14 @@ class Engine:
     cache_budget: bytes the KV cache may take (None: no limit). It also caps `max_seq_len`, so that one
     sequence always fits; a `max_seq_len` asked for that cannot fit is an error."""
 
-    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 16, max_seq_len: int | None = None,
-                 cache_budget: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        max_batch_size: int = 16,
+        max_seq_len: int | None = None,
+        cache_budget: int | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         config = model.config
         context = config.max_position_embeddings
@@ -183,17 +187,20 @@ class Engine:
         self._ids = itertools.count()
         self.device = model.model.embed_tokens.weight.device
         # Bytes one cache slot (one position of one row, keys and values of every layer) takes.
-        self.slot_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim \
-            * self.cache_dtype.itemsize
+        self.slot_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * self.cache_dtype.itemsize
         self.cache_budget = cache_budget
         if cache_budget is not None:
             fits = self.fit_len(1)
             if fits < 1:
-                raise LLMasOSError(f"a KV cache budget of {_size(cache_budget)} cannot hold one sequence of "
-                                   f"{min(CACHE_STEP, self.max_seq_len)} tokens ({_size(self._bytes(1, 1))})")
+                raise LLMasOSError(
+                    f"a KV cache budget of {_size(cache_budget)} cannot hold one sequence of "
+                    f"{min(CACHE_STEP, self.max_seq_len)} tokens ({_size(self._bytes(1, 1))})"
+                )
             if max_seq_len is not None and max_seq_len > fits:
-                raise LLMasOSError(f"a max length of {max_seq_len} tokens does not fit the KV cache budget of "
-                                   f"{_size(cache_budget)}: at most {fits} tokens do")
+                raise LLMasOSError(
+                    f"a max length of {max_seq_len} tokens does not fit the KV cache budget of "
+                    f"{_size(cache_budget)}: at most {fits} tokens do"
+                )
             self.max_seq_len = min(self.max_seq_len, fits)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -203,8 +210,7 @@ class Engine:
         or the cache budget. max_tokens=0 (with prompt_logprobs) only scores the prompt."""
         return self.enqueue(*self.check(prompt, params), params, request_id)
 
-    def enqueue(self, ids: list[int], max_tokens: int, params: SamplingParams,
-                request_id: str | None = None) -> RequestOutput:
+    def enqueue(self, ids: list[int], max_tokens: int, params: SamplingParams, request_id: str | None = None) -> RequestOutput:
         """Queue what `check` returned for this prompt and these params (`add` is both)."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -217,23 +223,27 @@ class Engine:
     def check(self, prompt: str | list[int], params: SamplingParams) -> tuple[list[int], int]:
         """The prompt's ids and the tokens to generate, or the error `add` would raise."""
         if params.n > self.max_batch_size:
-            raise InvalidRequestError(f"n={params.n} is more than the engine's max batch size {self.max_batch_size}",
-                                      param="n")
+            raise InvalidRequestError(f"n={params.n} is more than the engine's max batch size {self.max_batch_size}", param="n")
         ids = self._prompt_ids(prompt)
         room = self.max_seq_len - len(ids)
         if params.max_tokens == 0:
             if room < 0:
-                raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}",
-                                         param="prompt")
+                raise ContextLengthError(
+                    f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}", param="prompt"
+                )
             return ids, 0
         if room < 1:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}, "
-                                     "leaving no room to generate", param="prompt")
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}, leaving no room to generate",
+                param="prompt",
+            )
         max_tokens = room if params.max_tokens is None else params.max_tokens
         if max_tokens > room:
-            raise ContextLengthError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                                     f"the context of {self.max_seq_len} tokens; lower max_tokens to at most {room}",
-                                     param="max_tokens")
+            raise ContextLengthError(
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"the context of {self.max_seq_len} tokens; lower max_tokens to at most {room}",
+                param="max_tokens",
+            )
         if not self._fits(params.n, len(ids) + max_tokens):
             fits = self.fit_len(params.n)
             what = f"n={params.n} sequences" if params.n > 1 else "one sequence"
@@ -242,7 +252,8 @@ class Engine:
                 f"{_size(self._bytes(params.n, len(ids) + max_tokens))} of KV cache; the budget of "
                 f"{_size(self.cache_budget)} holds at most {fits} tokens per sequence for {what}"
                 + (f": lower max_tokens to at most {fits - len(ids)}" if fits > len(ids) else ""),
-                param="max_tokens" if fits > len(ids) else "prompt")
+                param="max_tokens" if fits > len(ids) else "prompt",
+            )
         return ids, max_tokens
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
@@ -358,8 +369,9 @@ class Engine:
         if old is not None:
             full = max(rows, self.max_batch_size)
             longer = max(length, 2 * old.max_len) if length > old.max_len else old.max_len
-            rows, length = next(((r, n) for r, n in ((full, longer), (full, length), (rows, length))
-                                 if self._fits(r, n)), (rows, length))
+            rows, length = next(
+                ((r, n) for r, n in ((full, longer), (full, length), (rows, length)) if self._fits(r, n)), (rows, length)
+            )
         self.cache = self.model.new_cache(rows, self._slots(length), self.cache_dtype)
         if old is not None:
             r, n = min(rows, old.rows), min(self.cache.max_len, old.max_len)
@@ -381,11 +393,13 @@ class Engine:
         row0 = len(self.running)
         lengths = [len(r.prompt_ids) for r in reqs]
         try:
-            self._ensure_cache(row0 + sum(r.params.n for r in reqs),
-                               max([self._running_len()] + [len(r.prompt_ids) + r.max_tokens for r in reqs]))
+            self._ensure_cache(
+                row0 + sum(r.params.n for r in reqs),
+                max([self._running_len()] + [len(r.prompt_ids) + r.max_tokens for r in reqs]),
+            )
             ids = torch.zeros(len(reqs), max(lengths), dtype=torch.long)
             for i, r in enumerate(reqs):
-                ids[i, :lengths[i]] = r.prompt_tensor
+                ids[i, : lengths[i]] = r.prompt_tensor
             full = reqs[0].params.prompt_logprobs is not None  # a request that wants them is prefilled alone
             last = None if full else torch.tensor(lengths, device=self.device) - 1
             logits = self.model(ids.to(self.device), cache=self.cache, cache_row=row0, logits_at=last).float()
@@ -424,14 +438,15 @@ class Engine:
 
     def _record_prompt_logprobs(self, req: Request, logits: Tensor) -> None:
         """logits [S, vocab] of the prompt's positions -> each next prompt token's logprob and top alternatives."""
-        logprobs = logits[:len(req.prompt_ids) - 1].log_softmax(-1)
+        logprobs = logits[: len(req.prompt_ids) - 1].log_softmax(-1)
         tokens = req.prompt_tensor.to(logprobs.device)
         chosen = logprobs.gather(1, tokens[1:, None])[:, 0].tolist()
         top = req.params.prompt_logprobs
         alts = logprobs.topk(top, dim=-1) if top else None
         top_ids, top_lps = (alts.indices.tolist(), alts.values.tolist()) if alts else ([[]] * len(chosen),) * 2
-        req.output.prompt_logprobs = [TokenLogprob(t, lp, list(zip(i, v)))
-                                      for t, lp, i, v in zip(req.prompt_ids[1:], chosen, top_ids, top_lps)]
+        req.output.prompt_logprobs = [
+            TokenLogprob(t, lp, list(zip(i, v))) for t, lp, i, v in zip(req.prompt_ids[1:], chosen, top_ids, top_lps)
+        ]
 
     def _decode(self) -> list[Delta]:
         seqs = self.running
@@ -452,7 +467,7 @@ class Engine:
             picked = []
             for i, seq in enumerate(seqs):
                 try:
-                    token, logprob = self._pick(logits[i:i + 1], [seq])[0]
+                    token, logprob = self._pick(logits[i : i + 1], [seq])[0]
                     picked.append((seq, token, logprob))
                 except Exception as e:
                     picked.append((seq, e, None))
@@ -498,7 +513,8 @@ class Engine:
                 torch.tensor([p.temperature for p in sub], device=logits.device),
                 torch.tensor([p.top_k for p in sub], device=logits.device),
                 torch.tensor([p.top_p for p in sub], device=logits.device),
-                torch.tensor([p.min_p for p in sub], device=logits.device))
+                torch.tensor([p.min_p for p in sub], device=logits.device),
+            )
             chosen[sampled] = draw(filtered.cpu(), [seqs[i].generator for i in sampled])
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         want = [i for i, p in enumerate(params) if p.logprobs is not None]

@@ -18,12 +18,18 @@ from llmasos.models.fast import set_inference_dtypes, use_gemv_kernels
 from llmasos.models.quantize import quantize_model
 from llmasos.tokenization import Tokenizer
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, stored: str, device: str) -> torch.dtype:
-    """"auto" (or None) keeps the checkpoint's dtype, except fp16 on a CPU, which becomes bf16
+    """ "auto" (or None) keeps the checkpoint's dtype, except fp16 on a CPU, which becomes bf16
     (this CPU has no fast fp16 matmul)."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -40,17 +46,32 @@ def resolve_dtype(dtype: str | torch.dtype | None, stored: str, device: str) -> 
 class LLM:
     """Load once, then `generate`, `stream` or `chat`. `.model` is the nn.Module, `.tokenizer` the tokenizer."""
 
-    def __init__(self, model, tokenizer, path: Path | None = None, max_batch_size: int = 16,
-                 max_seq_len: int | None = None, cache_budget: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        path: Path | None = None,
+        max_batch_size: int = 16,
+        max_seq_len: int | None = None,
+        cache_budget: int | None = None,
+    ):
         self.model, self.tokenizer, self.path = model, tokenizer, path
-        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                             cache_budget=cache_budget)
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, cache_budget=cache_budget)
 
     @classmethod
-    def load(cls, name_or_path: str | Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
-             quantize: str | None = None, compile: bool = False, max_batch_size: int = 16,
-             max_seq_len: int | None = None, progress: bool = False, kernels: bool = True,
-             cache_budget: int | None = None) -> LLM:
+    def load(
+        cls,
+        name_or_path: str | Path,
+        dtype: str | torch.dtype | None = "auto",
+        device: str = "cpu",
+        quantize: str | None = None,
+        compile: bool = False,
+        max_batch_size: int = 16,
+        max_seq_len: int | None = None,
+        progress: bool = False,
+        kernels: bool = True,
+        cache_budget: int | None = None,
+    ) -> LLM:
         """A stored model's name or a model dir. quantize: None, "int8" or "int4" (weight-only).
 
         max_seq_len: the longest sequence (prompt + generated tokens), at most the model's context.
@@ -66,15 +87,22 @@ class LLM:
         set_inference_dtypes(model, fast)
         if compile:
             model.compile_decode()
-        return cls(model, Tokenizer(tokenizer_source(path)), path, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                   cache_budget=cache_budget)
+        return cls(
+            model,
+            Tokenizer(tokenizer_source(path)),
+            path,
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+            cache_budget=cache_budget,
+        )
 
     @property
     def config(self):
         return self.model.config
 
-    def generate(self, prompts: str | list[str] | list[list[int]] | list[int],
-                 params: SamplingParams | None = None, progress: bool = False) -> list[RequestOutput]:
+    def generate(
+        self, prompts: str | list[str] | list[list[int]] | list[int], params: SamplingParams | None = None, progress: bool = False
+    ) -> list[RequestOutput]:
         """One output per prompt, in order. A prompt is a string or a list of token ids."""
         params = params or SamplingParams()
         one = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))

@@ -82,7 +82,8 @@ class SamplingParams:
         if len(self.stop_strings) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop_strings):
             bad("stop", f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters each")
         if self.stop_token_ids is not None and not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**63 for t in self.stop_token_ids):
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**63 for t in self.stop_token_ids
+        ):
             bad("stop_token_ids", "must be token ids (integers >= 0)")
 
     @property

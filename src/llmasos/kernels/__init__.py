@@ -55,8 +55,11 @@ def _build_lock(build_dir: Path, timeout: float) -> IO | None:
     build_dir.mkdir(parents=True, exist_ok=True)
     f = open(build_dir / "llmasos.lock", "w")
     if not acquired():
-        print(f"llmasos: waiting up to {timeout:.0f} s for another process compiling the CPU kernels in {build_dir}",
-              file=sys.stderr, flush=True)
+        print(
+            f"llmasos: waiting up to {timeout:.0f} s for another process compiling the CPU kernels in {build_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
         deadline = time.monotonic() + timeout
         while not acquired():
             if time.monotonic() >= deadline:
@@ -86,13 +89,21 @@ def load_ops():
         build_dir = Path(_get_build_directory("llmasos_gemv", verbose=False))
         lock = _build_lock(build_dir, BUILD_WAIT_S)
         if lock is None:
-            warnings.warn(f"llmasos: another process has been compiling the CPU kernels in {build_dir} for "
-                          f"{BUILD_WAIT_S:.0f} s; using stock PyTorch this time", stacklevel=2)
+            warnings.warn(
+                f"llmasos: another process has been compiling the CPU kernels in {build_dir} for "
+                f"{BUILD_WAIT_S:.0f} s; using stock PyTorch this time",
+                stacklevel=2,
+            )
             return None
         with lock:
-            return load(name="llmasos_gemv", sources=[str(Path(__file__).with_name("gemv.cpp"))],
-                        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"],
-                        extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+            return load(
+                name="llmasos_gemv",
+                sources=[str(Path(__file__).with_name("gemv.cpp"))],
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
     except Exception as e:  # no compiler or headers: run on stock PyTorch, and say so once
         warnings.warn(f"llmasos: CPU kernels unavailable, using stock PyTorch ({type(e).__name__}: {e})", stacklevel=2)
         return None

@@ -115,9 +115,7 @@ class ModelConfig:
         known = set(cls.field_names())
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(
-                f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
-            )
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
         return cls(**values)
 
     # ---- transformers' config.json ---------------------------------------
@@ -158,8 +156,17 @@ class ModelConfig:
             values.pop("sliding_window", None)
         if cfg.get("pretraining_tp", 1) != 1:
             raise ConfigError(f"{source}: pretraining_tp={cfg['pretraining_tp']} is not supported")
-        kept = {"model_type", "architectures", "rope_parameters", "transformers_version", "torch_dtype",
-                "use_sliding_window", "max_window_layers", "pretraining_tp", "use_cache"}
+        kept = {
+            "model_type",
+            "architectures",
+            "rope_parameters",
+            "transformers_version",
+            "torch_dtype",
+            "use_sliding_window",
+            "max_window_layers",
+            "pretraining_tp",
+            "use_cache",
+        }
         values["extra"] = {k: v for k, v in cfg.items() if k not in names and k not in kept and k not in values}
         try:
             return cls(**values)
@@ -196,8 +203,11 @@ class ModelConfig:
         if self.architecture == "Qwen2ForCausalLM":
             if not self.qkv_bias or self.attention_bias or self.mlp_bias:
                 raise ConfigError("Qwen2ForCausalLM has bias on q, k, v only (qkv_bias=True, no other bias)")
-            cfg.update(use_sliding_window=self.sliding_window is not None,
-                       sliding_window=self.sliding_window, max_window_layers=self.num_hidden_layers)
+            cfg.update(
+                use_sliding_window=self.sliding_window is not None,
+                sliding_window=self.sliding_window,
+                max_window_layers=self.num_hidden_layers,
+            )
         else:
             if self.qkv_bias:
                 raise ConfigError(f"qkv_bias without o_proj bias is a Qwen2 layout; {self.architecture} cannot hold it")

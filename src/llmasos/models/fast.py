@@ -50,13 +50,21 @@ class _Plan:
         if any(o is None for o in found):
             return cls(linears, 0)
         dense = all(o.dense for o in found) and len({o.weight.dtype for o in found}) == 1
-        return cls(linears, min(o.rows for o in found), dense, [o.weight for o in found],
-                   [o.scales for o in found], [o.offsets for o in found], [o.bias for o in found])
+        return cls(
+            linears,
+            min(o.rows for o in found),
+            dense,
+            [o.weight for o in found],
+            [o.scales for o in found],
+            [o.offsets for o in found],
+            [o.bias for o in found],
+        )
 
     def current(self, linears: tuple[nn.Module, ...]) -> bool:
         """Whether the plan still describes these projections (none swapped, no weight or bias replaced)."""
-        return all(a is b for a, b in zip(self.linears, linears)) and (not self.rows or all(
-            w is m.weight and b is optional(m.bias) for w, b, m in zip(self.weights, self.biases, linears)))
+        return all(a is b for a, b in zip(self.linears, linears)) and (
+            not self.rows or all(w is m.weight and b is optional(m.bias) for w, b, m in zip(self.weights, self.biases, linears))
+        )
 
 
 class _Planned:
@@ -108,8 +116,13 @@ class KernelAttention(_Planned, Attention):
         return super().project(x)
 
     def rotate(self, q: Tensor, k: Tensor, batch: ForwardBatch) -> tuple[Tensor, Tensor]:
-        if (q.dtype == torch.float32 and q.is_contiguous() and k.is_contiguous() and batch.cos.dtype == torch.float32
-                and takes_kernel(q, ANY_ROWS)):
+        if (
+            q.dtype == torch.float32
+            and q.is_contiguous()
+            and k.is_contiguous()
+            and batch.cos.dtype == torch.float32
+            and takes_kernel(q, ANY_ROWS)
+        ):
             ops = load_ops()
             ops.rope_(q, batch.cos, batch.sin)
             ops.rope_(k, batch.cos, batch.sin)
@@ -142,19 +155,29 @@ class KernelBlock(_Planned, Block):
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
         attn, mlp = self.self_attn, self.mlp
         if x.shape[1] == 1 and x.dtype == torch.float32 and batch.cache is not None:
-            plan = self.planned((attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
-                                 mlp.down_proj))
+            plan = self.planned((attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
             if batch.cache.k[attn.layer].dtype == torch.float32 and takes_kernel(x, plan.rows):
                 return load_ops().decode_block(
-                    x, [self.input_layernorm.weight, self.post_attention_layernorm.weight], plan.weights,
-                    plan.scales, plan.offsets, plan.biases, batch.cos, batch.sin, batch.cache.k[attn.layer],
-                    batch.cache.v[attn.layer], batch.row0, batch.input_pos[:, -1], attn.n_heads,
-                    attn.sliding_window or 0, self.input_layernorm.eps)
+                    x,
+                    [self.input_layernorm.weight, self.post_attention_layernorm.weight],
+                    plan.weights,
+                    plan.scales,
+                    plan.offsets,
+                    plan.biases,
+                    batch.cos,
+                    batch.sin,
+                    batch.cache.k[attn.layer],
+                    batch.cache.v[attn.layer],
+                    batch.row0,
+                    batch.input_pos[:, -1],
+                    attn.n_heads,
+                    attn.sliding_window or 0,
+                    self.input_layernorm.eps,
+                )
         return super().forward(x, batch)
 
 
-FAST_CLASSES = {nn.Linear: GemvLinear, RMSNorm: KernelRMSNorm, Attention: KernelAttention, MLP: KernelMLP,
-                Block: KernelBlock}
+FAST_CLASSES = {nn.Linear: GemvLinear, RMSNorm: KernelRMSNorm, Attention: KernelAttention, MLP: KernelMLP, Block: KernelBlock}
 
 
 def use_gemv_kernels(model: nn.Module) -> bool:
@@ -167,8 +190,9 @@ def use_gemv_kernels(model: nn.Module) -> bool:
     def faster(name: str, module: nn.Module) -> nn.Module | None:
         fast = FAST_CLASSES.get(type(module))
         weight = getattr(module, "weight", None)
-        if fast is None or (weight is not None and (weight.device.type != "cpu"
-                                                     or weight.dtype not in (torch.float32, torch.bfloat16))):
+        if fast is None or (
+            weight is not None and (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16))
+        ):
             return None
         return with_class(module, fast)
 

@@ -102,8 +102,14 @@ class KVCache:
     Slot p of a row holds position p. A forward pass on B sequences uses rows row0..row0+B-1.
     """
 
-    def __init__(self, config: ModelConfig, rows: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        rows: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
         shape = (rows, config.num_key_value_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
@@ -112,14 +118,14 @@ class KVCache:
     def update(self, layer: int, batch: ForwardBatch, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write the new keys/values [B, H, S, D] at their positions; return the slots to attend to."""
         b, s = k.shape[0], k.shape[2]
-        kc, vc = self.k[layer][batch.row0:batch.row0 + b], self.v[layer][batch.row0:batch.row0 + b]
+        kc, vc = self.k[layer][batch.row0 : batch.row0 + b], self.v[layer][batch.row0 : batch.row0 + b]
         if batch.start is not None:
-            kc[:, :, batch.start:batch.start + s] = k
-            vc[:, :, batch.start:batch.start + s] = v
+            kc[:, :, batch.start : batch.start + s] = k
+            vc[:, :, batch.start : batch.start + s] = v
         else:
             kc[batch.rows, :, batch.input_pos] = k.transpose(1, 2).to(kc.dtype)  # advanced indices first: [B, S, H, D]
             vc[batch.rows, :, batch.input_pos] = v.transpose(1, 2).to(vc.dtype)
-        return kc[:, :, :batch.kv_len], vc[:, :, :batch.kv_len]
+        return kc[:, :, : batch.kv_len], vc[:, :, : batch.kv_len]
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` slots of row `src` into row `dst` (n samples of one prompt, compaction)."""
@@ -162,8 +168,9 @@ class Attention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, batch: ForwardBatch) -> Tensor:
         """[B, heads, S, head_dim] attention of the queries over the keys and values `batch` lets them see."""
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, is_causal=batch.causal,
-                                              enable_gqa=self.n_kv != self.n_heads)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=batch.mask, is_causal=batch.causal, enable_gqa=self.n_kv != self.n_heads
+        )
 
 
 class MLP(nn.Module):
@@ -199,11 +206,13 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
-            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
-        ))
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+                layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
+                norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+            )
+        )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config)
         self.checkpoint_blocks = False
@@ -238,8 +247,13 @@ class Transformer(nn.Module):
 
     def new_cache(self, rows: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         weight = self.model.embed_tokens.weight
-        return KVCache(self.config, rows, max_len or self.config.max_position_embeddings,
-                       dtype or self.cache_dtype or weight.dtype, weight.device)
+        return KVCache(
+            self.config,
+            rows,
+            max_len or self.config.max_position_embeddings,
+            dtype or self.cache_dtype or weight.dtype,
+            weight.device,
+        )
 
     def _mask(self, input_pos: Tensor, kv_len: int) -> Tensor:
         """[B, 1, S, kv_len] bool: key j is visible to a query at position p when j <= p (and within the window)."""
@@ -250,8 +264,14 @@ class Transformer(nn.Module):
             mask &= keys > q - self.config.sliding_window
         return mask[:, None]
 
-    def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
-                logits_at: Tensor | None = None, cache_row: int = 0) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        input_pos: Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_at: Tensor | None = None,
+        cache_row: int = 0,
+    ) -> Tensor:
         """Logits [B, S, vocab] for `input_ids` [B, S].
 
         Without `input_pos` the tokens are positions 0..S-1 of fresh sequences (training, scoring, or a

@@ -37,8 +37,9 @@ class LoRAConfig:
             self.targets = list(LINEAR_NAMES)
         unknown = sorted(set(self.targets) - set(LINEAR_NAMES))
         if unknown:
-            raise ConfigError(f"lora_targets: unknown module(s) {', '.join(unknown)}; choose from "
-                              f"{', '.join(LINEAR_NAMES)} or all-linear")
+            raise ConfigError(
+                f"lora_targets: unknown module(s) {', '.join(unknown)}; choose from {', '.join(LINEAR_NAMES)} or all-linear"
+            )
         if self.rank < 1:
             raise ConfigError(f"lora_rank must be at least 1, got {self.rank}")
 
@@ -102,6 +103,7 @@ def _device(module: nn.Module) -> torch.device:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (the base must be full precision): a plain model again."""
+
     def merged(name: str, child: nn.Module) -> nn.Module | None:
         if not isinstance(child, LoRALinear):
             return None
@@ -131,10 +133,19 @@ def save_adapter(config: LoRAConfig, state: dict[str, Tensor], out_dir: Path, ba
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({peft_name(k): v.detach().float().contiguous() for k, v in state.items()}, out_dir / ADAPTER_WEIGHTS)
     peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
-        "target_modules": sorted(config.targets), "bias": "none", "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(config.targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_rslora": False,
     }
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
     return out_dir
@@ -151,11 +162,13 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, LoRAConfig, dict[str, Tensor]
     if raw.get("peft_type") != "LORA" or raw.get("use_rslora") or raw.get("use_dora"):
         raise CheckpointError(f"{adapter_dir}: only plain LoRA adapters are supported (peft_type LORA, no rsLoRA/DoRA)")
     targets = raw["target_modules"]
-    config = LoRAConfig(rank=raw["r"], alpha=raw["lora_alpha"], dropout=0.0,
-                        targets=[targets] if isinstance(targets, str) else list(targets))
+    config = LoRAConfig(
+        rank=raw["r"], alpha=raw["lora_alpha"], dropout=0.0, targets=[targets] if isinstance(targets, str) else list(targets)
+    )
     prefix = "base_model.model."
-    weights = {k.removeprefix(prefix).replace(".default.", "."): v
-               for k, v in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items()}
+    weights = {
+        k.removeprefix(prefix).replace(".default.", "."): v for k, v in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items()
+    }
     return raw, config, weights
 
 

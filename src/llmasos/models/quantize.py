@@ -101,8 +101,7 @@ class Int4Linear(nn.Module):
         ops = quantized_ops(x)
         x2 = x.reshape(-1, self.in_features).contiguous()
         if ops is not None:
-            y = ops.int4_gemv(x2, self.weight, self.scales, self.offsets,
-                              EMPTY if self.bias is None else self.bias.to(x.dtype))
+            y = ops.int4_gemv(x2, self.weight, self.scales, self.offsets, EMPTY if self.bias is None else self.bias.to(x.dtype))
         else:  # many rows (a prefill) or no kernels: dequantize, then an ordinary matmul
             w = self.dequantize().to(x.dtype)
             y = torch.nn.functional.linear(x2, w, self.bias)

@@ -14,6 +14,7 @@ def swap_modules(model: nn.Module, replace: Callable[[str, nn.Module], nn.Module
 
     The modules offered are those of the tree as it was, never the new ones, and a module's children are
     offered before it, so a replacement built from a module (`with_class`) holds its new children."""
+
     def walk(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
             walk(child, f"{prefix}{name}.")

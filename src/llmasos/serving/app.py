@@ -52,15 +52,30 @@ MIN_CHARS_PER_TOKEN = 64
 # Logprob entries one echo+logprobs request may ask for (prompt tokens x (1 + alternatives)): ~15 MB of JSON.
 MAX_SCORED_ENTRIES = 2**18
 ROLES = ("system", "user", "assistant", "developer")  # "developer" is OpenAI's newer name for "system"
-ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
-          "/detokenize", "/tokenizer_info"}
+ROUTES = {
+    "/",
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/tokenize",
+    "/detokenize",
+    "/tokenizer_info",
+}
 # What --api-key guards; the page, /health and /metrics stay open.
 PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info", "/docs", "/redoc", "/openapi.json")
 LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost", "ip6-loopback"}
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-               503: "server_overloaded"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    503: "server_overloaded",
+}
 
 
 def is_loopback(host: str) -> bool:
@@ -81,14 +96,16 @@ def is_loopback(host: str) -> bool:
 class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def response(self) -> JSONResponse:
-        info = s.ErrorInfo(message=self.message, type=ERROR_TYPES.get(self.status, "server_error"),
-                           param=self.param, code=self.code)
+        info = s.ErrorInfo(
+            message=self.message, type=ERROR_TYPES.get(self.status, "server_error"), param=self.param, code=self.code
+        )
         return JSONResponse(s.ErrorResponse(error=info).model_dump(), self.status, headers=self.headers)
 
 
@@ -114,13 +131,19 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.loopback_only and not is_loopback(headers.get("host", "")):
-            error = APIError(400, "the Host header must name this machine (localhost or a loopback address): "
-                                  "the server is bound to loopback", code="invalid_host")
+            error = APIError(
+                400,
+                "the Host header must name this machine (localhost or a loopback address): the server is bound to loopback",
+                code="invalid_host",
+            )
             return await error.response()(scope, receive, send)
-        if (self.api_key and scope["method"] != "OPTIONS" and scope["path"].startswith(PROTECTED)
-                and not self.authorized(headers)):
-            error = APIError(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'",
-                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if self.api_key and scope["method"] != "OPTIONS" and scope["path"].startswith(PROTECTED) and not self.authorized(headers):
+            error = APIError(
+                401,
+                "missing or wrong API key: send it as 'Authorization: Bearer KEY'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
             return await error.response()(scope, receive, send)
         too_large = f"the request body is larger than {self.max_body_bytes} bytes"
         length = headers.get("content-length", "")
@@ -214,10 +237,14 @@ def _timings(outputs: list[RequestOutput]) -> s.Timings | None:
     prompt_n = sum(len(o.prompt_token_ids) for o in outputs)
     predicted_n = sum(o.num_generated for o in outputs)
     after_first = predicted_n - sum(len(o.outputs) for o in outputs)
-    return s.Timings(prompt_n=prompt_n, prompt_ms=prompt_s * 1e3,
-                     prompt_per_second=prompt_n / prompt_s if prompt_s > 0 else None,
-                     predicted_n=predicted_n, predicted_ms=predicted_s * 1e3,
-                     predicted_per_second=after_first / predicted_s if predicted_s > 0 and after_first > 0 else None)
+    return s.Timings(
+        prompt_n=prompt_n,
+        prompt_ms=prompt_s * 1e3,
+        prompt_per_second=prompt_n / prompt_s if prompt_s > 0 else None,
+        predicted_n=predicted_n,
+        predicted_ms=predicted_s * 1e3,
+        predicted_per_second=after_first / predicted_s if predicted_s > 0 and after_first > 0 else None,
+    )
 
 
 def _sse(data: str) -> str:
@@ -231,34 +258,53 @@ class Service:
         self.llm, self.worker, self.metrics, self.model_name = llm, worker, metrics, model_name
         self.tokenizer = llm.tokenizer
         self.created = int(time.time())
-        self.piece = functools.lru_cache(maxsize=1 << 16)(
-            lambda token: self.tokenizer.decode([token], skip_special_tokens=False))
+        self.piece = functools.lru_cache(maxsize=1 << 16)(lambda token: self.tokenizer.decode([token], skip_special_tokens=False))
         self.max_chars = llm.engine.max_seq_len * max(MIN_CHARS_PER_TOKEN, self.tokenizer.max_token_chars)
 
     # ---- shared steps ----
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
 
     @staticmethod
-    def sampling(body: s.SamplingFields, max_tokens: int | None, logprobs: int | None,
-                 prompt_logprobs: int | None = None) -> SamplingParams:
+    def sampling(
+        body: s.SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
         return SamplingParams(
-            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-            repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, n=body.n)
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            seed=body.seed,
+            stop=body.stop,
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            n=body.n,
+        )
 
     def check_length(self, chars: int, param: str) -> None:
         """Refuse text that cannot fit the context before spending time on encoding it."""
         if chars > self.max_chars:
-            raise APIError(400, f"{param} has {chars:,} characters: far more than the context of "
-                                f"{self.llm.engine.max_seq_len} tokens can hold (at most {self.max_chars:,} characters)",
-                           param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"{param} has {chars:,} characters: far more than the context of "
+                f"{self.llm.engine.max_seq_len} tokens can hold (at most {self.max_chars:,} characters)",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     async def encode(self, texts: list[str], param: str, add_special_tokens: bool = True) -> list[list[int]]:
         """Token ids of each text, encoded on a worker thread (a long text takes seconds)."""
@@ -270,8 +316,9 @@ class Service:
             raise APIError(400, "messages is empty: send at least one message", param="messages")
         for i, m in enumerate(messages):
             if m.role not in ROLES:
-                raise APIError(400, f"messages[{i}].role is {m.role!r}; use one of {', '.join(ROLES)}",
-                               param=f"messages[{i}].role")
+                raise APIError(
+                    400, f"messages[{i}].role is {m.role!r}; use one of {', '.join(ROLES)}", param=f"messages[{i}].role"
+                )
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         self.check_length(sum(len(t["content"]) for t in turns), "messages")
         try:  # rendering a long conversation takes seconds too
@@ -307,8 +354,7 @@ class Service:
                 async for chunk in chunks:
                     yield _sse(chunk.model_dump_json())
             except EngineFailure:
-                info = s.ErrorInfo(message=unexpected(self.metrics, "a stream"), type="server_error",
-                                   code="internal_error")
+                info = s.ErrorInfo(message=unexpected(self.metrics, "a stream"), type="server_error", code="internal_error")
                 yield _sse(s.ErrorResponse(error=info).model_dump_json())
             finally:  # also when the client disconnects: this is what frees its rows at once
                 stream.cancel()
@@ -335,22 +381,24 @@ class Service:
         if scoring and body.logprobs:
             entries = sum(map(len, prompts)) * (1 + body.logprobs)
             if entries > MAX_SCORED_ENTRIES:
-                raise APIError(400, f"scoring these prompts asks for {entries:,} logprob entries (prompt tokens x "
-                                    f"(1 + logprobs)); one request may ask for at most {MAX_SCORED_ENTRIES:,}: send "
-                                    "fewer prompts per request, or fewer logprobs", param="prompt")
+                raise APIError(
+                    400,
+                    f"scoring these prompts asks for {entries:,} logprob entries (prompt tokens x "
+                    f"(1 + logprobs)); one request may ask for at most {MAX_SCORED_ENTRIES:,}: send "
+                    "fewer prompts per request, or fewer logprobs",
+                    param="prompt",
+                )
         params = self.sampling(body, body.max_tokens, body.logprobs, (body.logprobs or 0) if scoring else None)
         stream = await self.worker.submit(prompts, params)
         if body.echo and texts is None:
-            texts = await asyncio.to_thread(lambda: [self.tokenizer.decode(p, skip_special_tokens=False)
-                                                     for p in prompts])
+            texts = await asyncio.to_thread(lambda: [self.tokenizer.decode(p, skip_special_tokens=False) for p in prompts])
         if body.stream:
             return self.streaming(stream, self.completion_chunks(body, stream, texts))
         if not await self.run_to_end(stream, request):
             return Response(status_code=499)
         return JSONResponse(self.completion_response(body, stream.outputs, texts).model_dump())
 
-    def completion_logprobs(self, tokens: list[int], entries: list[TokenLogprob | None],
-                            into: s.CompletionLogprobs) -> None:
+    def completion_logprobs(self, tokens: list[int], entries: list[TokenLogprob | None], into: s.CompletionLogprobs) -> None:
         offset = into.text_offset[-1] + len(into.tokens[-1]) if into.tokens else 0
         for token, entry in zip(tokens, entries):
             piece = self.piece(token)
@@ -360,8 +408,7 @@ class Service:
             into.token_logprobs.append(entry.logprob if entry else None)
             into.top_logprobs.append({self.piece(t): lp for t, lp in entry.top} if entry else None)
 
-    def echoed(self, body: s.CompletionRequest, out: RequestOutput,
-               text: str | None) -> tuple[str, s.CompletionLogprobs | None]:
+    def echoed(self, body: s.CompletionRequest, out: RequestOutput, text: str | None) -> tuple[str, s.CompletionLogprobs | None]:
         """The start of a choice's text: the prompt itself when echoing, with its logprobs."""
         logprobs = s.CompletionLogprobs() if body.logprobs is not None else None
         if not body.echo:
@@ -370,21 +417,32 @@ class Service:
             self.completion_logprobs(out.prompt_token_ids, [None, *out.prompt_logprobs], logprobs)
         return text, logprobs
 
-    def completion_response(self, body: s.CompletionRequest, outputs: list[RequestOutput],
-                            texts: list[str] | None) -> s.CompletionResponse:
+    def completion_response(
+        self, body: s.CompletionRequest, outputs: list[RequestOutput], texts: list[str] | None
+    ) -> s.CompletionResponse:
         choices = []
         for i, out in enumerate(outputs):
             for c in out.outputs:
                 text, logprobs = self.echoed(body, out, texts[i] if body.echo else None)
                 if logprobs is not None:
                     self.completion_logprobs(c.token_ids, c.logprobs or [], logprobs)
-                choices.append(s.CompletionChoice(index=i * body.n + c.index, text=text + c.text, logprobs=logprobs,
-                                                  finish_reason=c.finish_reason))
-        return s.CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
-                                    choices=choices, usage=_usage(outputs), timings=_timings(outputs))
+                choices.append(
+                    s.CompletionChoice(
+                        index=i * body.n + c.index, text=text + c.text, logprobs=logprobs, finish_reason=c.finish_reason
+                    )
+                )
+        return s.CompletionResponse(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.model_name,
+            choices=choices,
+            usage=_usage(outputs),
+            timings=_timings(outputs),
+        )
 
-    async def completion_chunks(self, body: s.CompletionRequest, stream: Stream,
-                                texts: list[str] | None) -> AsyncIterator[s.CompletionResponse]:
+    async def completion_chunks(
+        self, body: s.CompletionRequest, stream: Stream, texts: list[str] | None
+    ) -> AsyncIterator[s.CompletionResponse]:
         rid, created, outputs = f"cmpl-{uuid.uuid4().hex}", int(time.time()), stream.outputs
         index = {o.request_id: i for i, o in enumerate(outputs)}
         seen = [[0] * body.n for _ in outputs]  # tokens already sent, per choice
@@ -392,29 +450,39 @@ class Service:
         prompt_sent: set[int] = set()
 
         def chunk(choices: list[s.CompletionChoice], last: bool = False) -> s.CompletionResponse:
-            return s.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
-                                        timings=_timings(outputs) if last else None)
+            return s.CompletionResponse(
+                id=rid, created=created, model=self.model_name, choices=choices, timings=_timings(outputs) if last else None
+            )
 
         async for d in stream:
             i = index[d.request.request_id]
             if body.echo and i not in prompt_sent:  # the prompt's logprobs exist once it has been prefilled
                 prompt_sent.add(i)
                 text, logprobs = self.echoed(body, d.request, texts[i])
-                yield chunk([s.CompletionChoice(index=i * body.n + j, text=text, logprobs=logprobs)
-                             for j in range(body.n)])
+                yield chunk([s.CompletionChoice(index=i * body.n + j, text=text, logprobs=logprobs) for j in range(body.n)])
             c = d.request.outputs[d.index]
             logprobs = None
             if body.logprobs is not None:
                 start, seen[i][d.index] = seen[i][d.index], seen[i][d.index] + len(d.token_ids)
                 logprobs = s.CompletionLogprobs()
-                self.completion_logprobs(d.token_ids, c.logprobs[start:start + len(d.token_ids)], logprobs)
+                self.completion_logprobs(d.token_ids, c.logprobs[start : start + len(d.token_ids)], logprobs)
             if d.text or d.finished or logprobs is not None:
                 left -= d.finished
-                yield chunk([s.CompletionChoice(index=i * body.n + d.index, text=d.text, logprobs=logprobs,
-                                                finish_reason=c.finish_reason if d.finished else None)], left == 0)
+                yield chunk(
+                    [
+                        s.CompletionChoice(
+                            index=i * body.n + d.index,
+                            text=d.text,
+                            logprobs=logprobs,
+                            finish_reason=c.finish_reason if d.finished else None,
+                        )
+                    ],
+                    left == 0,
+                )
         if body.stream_options and body.stream_options.include_usage:
-            yield s.CompletionResponse(id=rid, created=created, model=self.model_name, choices=[],
-                                       usage=_usage(outputs), timings=_timings(outputs))
+            yield s.CompletionResponse(
+                id=rid, created=created, model=self.model_name, choices=[], usage=_usage(outputs), timings=_timings(outputs)
+            )
 
     # ---- /v1/chat/completions ----
 
@@ -425,12 +493,18 @@ class Service:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         new_name = body.max_completion_tokens is not None
         try:
-            params = self.sampling(body, body.max_completion_tokens if new_name else body.max_tokens,
-                                   (body.top_logprobs or 0) if body.logprobs else None)
+            params = self.sampling(
+                body,
+                body.max_completion_tokens if new_name else body.max_tokens,
+                (body.top_logprobs or 0) if body.logprobs else None,
+            )
             stream = await self.worker.submit([prompt], params)
         except InvalidRequestError as e:  # name the field this request used, not the engine's
-            fields = {"prompt": "messages", "logprobs": "top_logprobs",
-                      "max_tokens": "max_completion_tokens" if new_name else "max_tokens"}
+            fields = {
+                "prompt": "messages",
+                "logprobs": "top_logprobs",
+                "max_tokens": "max_completion_tokens" if new_name else "max_tokens",
+            }
             e.param = fields.get(e.param, e.param)
             raise
         if body.stream:
@@ -438,21 +512,37 @@ class Service:
         if not await self.run_to_end(stream, request):
             return Response(status_code=499)
         out = stream.outputs[0]
-        choices = [s.ChatChoice(index=c.index, message=s.AssistantMessage(content=c.text),
-                                logprobs=self.chat_logprobs(c.logprobs) if body.logprobs else None,
-                                finish_reason=c.finish_reason) for c in out.outputs]
-        return JSONResponse(s.ChatCompletionResponse(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name, choices=choices,
-            usage=_usage([out]), timings=_timings([out])).model_dump())
+        choices = [
+            s.ChatChoice(
+                index=c.index,
+                message=s.AssistantMessage(content=c.text),
+                logprobs=self.chat_logprobs(c.logprobs) if body.logprobs else None,
+                finish_reason=c.finish_reason,
+            )
+            for c in out.outputs
+        ]
+        return JSONResponse(
+            s.ChatCompletionResponse(
+                id=f"chatcmpl-{uuid.uuid4().hex}",
+                created=int(time.time()),
+                model=self.model_name,
+                choices=choices,
+                usage=_usage([out]),
+                timings=_timings([out]),
+            ).model_dump()
+        )
 
     def chat_logprobs(self, entries: list[TokenLogprob]) -> s.ChatLogprobs:
         def top(token: int, logprob: float) -> s.TopLogprob:
             piece = self.piece(token)
             return s.TopLogprob(token=piece, logprob=logprob, bytes=list(piece.encode()))
 
-        return s.ChatLogprobs(content=[s.TokenLogprobEntry(**top(e.token_id, e.logprob).model_dump(),
-                                                           top_logprobs=[top(t, lp) for t, lp in e.top])
-                                       for e in entries])
+        return s.ChatLogprobs(
+            content=[
+                s.TokenLogprobEntry(**top(e.token_id, e.logprob).model_dump(), top_logprobs=[top(t, lp) for t, lp in e.top])
+                for e in entries
+            ]
+        )
 
     async def chat_chunks(self, body: s.ChatCompletionRequest, stream: Stream) -> AsyncIterator[s.ChatCompletionChunk]:
         rid, created, outputs = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), stream.outputs
@@ -467,20 +557,29 @@ class Service:
             logprobs = None
             if body.logprobs:
                 start, seen[d.index] = seen[d.index], seen[d.index] + len(d.token_ids)
-                logprobs = self.chat_logprobs(c.logprobs[start:start + len(d.token_ids)])
+                logprobs = self.chat_logprobs(c.logprobs[start : start + len(d.token_ids)])
             if d.text or d.finished or logprobs is not None:
                 left -= d.finished
-                yield chunk([s.ChatChunkChoice(index=d.index, delta=s.ChatDelta(content=d.text), logprobs=logprobs,
-                                               finish_reason=c.finish_reason if d.finished else None)],
-                            timings=_timings(outputs) if left == 0 else None)
+                yield chunk(
+                    [
+                        s.ChatChunkChoice(
+                            index=d.index,
+                            delta=s.ChatDelta(content=d.text),
+                            logprobs=logprobs,
+                            finish_reason=c.finish_reason if d.finished else None,
+                        )
+                    ],
+                    timings=_timings(outputs) if left == 0 else None,
+                )
         if body.stream_options and body.stream_options.include_usage:
             yield chunk([], usage=_usage(outputs), timings=_timings(outputs))
 
     # ---- the small routes ----
 
     async def models(self) -> s.ModelList:
-        return s.ModelList(data=[s.ModelCard(id=self.model_name, created=self.created,
-                                             max_model_len=self.llm.engine.max_seq_len)])
+        return s.ModelList(
+            data=[s.ModelCard(id=self.model_name, created=self.created, max_model_len=self.llm.engine.max_seq_len)]
+        )
 
     async def tokenize(self, body: s.TokenizeRequest) -> dict[str, Any]:
         self.check_model(body.model)
@@ -503,8 +602,13 @@ class Service:
     async def tokenizer_info(self) -> dict[str, Any]:
         """vLLM's route, which lm-eval's `tokenizer_backend=remote` reads (with /tokenize and /detokenize)."""
         tok = self.tokenizer
-        return {"eos_token": tok.eos_token, "bos_token": tok.bos_token, "pad_token": tok.pad_token,
-                "model_max_length": self.llm.engine.max_seq_len, "chat_template": tok.chat_template}
+        return {
+            "eos_token": tok.eos_token,
+            "bos_token": tok.bos_token,
+            "pad_token": tok.pad_token,
+            "model_max_length": self.llm.engine.max_seq_len,
+            "chat_template": tok.chat_template,
+        }
 
     async def health(self) -> Response:
         if not self.worker.alive:
@@ -526,15 +630,22 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     if err.get("type") == "json_invalid":
-        return APIError(422, f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}",
-                        code="json_invalid").response()
+        return APIError(
+            422, f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}", code="json_invalid"
+        ).response()
     param = ".".join(loc) or None
     return APIError(422, f"{param or 'body'}: {err['msg']}", param=param, code=err.get("type")).response()
 
 
-def create_app(llm: LLM, served_model_name: str = "llmasos", api_key: str | None = None, max_queue: int = 256,
-               cors_origins: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               loopback_only: bool = False) -> FastAPI:
+def create_app(
+    llm: LLM,
+    served_model_name: str = "llmasos",
+    api_key: str | None = None,
+    max_queue: int = 256,
+    cors_origins: list[str] | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    loopback_only: bool = False,
+) -> FastAPI:
     """The app for one loaded model. Its engine thread starts and stops with the app's lifespan.
 
     max_queue: sequences that may wait for a free row (the running batch is the engine's max_batch_size);
@@ -559,14 +670,20 @@ def create_app(llm: LLM, served_model_name: str = "llmasos", api_key: str | None
     app.state.service = service
     app.add_exception_handler(APIError, lambda request, e: e.response())
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, lambda request, e: APIError(
-        e.status_code, str(e.detail), code=HTTP_CODES.get(e.status_code), headers=e.headers).response())
-    app.add_exception_handler(ContextLengthError, lambda request, e: APIError(
-        400, str(e), param=e.param, code="context_length_exceeded").response())
-    app.add_exception_handler(LLMasOSError, lambda request, e: APIError(
-        400, str(e), param=getattr(e, "param", None)).response())
-    app.add_exception_handler(QueueFullError, lambda request, e: APIError(
-        503, f"{e}; retry later", code="queue_full", headers={"Retry-After": "1"}).response())
+    app.add_exception_handler(
+        HTTPException,
+        lambda request, e: APIError(
+            e.status_code, str(e.detail), code=HTTP_CODES.get(e.status_code), headers=e.headers
+        ).response(),
+    )
+    app.add_exception_handler(
+        ContextLengthError, lambda request, e: APIError(400, str(e), param=e.param, code="context_length_exceeded").response()
+    )
+    app.add_exception_handler(LLMasOSError, lambda request, e: APIError(400, str(e), param=getattr(e, "param", None)).response())
+    app.add_exception_handler(
+        QueueFullError,
+        lambda request, e: APIError(503, f"{e}; retry later", code="queue_full", headers={"Retry-After": "1"}).response(),
+    )
 
     app.get("/", include_in_schema=False)(service.page)
     app.get("/health")(service.health)
@@ -598,8 +715,9 @@ def default_cache_budget() -> int:
     return available // 2
 
 
-def serve(llm: LLM, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
-          log_level: str = "info", **options: Any) -> None:
+def serve(
+    llm: LLM, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0, log_level: str = "info", **options: Any
+) -> None:
     """Serve until SIGINT or SIGTERM. On SIGTERM: stop accepting, let running requests finish for up to
     `shutdown_timeout` seconds (then abort them), and return (the process exits 0)."""
     import uvicorn

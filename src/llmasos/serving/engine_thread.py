@@ -124,12 +124,16 @@ class EngineThread:
                 raise InvalidRequestError(
                     f"this request asks for {wanted} sequences (n={params.n} for each of {len(prompts)} prompts); "
                     f"the server holds at most {capacity} at once ({engine.max_batch_size} running, {self.max_queue} "
-                    "waiting)", param="n" if params.n > 1 else "prompt")
+                    "waiting)",
+                    param="n" if params.n > 1 else "prompt",
+                )
             checked = [engine.check(prompt, params) for prompt in prompts]
             busy = engine.num_running + sum(r.params.n for r in engine.waiting)
             if busy + wanted > capacity:
-                raise QueueFullError(f"the server is busy: {engine.num_running} sequences running and "
-                                     f"{engine.num_waiting} requests waiting (the queue holds {self.max_queue})")
+                raise QueueFullError(
+                    f"the server is busy: {engine.num_running} sequences running and "
+                    f"{engine.num_waiting} requests waiting (the queue holds {self.max_queue})"
+                )
             outputs: list[RequestOutput] = []
             try:
                 for request_id, (prompt_ids, max_tokens) in zip(ids, checked):

@@ -14,21 +14,31 @@ class Metrics:
     def __init__(self, worker: EngineThread):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("llmasos_requests", "HTTP requests answered, by route and status code",
-                                ["route", "status"], registry=r)
+        self.requests = Counter(
+            "llmasos_requests", "HTTP requests answered, by route and status code", ["route", "status"], registry=r
+        )
         self.prompt_tokens = Counter("llmasos_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("llmasos_generation_tokens", "Tokens generated (every sample, aborted "
-                                         "ones included)", registry=r)
-        self.unexpected_errors = Counter("llmasos_unexpected_errors", "Requests that met an unexpected error "
-                                         "(a bug: the log has each one's traceback)", registry=r)
+        self.generation_tokens = Counter(
+            "llmasos_generation_tokens", "Tokens generated (every sample, aborted ones included)", registry=r
+        )
+        self.unexpected_errors = Counter(
+            "llmasos_unexpected_errors",
+            "Requests that met an unexpected error (a bug: the log has each one's traceback)",
+            registry=r,
+        )
         running = Gauge("llmasos_num_sequences_running", "Sequences in the running batch", registry=r)
         running.set_function(lambda: worker.num_running)
         waiting = Gauge("llmasos_num_requests_waiting", "Requests waiting for a free row", registry=r)
         waiting.set_function(lambda: worker.num_waiting)
-        self.ttft = Histogram("llmasos_time_to_first_token_seconds", "From arrival at the engine to the first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.latency = Histogram("llmasos_request_latency_seconds", "From arrival at the engine to the last token",
-                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "llmasos_time_to_first_token_seconds",
+            "From arrival at the engine to the first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "llmasos_request_latency_seconds", "From arrival at the engine to the last token", buckets=LATENCY_BUCKETS, registry=r
+        )
 
     def record(self, outputs: list[RequestOutput]) -> None:
         """Count a call's tokens, and its times when it ran to the end."""

@@ -32,7 +32,8 @@ Prompt = Annotated[
     | Annotated[list[str], Field(max_length=MAX_PROMPTS), Tag("texts")]
     | Annotated[list[int], Tag("tokens")]
     | Annotated[list[list[int]], Field(max_length=MAX_PROMPTS), Tag("token_lists")],
-    Discriminator(_prompt_form)]
+    Discriminator(_prompt_form),
+]
 
 
 class StreamOptions(BaseModel):

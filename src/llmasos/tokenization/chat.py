@@ -87,8 +87,7 @@ def _compile(template: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -98,8 +97,7 @@ def _compile(template: str):
         raise LLMasOSError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
 
 
-def render_chat(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                **variables: Any) -> str:
+def render_chat(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **variables: Any) -> str:
     """Render `messages` (OpenAI-style dicts with `role` and `content`)."""
     import jinja2
 
@@ -108,8 +106,12 @@ def render_chat(template: str, messages: list[dict[str, Any]], add_generation_pr
             raise LLMasOSError(f"message {i}: expected an object with 'role' and 'content', got {m!r}")
     variables = {k: v for k, v in variables.items() if v is not None}
     try:
-        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         tools=variables.pop("tools", None), documents=variables.pop("documents", None),
-                                         **variables)
+        return _compile(template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=variables.pop("tools", None),
+            documents=variables.pop("documents", None),
+            **variables,
+        )
     except jinja2.TemplateError as e:
         raise LLMasOSError(f"chat template: {e}") from None

@@ -19,8 +19,14 @@ from llmasos.errors import CheckpointError
 from llmasos.tokenization.chat import BUILTIN_TEMPLATES, load_chat_template, render_chat
 
 # What a model dir holds of its tokenizer: the files a `Tokenizer` and transformers' AutoTokenizer read.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
@@ -58,8 +64,10 @@ class Tokenizer:
     def __init__(self, path: Path | str):
         path = Path(path)
         if path.is_file() and path.suffix == ".gguf":
-            raise CheckpointError(f"{path}: a GGUF file keeps its vocabulary inside; open the tokenizer files "
-                                  f"rebuilt from it (llmasos.checkpoints.gguf_vocab.tokenizer_source)")
+            raise CheckpointError(
+                f"{path}: a GGUF file keeps its vocabulary inside; open the tokenizer files "
+                f"rebuilt from it (llmasos.checkpoints.gguf_vocab.tokenizer_source)"
+            )
         self.dir = path if path.is_dir() else path.parent
         cfg = _read_json(self.dir / "tokenizer_config.json")
         for key, value in _read_json(self.dir / "special_tokens_map.json").items():
@@ -209,7 +217,7 @@ class Tokenizer:
         if prefix or self._legacy:
             return self._sp.EncodeAsIds(text)
         unk = self._sp.IdToPiece(self._sp.unk_id())
-        return self._sp.EncodeAsIds(unk + text)[len(self._sp.EncodeAsIds(unk)):]
+        return self._sp.EncodeAsIds(unk + text)[len(self._sp.EncodeAsIds(unk)) :]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         if self._tk is not None:
@@ -230,12 +238,20 @@ class Tokenizer:
 
     # ---- chat --------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tokenize: bool = False, **kwargs: Any) -> str | list[int]:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tokenize: bool = False, **kwargs: Any
+    ) -> str | list[int]:
         """Render `messages` with the checkpoint's chat template (or the built-in one), as transformers does."""
-        text = render_chat(self.chat_template, messages, add_generation_prompt,
-                           bos_token=self.bos_token, eos_token=self.eos_token,
-                           unk_token=self.unk_token, pad_token=self.pad_token, **kwargs)
+        text = render_chat(
+            self.chat_template,
+            messages,
+            add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            unk_token=self.unk_token,
+            pad_token=self.pad_token,
+            **kwargs,
+        )
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     # ---- saving -------------------------------------------------------------
@@ -270,9 +286,9 @@ class StreamDecoder:
 
     def _advance(self, final: bool) -> str:
         decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix:self.read], self.skip)
-        text = decode(self.ids[self.prefix:], self.skip)
+        before = decode(self.ids[self.prefix : self.read], self.skip)
+        text = decode(self.ids[self.prefix :], self.skip)
         if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
             return ""  # nothing new yet, or the newest bytes are half a character
         self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before):]
+        return text[len(before) :]

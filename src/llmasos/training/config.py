@@ -28,8 +28,7 @@ def key(default: Any, help: str) -> Any:
 class TrainConfig:
     """Pretraining: a new model on data prepared by `llmasos prepare`."""
 
-    model: Any = key("tiny-gqa", "a zoo shape (`llmasos models`), or a mapping of ModelConfig fields (config.json "
-                                 "names)")
+    model: Any = key("tiny-gqa", "a zoo shape (`llmasos models`), or a mapping of ModelConfig fields (config.json names)")
     data: str = key("", "the prepared data dir (`llmasos prepare ... --out DIR`)")
     out: str = key("runs/pretrain", "the run dir: config.yaml, metrics.csv, loss.png, checkpoints/, final/")
     seq_len: int = key(256, "tokens per training sequence")
@@ -59,13 +58,22 @@ class TrainConfig:
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("seq_len", "micro_batch_size", "global_batch_size", "eval_every", "eval_batches",
-                     "checkpoint_every", "keep_checkpoints", "log_every"):
+        for name in (
+            "seq_len",
+            "micro_batch_size",
+            "global_batch_size",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
-                              f"{self.micro_batch_size}")
+            raise ConfigError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
+            )
         if all(getattr(self, name) is None for name in self.LENGTHS):
             raise ConfigError(f"set {', '.join(self.LENGTHS[:-1])} or {self.LENGTHS[-1]}")
 
@@ -128,37 +136,41 @@ class FinetuneConfig(TrainConfig):
 
     model: str = key("", "the model to start from: a store name or a model dir")
     data: str = key("", "instruction records (Alpaca, chat or prompt/completion; JSON or JSONL), or a prepared dir")
-    out: str = key("runs/finetune", "the run dir: config.yaml, metrics.csv, loss.png, checkpoints/, adapter/, "
-                                    "final/")
+    out: str = key("runs/finetune", "the run dir: config.yaml, metrics.csv, loss.png, checkpoints/, adapter/, final/")
     seq_len: int = key(512, "tokens per training sequence; longer examples are cut")
     micro_batch_size: int = key(4, "sequences per forward and backward pass")
     # None, which TrainConfig's lr does not allow, means "by method"
     lr: float | None = key(  # type: ignore[assignment]
-        None, "the peak learning rate, reached at the end of the warmup (default: 2e-5 for full, 2e-4 for lora and qlora)")
+        None, "the peak learning rate, reached at the end of the warmup (default: 2e-5 for full, 2e-4 for lora and qlora)"
+    )
     warmup_steps: int = key(10, "steps of linear warmup to lr")
     min_lr: float = key(0.0, "the learning rate at the end of the cosine decay")
     weight_decay: float = key(0.0, "AdamW's weight decay of the weight matrices; norms and biases get none")
     max_steps: int | None = key(None, "optimizer steps to train, instead of epochs")
-    max_tokens: int | None = key(None, "tokens to train on, instead of epochs (a prepared dir needs this or "
-                                       "max_steps)")
+    max_tokens: int | None = key(None, "tokens to train on, instead of epochs (a prepared dir needs this or max_steps)")
     eval_every: int = key(50, "steps between validation losses")
     seed: int = key(0, "the seed of the adapters' initial weights, the validation split and the batch order")
-    method: str = key("full", "full (every weight trained), lora (adapters on the frozen model) or qlora "
-                              "(adapters on the frozen model quantized)")
+    method: str = key(
+        "full",
+        "full (every weight trained), lora (adapters on the frozen model) or qlora (adapters on the frozen model quantized)",
+    )
     lora_rank: int = key(8, "lora/qlora: the rank of the adapters")
     lora_alpha: float = key(16.0, "lora/qlora: the adapters' scale is lora_alpha / lora_rank")
     lora_dropout: float = key(0.0, "lora/qlora: dropout on the adapters' input")
-    lora_targets: str = key("q_proj,v_proj", "lora/qlora: comma-separated projection names to adapt, or "
-                                             "all-linear")
+    lora_targets: str = key("q_proj,v_proj", "lora/qlora: comma-separated projection names to adapt, or all-linear")
     quantize: str = key("int4", "qlora: the frozen model's weights, int8 or int4")
     epochs: float | None = key(1.0, "passes over the examples, when neither max_steps nor max_tokens is set")
     val_fraction: float = key(0.05, "the share of the examples held out for validation")
     merge: bool = key(False, "lora/qlora: also write the model with the adapters folded in (final/)")
-    task: str | None = key(None, "an evaluation task (built-in name or YAML) whose examples are the training "
-                                 "data, instead of data")
+    task: str | None = key(
+        None, "an evaluation task (built-in name or YAML) whose examples are the training data, instead of data"
+    )
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {**TrainConfig.CHOICES, "method": ("full", "lora", "qlora"),
-                                                     "quantize": ("int8", "int4")}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        **TrainConfig.CHOICES,
+        "method": ("full", "lora", "qlora"),
+        "quantize": ("int8", "int4"),
+    }
     LENGTHS: ClassVar[tuple[str, ...]] = ("max_steps", "max_tokens", "epochs")
 
     def __post_init__(self) -> None:

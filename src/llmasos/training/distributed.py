@@ -96,8 +96,7 @@ def all_sum(value: float | int, cluster: Cluster) -> float:
 def _options(full: bool, trainable_only: bool, cpu_offload: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=full, cpu_offload=cpu_offload, ignore_frozen_params=trainable_only,
-                            strict=False)
+    return StateDictOptions(full_state_dict=full, cpu_offload=cpu_offload, ignore_frozen_params=trainable_only, strict=False)
 
 
 def full_state(wrapped: nn.Module, trainable_only: bool, cluster: Cluster) -> dict[str, torch.Tensor]:

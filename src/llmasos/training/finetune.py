@@ -87,13 +87,15 @@ def _load_base(path: Path, config: FinetuneConfig, device: torch.device):
         if device.type != "cpu":
             raise ConfigError("qlora's quantized base runs on the CPU kernels; use lora on GPUs")
         quantize_model(model, config.quantize, skip=("lm_head",))
-    lora = LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout,
-                      [t.strip() for t in config.lora_targets.split(",") if t.strip()])
+    lora = LoRAConfig(
+        config.lora_rank, config.lora_alpha, config.lora_dropout, [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+    )
     return apply_lora(model.to(device), lora), lora
 
 
 def _save_adapter(base: Path, lora, config: FinetuneConfig):
     """`Job.save_final` for lora/qlora: the PEFT adapter, and with `merge` the merged model in `final/`."""
+
     def save(state: dict[str, Tensor], run: Path) -> None:
         adapter = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
         with atomic_dir(run / "adapter", replace=True) as tmp:
@@ -104,11 +106,17 @@ def _save_adapter(base: Path, lora, config: FinetuneConfig):
             model.load_state_dict(adapter, strict=False)
             with atomic_dir(run / "final", replace=True) as tmp:
                 save_model(merge_lora(model), tmp, tokenizer_dir=base)
+
     return save
 
 
-def finetune(config: FinetuneConfig, resume: bool = False, progress: bool = True, force: bool = False,
-             inputs: Iterable[Path | str | None] = ()) -> Run:
+def finetune(
+    config: FinetuneConfig,
+    resume: bool = False,
+    progress: bool = True,
+    force: bool = False,
+    inputs: Iterable[Path | str | None] = (),
+) -> Run:
     """Fine-tune `config.model` on `config.data` or `config.task`; returns the run (its dir and its steps,
     which `epochs` decides when neither max_steps nor max_tokens is set).
 
@@ -129,8 +137,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress: bool = True
         if config.data and (Path(config.data) / "metadata.json").exists():
             if config.max_steps is None and config.max_tokens is None:
                 raise ConfigError("a prepared dir: set max_steps or max_tokens")
-            job = packed_job(model, config, Path(config.data), cluster.device, save_final,
-                             trainable_only=lora is not None)
+            job = packed_job(model, config, Path(config.data), cluster.device, save_final, trainable_only=lora is not None)
         else:
             tokenizer = Tokenizer(tokenizer_source(base))
             examples, val = split_examples(training_examples(config, tokenizer), config)
@@ -143,10 +150,14 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress: bool = True
                 config = dataclasses.replace(config, max_steps=config.epoch_steps(len(examples)))
             pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
             mbs = config.micro_batch_size
-            val_batches = [collate(val[i:i + mbs], config.seq_len, pad) for i in range(0, len(val), mbs)]
-            job = Job(model, lambda step, micro: example_batch(examples, config, step, micro, pad),
-                      (lambda: val_batches[: config.eval_batches]) if val_batches else None, save_final,
-                      trainable_only=lora is not None)
+            val_batches = [collate(val[i : i + mbs], config.seq_len, pad) for i in range(0, len(val), mbs)]
+            job = Job(
+                model,
+                lambda step, micro: example_batch(examples, config, step, micro, pad),
+                (lambda: val_batches[: config.eval_batches]) if val_batches else None,
+                save_final,
+                trainable_only=lora is not None,
+            )
         return train(config, job, cluster, resume, progress, command="finetune")
     finally:
         distributed.close_cluster(cluster)

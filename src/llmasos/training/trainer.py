@@ -79,8 +79,7 @@ def loss_sum(model, x: Tensor, y: Tensor, precision: str) -> tuple[Tensor, int]:
     """Summed cross-entropy over the labelled tokens (label -100 is not trained), and their count."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         logits = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"), \
-        int((y != -100).sum())
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"), int((y != -100).sum())
 
 
 @torch.no_grad()
@@ -98,14 +97,14 @@ def mean_loss(model, batches: list[tuple[Tensor, Tensor]], precision: str) -> fl
 
 def evaluate(model, data, config: TrainConfig) -> float:
     """Validation loss of a model on `eval_batches` fixed windows of prepared data."""
-    return mean_loss(model, [batch_at(data, config, i, 0, split_seed=1) for i in range(config.eval_batches)],
-                     config.precision)
+    return mean_loss(model, [batch_at(data, config, i, 0, split_seed=1) for i in range(config.eval_batches)], config.precision)
 
 
 @dataclass(frozen=True)
 class Run:
     """A finished training run: its dir (`final/`, `adapter/`, metrics, checkpoints) and the optimizer steps
     it trained in all."""
+
     dir: Path
     steps: int
 
@@ -113,6 +112,7 @@ class Run:
 @dataclass
 class Job:
     """What a run trains and on what; `train` is the same loop for every kind of job."""
+
     model: nn.Module  # fp32 master weights on the device, not yet wrapped for DDP/FSDP
     batch: Callable[[int, int], tuple[Tensor, Tensor]]  # (step, micro-batch of the global batch) -> (inputs, labels)
     val_batches: Callable[[], list[tuple[Tensor, Tensor]]] | None  # the fixed validation set, if any
@@ -168,9 +168,15 @@ def plot_losses(run: Path) -> Path | None:
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig, fused: bool = True) -> torch.optim.AdamW:
     """AdamW, decaying matrices only (not norms or biases). The fused kernel (one pass over each
     tensor for all of Adam's updates) where the parameters are plain tensors, i.e. not FSDP's DTensors."""
-    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                             lr=config.lr, betas=(0.9, 0.95), fused=fused)
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+        fused=fused,
+    )
 
 
 def _weights_to_save(model: nn.Module, trainable_only: bool) -> set[str]:
@@ -183,16 +189,19 @@ def _weights_to_save(model: nn.Module, trainable_only: bool) -> set[str]:
     return names
 
 
-def claim_run(config: TrainConfig, cluster: distributed.Cluster, command: str, inputs: Iterable[Path | str | None],
-              force: bool) -> None:
+def claim_run(
+    config: TrainConfig, cluster: distributed.Cluster, command: str, inputs: Iterable[Path | str | None], force: bool
+) -> None:
     """Before any heavy work, refuse a run dir that is or contains an input, or (unless force) holds what
     `llmasos COMMAND` did not write or an earlier run's checkpoints; then rank 0 marks it as this run's,
     with force after clearing what was there."""
     run, owner = Path(config.out), f"llmasos {command}"
     check_output(run, inputs, force, owner)
     if not force and latest_checkpoint(run) is not None:
-        raise LLMasOSError(f"{run} already holds checkpoints: resume it with --resume {run}, choose another --out, "
-                           f"or pass --force to start it over")
+        raise LLMasOSError(
+            f"{run} already holds checkpoints: resume it with --resume {run}, choose another --out, "
+            f"or pass --force to start it over"
+        )
     distributed.all_sum(0, cluster)  # every rank has looked before rank 0 changes anything
     if cluster.main:
         if force and (run.exists() or run.is_symlink()):
@@ -200,8 +209,9 @@ def claim_run(config: TrainConfig, cluster: distributed.Cluster, command: str, i
         mark(run, owner)
 
 
-def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: bool, progress: bool,
-          command: str = "pretrain") -> Run:
+def train(
+    config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: bool, progress: bool, command: str = "pretrain"
+) -> Run:
     """The loop: every rank runs it; rank 0 alone writes files."""
     run = Path(config.out)
     ckpt = latest_checkpoint(run) if resume else None
@@ -213,8 +223,10 @@ def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: b
         resume = False
     per_step = config.micro_batch_size * cluster.world
     if config.global_batch_size % per_step:
-        raise ConfigError(f"global_batch_size {config.global_batch_size} is not a multiple of micro_batch_size "
-                          f"{config.micro_batch_size} x {cluster.world} processes")
+        raise ConfigError(
+            f"global_batch_size {config.global_batch_size} is not a multiple of micro_batch_size "
+            f"{config.micro_batch_size} x {cluster.world} processes"
+        )
     accumulation = config.global_batch_size // per_step
     model = job.model
     saved_names = _weights_to_save(model, job.trainable_only)
@@ -228,8 +240,10 @@ def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: b
     if ckpt is not None:
         state = load_file(str(ckpt / "model.safetensors"))
         if set(state) != saved_names:
-            raise LLMasOSError(f"{ckpt}: its weights do not fit this model (missing "
-                               f"{sorted(saved_names - set(state))[:3]}, unexpected {sorted(set(state) - saved_names)[:3]})")
+            raise LLMasOSError(
+                f"{ckpt}: its weights do not fit this model (missing "
+                f"{sorted(saved_names - set(state))[:3]}, unexpected {sorted(set(state) - saved_names)[:3]})"
+            )
         saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
         distributed.load_full_state(wrapped, optimizer, state, saved["optimizer"])
         torch.set_rng_state(saved["rng"])
@@ -239,8 +253,9 @@ def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: b
         state = distributed.full_state(wrapped, job.trainable_only, cluster)
         optimizer_state = distributed.full_optimizer_state(wrapped, optimizer, cluster)
         if cluster.main:
-            save_checkpoint(run, {k: v for k, v in state.items() if k in saved_names}, optimizer_state, step,
-                            config.keep_checkpoints)
+            save_checkpoint(
+                run, {k: v for k, v in state.items() if k in saved_names}, optimizer_state, step, config.keep_checkpoints
+            )
 
     metrics_file, board, bar = run / "metrics.csv", None, None
     if cluster.main:
@@ -284,8 +299,9 @@ def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: b
             rate = targets / (time.perf_counter() - t0)
             val_loss = None
             if val_batches and (step % config.eval_every == 0 or step == total):
-                val_loss = mean_loss(wrapped, [(x.to(cluster.device), y.to(cluster.device)) for x, y in val_batches],
-                                     config.precision)
+                val_loss = mean_loss(
+                    wrapped, [(x.to(cluster.device), y.to(cluster.device)) for x, y in val_batches], config.precision
+                )
             if cluster.main:
                 _log(board, metrics_file, config, step, total, loss, lr, rate, val_loss)
                 if bar is not None:
@@ -311,8 +327,17 @@ def train(config: TrainConfig, job: Job, cluster: distributed.Cluster, resume: b
     return Run(run, total)
 
 
-def _log(board, metrics_file: Path, config: TrainConfig, step: int, total: int, loss: float, lr: float, rate: float,
-         val_loss: float | None) -> None:
+def _log(
+    board,
+    metrics_file: Path,
+    config: TrainConfig,
+    step: int,
+    total: int,
+    loss: float,
+    lr: float,
+    rate: float,
+    val_loss: float | None,
+) -> None:
     board.add_scalar("train/loss", loss, step)
     board.add_scalar("train/lr", lr, step)
     board.add_scalar("train/tokens_per_s", rate, step)
@@ -321,34 +346,53 @@ def _log(board, metrics_file: Path, config: TrainConfig, step: int, total: int, 
         board.add_scalar("val/perplexity", math.exp(val_loss), step)
     if step % config.log_every == 0 or val_loss is not None or step == total:
         with open(metrics_file, "a") as f:
-            f.write(f"{step},{loss:.6f},{lr:.6g},{rate:.1f},"
-                    f"{'' if val_loss is None else f'{val_loss:.6f}'},"
-                    f"{'' if val_loss is None else f'{math.exp(val_loss):.4f}'}\n")
+            f.write(
+                f"{step},{loss:.6f},{lr:.6g},{rate:.1f},"
+                f"{'' if val_loss is None else f'{val_loss:.6f}'},"
+                f"{'' if val_loss is None else f'{math.exp(val_loss):.4f}'}\n"
+            )
 
 
 def save_full_model(config, tokenizer_dir: Path | None) -> Callable[[dict[str, Tensor], Path], None]:
     """`Job.save_final` for a whole model: `run/final` as an HF dir with the tokenizer."""
+
     def save(state: dict[str, Tensor], run: Path) -> None:
         model = build_meta_model(config)
         model.load_state_dict(state, assign=True, strict=False)
         model.tie_weights()
         with atomic_dir(run / "final", replace=True) as tmp:
             save_model(model, tmp, tokenizer_dir=tokenizer_dir)
+
     return save
 
 
-def packed_job(model: nn.Module, config: TrainConfig, data_dir: Path, device: torch.device,
-               save_final: Callable[[dict[str, Tensor], Path], None], trainable_only: bool = False) -> Job:
+def packed_job(
+    model: nn.Module,
+    config: TrainConfig,
+    data_dir: Path,
+    device: torch.device,
+    save_final: Callable[[dict[str, Tensor], Path], None],
+    trainable_only: bool = False,
+) -> Job:
     """Training on prepared shards: random windows of seq_len + 1 tokens."""
     train_data, val_data = PackedData(data_dir, "train"), PackedData(data_dir, "val")
     has_val = len(val_data) > config.seq_len + 1
-    return Job(model.to(device), lambda step, micro: batch_at(train_data, config, step, micro),
-               (lambda: [batch_at(val_data, config, i, 0, split_seed=1) for i in range(config.eval_batches)])
-               if has_val else None, save_final, trainable_only)
+    return Job(
+        model.to(device),
+        lambda step, micro: batch_at(train_data, config, step, micro),
+        (lambda: [batch_at(val_data, config, i, 0, split_seed=1) for i in range(config.eval_batches)]) if has_val else None,
+        save_final,
+        trainable_only,
+    )
 
 
-def pretrain(config: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False,
-             inputs: Iterable[Path | str | None] = ()) -> Run:
+def pretrain(
+    config: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    force: bool = False,
+    inputs: Iterable[Path | str | None] = (),
+) -> Run:
     """Train a new model on prepared data; returns the run, whose dir's `final/` is an HF model dir.
 
     A new run's dir (`out`) may be one `llmasos pretrain` wrote without checkpoints, anything else only with
@@ -364,8 +408,13 @@ def pretrain(config: TrainConfig, resume: bool = False, progress: bool = True, f
         model = Transformer(model_config)
         model.init_weights(generator=torch.Generator().manual_seed(config.seed))
         tokenizer_dir = Path(config.data) / "tokenizer"
-        job = packed_job(model, config, Path(config.data), cluster.device,
-                         save_full_model(model_config, tokenizer_dir if tokenizer_dir.exists() else None))
+        job = packed_job(
+            model,
+            config,
+            Path(config.data),
+            cluster.device,
+            save_full_model(model_config, tokenizer_dir if tokenizer_dir.exists() else None),
+        )
         return train(config, job, cluster, resume, progress)
     finally:
         distributed.close_cluster(cluster)

@@ -79,12 +79,10 @@ class Task:
         self.metrics = list(self.metrics or default)
         for metric in self.metrics:
             if metric not in allowed:
-                raise TaskError(f"{where}: metric {metric!r} does not apply to a {self.kind} task; "
-                                f"use {', '.join(allowed)}")
+                raise TaskError(f"{where}: metric {metric!r} does not apply to a {self.kind} task; use {', '.join(allowed)}")
         unknown = set(self.generation) - set(GENERATION_KEYS)
         if unknown:
-            raise TaskError(f"{where}: generation key {min(unknown)!r} is unknown; "
-                            f"use {', '.join(GENERATION_KEYS)}")
+            raise TaskError(f"{where}: generation key {min(unknown)!r} is unknown; use {', '.join(GENERATION_KEYS)}")
         if self.kind == "multiple_choice" and not self.choices:
             raise TaskError(f"{where}: a multiple_choice task needs `choices` (a list field or a list of templates)")
         if self.num_fewshot < 0:
@@ -117,8 +115,7 @@ class Task:
         elif task.fewshot:
             task.shots = list(task.fewshot)
         if task.num_fewshot > len(task.shots):
-            raise TaskError(f"{path}: num_fewshot is {task.num_fewshot} but the task has {len(task.shots)} "
-                            "few-shot examples")
+            raise TaskError(f"{path}: num_fewshot is {task.num_fewshot} but the task has {len(task.shots)} few-shot examples")
         task._check_templates()
         return task
 
@@ -152,8 +149,10 @@ class Task:
                 for key, names in needed.items():
                     missing = sorted(names - set(record))
                     if missing:
-                        raise TaskError(f"{self.path}: {key} names the field {missing[0]!r}, which record {i + 1} of "
-                                        f"the {label} lacks (its fields: {', '.join(record) or 'none'})")
+                        raise TaskError(
+                            f"{self.path}: {key} names the field {missing[0]!r}, which record {i + 1} of "
+                            f"the {label} lacks (its fields: {', '.join(record) or 'none'})"
+                        )
         self.render(self.records[0])  # an unsafe template fails here, before any model is loaded
 
     # ---- rendering ----------------------------------------------------------------------------------
@@ -191,8 +190,7 @@ class Task:
         from jinja2 import meta
 
         names = meta.find_undeclared_variables(_env().parse(self.target))
-        if len(names) == 1 and isinstance(record[next(iter(names))], list) \
-                and self.target.strip("{} ") == next(iter(names)):
+        if len(names) == 1 and isinstance(record[next(iter(names))], list) and self.target.strip("{} ") == next(iter(names)):
             return [str(v) for v in record[next(iter(names))]]
         return [self._render("target", self.target, record)]
 
@@ -266,8 +264,10 @@ def _load_hub(dataset: str, subset: str | None, split: str, path: Path | None) -
     """A Hugging Face dataset's split through `datasets`; refused at once when the hub is marked offline."""
     offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "0") not in ("", "0")]
     if offline:
-        raise TaskError(f"{path}: the hub dataset {dataset!r} cannot be downloaded: {offline[0]} is set "
-                        "(use a local .jsonl/.json/.csv file instead)")
+        raise TaskError(
+            f"{path}: the hub dataset {dataset!r} cannot be downloaded: {offline[0]} is set "
+            "(use a local .jsonl/.json/.csv file instead)"
+        )
     try:
         import datasets
     except ImportError:
@@ -292,6 +292,8 @@ def load_task(name_or_path: str | Path) -> Task:
         return Task.from_yaml(path)
     builtin = builtin_tasks()
     if str(name_or_path) not in builtin:
-        raise TaskError(f"unknown task {str(name_or_path)!r}; built-in tasks: {', '.join(builtin)} "
-                        "(or give the path of a task YAML, or lm_eval:TASK)")
+        raise TaskError(
+            f"unknown task {str(name_or_path)!r}; built-in tasks: {', '.join(builtin)} "
+            "(or give the path of a task YAML, or lm_eval:TASK)"
+        )
     return Task.from_yaml(builtin[str(name_or_path)])
