@@ -22,7 +22,7 @@ from llmasos.checkpoints.weights import load_tensor, save_safetensors_shards
 from llmasos.errors import CheckpointError, LLMasOSError
 from llmasos.models.zoo import hf_id
 from llmasos.outputs import atomic_dir
-from llmasos.tokenization import Tokenizer, copy_tokenizer_files
+from llmasos.tokenization import TOKENIZER_FILES, Tokenizer, copy_tokenizer_files
 
 __all__ = [
     "default_name",
@@ -38,18 +38,7 @@ __all__ = [
 
 # Checked with fullmatch: `$` also matches before a trailing newline, which let "evil\n" in.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-HUB_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-]
+HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
 
 
 def dir_size(path: Path) -> int:
