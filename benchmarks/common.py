@@ -35,13 +35,17 @@ def bench_tokenizer(vocab_size: int) -> Path:
     return out
 
 
-def random_checkpoint(shape: str, dtype: str = "bfloat16") -> Path:
-    """An HF dir with zoo shape `shape` (or "small") and random weights (speed and memory do not depend on values)."""
-    out = CACHE / f"{shape}-{dtype}-bpe"
+def random_checkpoint(shape: str, dtype: str = "bfloat16", context: int | None = None) -> Path:
+    """An HF dir with zoo shape `shape` (or "small") and random weights (speed and memory do not depend on values);
+    context: another max_position_embeddings than the shape's."""
+    out = CACHE / (f"{shape}-{dtype}-bpe" + (f"-ctx{context}" if context else ""))
     if (out / "config.json").exists():
         return out
     config = f"ModelConfig(**{SMALL!r})" if shape == "small" else f"zoo_config({shape!r})"
+    if context:
+        config = f"dataclasses.replace({config}, max_position_embeddings={context})"
     code = f"""
+import dataclasses
 import torch
 from llmasos.checkpoints.hf import save_model
 from llmasos.outputs import atomic_dir

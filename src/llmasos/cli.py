@@ -277,6 +277,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print(f"[{n} tokens, {rate:.1f} tok/s, first token after {ttft:.2f} s, {len(prompt)} prompt tokens]", file=sys.stderr)
 
 
+# The server's chunked-prefill budget (benchmarks/chunked_prefill.py measures what it does to running streams).
+SERVE_BATCHED_TOKENS = 256
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     require("serve", "llmasos serve")
     from llmasos.serving import serve
@@ -284,8 +288,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.max_running < 1 or args.max_queue < 0:
         raise LLMasOSError("--max-running must be at least 1 and --max-queue at least 0")
+    if args.max_num_batched_tokens and args.max_num_batched_tokens < args.max_running:
+        raise LLMasOSError(
+            f"--max-num-batched-tokens {args.max_num_batched_tokens} is less than --max-running {args.max_running}: "
+            "every running sequence's next token counts against it each step (0: whole prompts)"
+        )
     budget = args.kv_cache_memory or default_cache_budget()
-    llm = _load_llm(args, max_batch_size=args.max_running, max_seq_len=args.max_model_len, cache_budget=budget)
+    llm = _load_llm(
+        args,
+        max_batch_size=args.max_running,
+        max_seq_len=args.max_model_len,
+        cache_budget=budget,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_num_batched_tokens=args.max_num_batched_tokens or None,
+    )
     source = "--kv-cache-memory" if args.kv_cache_memory else "half of the memory available at start-up"
     print(
         f"KV cache budget {budget / 2**30:.2f} GiB ({source}): sequences of up to {llm.engine.max_seq_len} tokens, "
@@ -812,6 +828,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="memory the KV cache may take, e.g. 4GiB (default: half of the memory available at start-up); "
         "a request that cannot fit is refused with the largest that does",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=SERVE_BATCHED_TOKENS,
+        metavar="N",
+        help="tokens one engine step computes: each running sequence's next one, then chunks of the prompts being "
+        f"prefilled, so that a long prompt never stalls the running streams for long (default {SERVE_BATCHED_TOKENS}; "
+        "0: every prompt whole, in one step)",
+    )
+    p.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="do not keep prompts' KV for later requests that start alike (a chat's next turn, a shared system "
+        "prompt); by default it is kept in what --kv-cache-memory leaves beside the running sequences",
     )
     p.add_argument("--cors-origin", action="append", help="a browser origin allowed to call the API (repeatable)")
     p.add_argument(

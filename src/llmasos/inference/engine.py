@@ -1,9 +1,20 @@
 """The generation engine: continuous batching over a preallocated KV cache.
 
 Requests wait in a queue; between decode steps they are admitted while cache rows are free
-(each is prefilled alone, into its own row), and finished or cancelled ones leave. The running
+(each is prefilled into its own row), and finished or cancelled ones leave. The running
 sequences always occupy rows 0..n-1: when one leaves, the last row is copied into its place, so
 every decode step is a single batched forward on a contiguous slice of the cache.
+
+Chunked prefill: with `max_num_batched_tokens` (vLLM's name), a step computes at most that many tokens,
+one per running sequence first and then what is left of the budget of waiting prompts, in order; a prompt
+that does not fit is cut, and its next chunk goes first in the next step. At most one prompt is partly
+prefilled between steps; it holds the row right after the running ones. A long prompt then delays every
+stream by a chunk a step instead of stalling them all for its whole prefill.
+
+Automatic prefix caching (`prefix_cache.py`): the KV of every prompt, and of every answer when its
+sequence ends, is kept in blocks outside the rows; a new prompt that starts with cached blocks has them
+copied into its row and computes only the rest (`RequestOutput.num_cached_tokens`). The blocks take what
+the KV budget leaves beside the rows and are evicted, least recently used first, before the rows grow.
 
 Faults stay with their request: a request whose prefill or sampling raises is failed alone (its output
 carries the error) while the others go on with exactly the tokens they would have had anyway. With a
@@ -25,6 +36,7 @@ import torch
 from torch import Tensor
 
 from llmasos.errors import ContextLengthError, InvalidRequestError, LLMasOSError
+from llmasos.inference.prefix_cache import BLOCK_SIZE, PrefixCache
 from llmasos.inference.sampling import SEEDS, SamplingParams, apply_penalties, draw, filter_logits
 from llmasos.progress import progress_bar
 from llmasos.tokenization import StreamDecoder, Tokenizer
@@ -61,6 +73,7 @@ class RequestOutput:
     finished_at: float | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # for prompt tokens 2.. (SamplingParams.prompt_logprobs)
     error: str | None = None  # why the engine failed this request (its samples end with "abort")
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache instead of being computed
 
     # The first sample, for the common n=1 case (`outs[0].text`).
     @property
@@ -152,10 +165,17 @@ class Request:
         self.output = RequestOutput(request_id, prompt_ids, [Completion(i) for i in range(params.n)], arrival=time.perf_counter())
         self.sequences = [Sequence(self, i) for i in range(params.n)]
         self.prompt_tensor = torch.tensor(prompt_ids)
+        self.row = -1  # while its prompt is prefilled: the cache row it goes into
+        self.done = 0  # prompt tokens whose keys and values are in that row (cached or computed)
+
+    @property
+    def rows(self) -> int:
+        """Cache rows it takes once prefilled: one per sample."""
+        return self.params.n
 
 
-# Prompts admitted in one step are prefilled together while their padded batch holds at most this
-# many tokens (one longer prompt goes alone); prompts only scored take at most this many tokens a step.
+# Prompts (or chunks of them) prefilled in one step go through the model together while their padded batch
+# holds at most this many tokens (one longer goes alone); prompts only scored take at most this many a step.
 PREFILL_TOKENS = 2048
 # The cache's length grows in steps of this many slots; a cache longer than this is given back when idle.
 CACHE_STEP = 256
@@ -165,7 +185,11 @@ class Engine:
     """Continuous batching for one model: `add` requests, call `step` until `has_work` is false.
 
     cache_budget: bytes the KV cache may take (None: no limit). It also caps `max_seq_len`, so that one
-    sequence always fits; a `max_seq_len` asked for that cannot fit is an error."""
+    sequence always fits; a `max_seq_len` asked for that cannot fit is an error. The prefix cache lives in
+    it too, in what the running rows leave (without a budget: at most what a full batch of rows would take).
+    enable_prefix_caching: keep prompts' and answers' KV for later requests that share their prefix.
+    max_num_batched_tokens: the tokens one step computes (each running sequence's next token, then chunks of
+    prompts); None: every admitted prompt whole. At least `max_batch_size`, so that prefill always advances."""
 
     def __init__(
         self,
@@ -174,6 +198,8 @@ class Engine:
         max_batch_size: int = 16,
         max_seq_len: int | None = None,
         cache_budget: int | None = None,
+        enable_prefix_caching: bool = True,
+        max_num_batched_tokens: int | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         config = model.config
@@ -183,6 +209,7 @@ class Engine:
         self.cache = None
         self.waiting: deque[Request] = deque()
         self.running: list[Sequence] = []
+        self.partial: Request | None = None  # a prompt partly prefilled, in the row after the running ones
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.device = model.model.embed_tokens.weight.device
@@ -202,6 +229,17 @@ class Engine:
                     f"{_size(cache_budget)}: at most {fits} tokens do"
                 )
             self.max_seq_len = min(self.max_seq_len, fits)
+        if max_num_batched_tokens is not None and (
+            isinstance(max_num_batched_tokens, bool)
+            or not isinstance(max_num_batched_tokens, int)
+            or max_num_batched_tokens < max_batch_size
+        ):
+            raise LLMasOSError(
+                f"max_num_batched_tokens={max_num_batched_tokens!r} must be an integer of at least the max batch size "
+                f"({max_batch_size}): every running sequence's next token counts against it each step"
+            )
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefix_cache = PrefixCache(BLOCK_SIZE * self.slot_bytes) if enable_prefix_caching else None
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -282,11 +320,17 @@ class Engine:
             self._give_back_cache()
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.partial)
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        """Sequences admitted: decoding, or (a partly prefilled prompt's) about to."""
+        return len(self.running) + (self.partial.rows if self.partial else 0)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (vLLM's name): for a model whose weights were changed in place."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     @property
     def num_waiting(self) -> int:
@@ -296,34 +340,45 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
-        """Admit what fits (their prompts prefilled together), then one decode step for every running sequence."""
+        """Prefill what fits the step (the partly prefilled prompt first, then waiting ones while rows and the
+        budget allow; prompts only scored are scored), then one decode step for every running sequence."""
         deltas: list[Delta] = []
-        group: list[Request] = []
+        left = None if self.max_num_batched_tokens is None else self.max_num_batched_tokens - len(self.running)
+        chunks: list[tuple[Request, int]] = []  # (request, prompt tokens to compute now), in rows len(running)..
         rows, length, scored = len(self.running), self._running_len(), 0
-        while self.waiting:
+        if self.partial is not None:
+            req, self.partial = self.partial, None
+            take = len(req.prompt_ids) - req.done if left is None else min(len(req.prompt_ids) - req.done, left)
+            chunks.append((req, take))
+            rows += req.rows
+            left = None if left is None else left - take
+        while self.waiting and (left is None or left > 0):
             req = self.waiting[0]
             if req.max_tokens == 0:  # scored only: one forward without the cache, no row taken
-                if scored and scored + len(req.prompt_ids) > PREFILL_TOKENS:
+                size = len(req.prompt_ids)
+                if (scored or chunks) and (scored + size > PREFILL_TOKENS or (left is not None and size > left)):
                     break
                 scored += len(self.waiting.popleft().prompt_ids)
+                left = None if left is None else max(0, left - size)
                 deltas += self._score(req)
                 continue
             need = max(length, len(req.prompt_ids) + req.max_tokens)
-            if rows + req.params.n > self.max_batch_size or not self._fits(rows + req.params.n, need):
+            if rows + req.rows > self.max_batch_size or not self._fits(rows + req.rows, need):
                 break
             self.waiting.popleft()
-            rows, length = rows + req.params.n, need
-            longest = max([len(req.prompt_ids)] + [len(r.prompt_ids) for r in group])
-            alone = req.params.prompt_logprobs is not None  # needs the logits of every position
-            if group and (alone or (len(group) + 1) * longest > PREFILL_TOKENS):
-                deltas += self._prefill(group)
-                group = []
-            group.append(req)
-            if alone:
-                deltas += self._prefill(group)
-                group = []
-        if group:
-            deltas += self._prefill(group)
+            req.row = len(self.running) + len(chunks)
+            try:
+                self._ensure_cache(rows + req.rows, need)
+                self._reuse_prefix(req)
+            except Exception as e:
+                deltas += self._fail(req, e)
+                continue
+            rows, length = rows + req.rows, need
+            take = len(req.prompt_ids) - req.done if left is None else min(len(req.prompt_ids) - req.done, left)
+            chunks.append((req, take))
+            left = None if left is None else left - take
+        if chunks:
+            deltas += self._prefill(chunks)
         if self.running:
             deltas += self._decode()
         self._give_back_cache()
@@ -344,8 +399,8 @@ class Engine:
     def _bytes(self, rows: int, length: int) -> int:
         return rows * self._slots(length) * self.slot_bytes
 
-    def _fits(self, rows: int, length: int) -> bool:
-        return self.cache_budget is None or self._bytes(rows, length) <= self.cache_budget
+    def _fits(self, rows: int, length: int, reserved: int = 0) -> bool:
+        return self.cache_budget is None or self._bytes(rows, length) + reserved <= self.cache_budget
 
     def fit_len(self, rows: int) -> int:
         """The longest sequences (prompt + max_tokens) of which `rows` fit the cache budget."""
@@ -355,23 +410,41 @@ class Engine:
         return self.max_seq_len if slots >= self.max_seq_len else slots // CACHE_STEP * CACHE_STEP
 
     def _running_len(self) -> int:
-        return max((len(s.request.prompt_ids) + s.request.max_tokens for s in self.running), default=0)
+        reqs = [s.request for s in self.running] + ([self.partial] if self.partial else [])
+        return max((len(r.prompt_ids) + r.max_tokens for r in reqs), default=0)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the KV cache's rows and the prefix cache's blocks take now."""
+        rows = 0 if self.cache is None else self.cache.rows * self.cache.max_len * self.slot_bytes
+        return rows + (self.prefix_cache.bytes if self.prefix_cache else 0)
+
+    def _prefix_room(self) -> int:
+        """Bytes the prefix cache may hold now: what the budget leaves beside the rows (without a budget: what a
+        full batch of rows may take)."""
+        if self.cache_budget is None:
+            return self._bytes(self.max_batch_size, self.max_seq_len)
+        return self.cache_budget - (0 if self.cache is None else self.cache.rows * self.cache.max_len * self.slot_bytes)
 
     def _ensure_cache(self, rows: int, length: int) -> None:
         """A cache of at least `rows` rows and `length` slots, grown (old contents copied) when it is not.
 
         Its length follows what admitted requests can reach (prompt + max_tokens, in steps of CACHE_STEP, at
         most the context), not the context itself: zeroing a full-context cache for 16 rows took seconds here.
-        A regrowth takes room for a full batch and twice the length, as far as the budget allows."""
+        A regrowth takes room for a full batch and twice the length, as far as the budget allows beside the prefix
+        cache; room for what it needs itself is made by evicting cached prefixes."""
         old = self.cache
         if old is not None and old.rows >= rows and old.max_len >= length:
             return
+        cached = self.prefix_cache.bytes if self.prefix_cache else 0
         if old is not None:
             full = max(rows, self.max_batch_size)
             longer = max(length, 2 * old.max_len) if length > old.max_len else old.max_len
             rows, length = next(
-                ((r, n) for r, n in ((full, longer), (full, length), (rows, length)) if self._fits(r, n)), (rows, length)
+                ((r, n) for r, n in ((full, longer), (full, length)) if self._fits(r, n, reserved=cached)), (rows, length)
             )
+        if self.prefix_cache is not None and self.cache_budget is not None:
+            self.prefix_cache.shrink_to(self.cache_budget - self._bytes(rows, length))
         self.cache = self.model.new_cache(rows, self._slots(length), self.cache_dtype)
         if old is not None:
             r, n = min(rows, old.rows), min(self.cache.max_len, old.max_len)
@@ -385,44 +458,114 @@ class Engine:
 
     # ---- prefill, decode, sampling --------------------------------------------------------------
 
-    def _prefill(self, reqs: list[Request]) -> list[Delta]:
-        """One forward pass over the prompts of `reqs`, right-padded to the longest, into the rows after the
-        running ones (a padded tail writes cache slots that are overwritten before they are attended to).
-        Further samples of a request (n > 1) get copies of its prompt's row. If the pass fails, each request
-        is tried alone, and one that still fails is failed by itself."""
-        row0 = len(self.running)
-        lengths = [len(r.prompt_ids) for r in reqs]
-        try:
-            self._ensure_cache(
-                row0 + sum(r.params.n for r in reqs),
-                max([self._running_len()] + [len(r.prompt_ids) + r.max_tokens for r in reqs]),
-            )
-            ids = torch.zeros(len(reqs), max(lengths), dtype=torch.long)
-            for i, r in enumerate(reqs):
-                ids[i, : lengths[i]] = r.prompt_tensor
-            full = reqs[0].params.prompt_logprobs is not None  # a request that wants them is prefilled alone
-            last = None if full else torch.tensor(lengths, device=self.device) - 1
-            logits = self.model(ids.to(self.device), cache=self.cache, cache_row=row0, logits_at=last).float()
-            if full:
-                self._record_prompt_logprobs(reqs[0], logits[0])
-            logits = logits[:, -1]
-        except Exception as e:
-            if len(reqs) > 1:
-                return [d for r in reqs for d in self._prefill([r])]
-            return self._fail(reqs[0], e)
-        seqs, source = [r.sequences[0] for r in reqs], list(range(len(reqs)))
-        for i, r in enumerate(reqs):
+    def _reuse_prefix(self, req: Request) -> None:
+        """Copy the longest cached prefix of the prompt into its row; at least its last token is left to compute
+        (its logits pick the first token). A request that wants prompt logprobs computes every position."""
+        if self.prefix_cache is None or req.params.prompt_logprobs is not None:
+            return
+        chain = self.prefix_cache.match(req.prompt_ids, len(req.prompt_ids) - 1)
+        req.done = req.output.num_cached_tokens = self.prefix_cache.load(chain, self.cache.k, self.cache.v, req.row)
+
+    def _keep_prefix(self, tokens: list[int], length: int, row: int) -> None:
+        """Keep the KV of tokens[:length], in `row`, in the prefix cache (as far as there is room)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(tokens, length, self.cache.k, self.cache.v, row, self._prefix_room())
+
+    def _prefill(self, chunks: list[tuple[Request, int]]) -> list[Delta]:
+        """Compute the next `take` prompt tokens of each request into its row (rows len(running).. in order), in
+        forwards of right-padded batches (a padded tail writes slots that are overwritten before they are
+        attended to). The requests whose prompts are then complete sample their first tokens and join the running
+        rows, further samples (n > 1) getting copies of their prompt's row; one left partial moves to the row
+        after them. If a forward fails, each of its requests is tried alone, and one that still fails is failed
+        by itself."""
+        row0, deltas = len(self.running), []
+        last: dict[Request, Tensor] = {}  # the logits of the last prompt position, of the prompts now complete
+        failed: set[Request] = set()
+        for group in self._batches(chunks):
+            try:
+                last.update(self._forward(group))
+            except Exception:
+                for one in group:
+                    try:
+                        if len(group) == 1:
+                            raise
+                        last.update(self._forward([one]))
+                    except Exception as error:
+                        failed.add(one[0])
+                        deltas += self._fail(one[0], error)
+        live = [r for r, _ in chunks if r not in failed]
+        done = [r for r in live if r in last]
+        partial = [r for r in live if r not in last]
+        for r in done:  # while each is still in its own row
+            self._keep_prefix(r.prompt_ids, len(r.prompt_ids), r.row)
+        for i, r in enumerate(done):  # rows left by failed requests are filled from below
+            if r.row != row0 + i:
+                self.cache.copy_row(r.row, row0 + i, len(r.prompt_ids))
+                r.row = row0 + i
+        if partial:
+            (r,) = partial  # only the last chunk of a step is ever cut
+            to = row0 + sum(d.rows for d in done)
+            if r.row != to:
+                self.cache.copy_row(r.row, to, r.done)
+                r.row = to
+            self.partial = r
+        if not done:
+            return deltas
+        seqs, source = [r.sequences[0] for r in done], list(range(len(done)))
+        for i, r in enumerate(done):
             for seq in r.sequences[1:]:
-                self.cache.copy_row(row0 + i, row0 + len(seqs), lengths[i])
+                self.cache.copy_row(r.row, row0 + len(seqs), len(r.prompt_ids))
                 seqs.append(seq)
                 source.append(i)
         for seq in seqs:
             seq.row = len(self.running)
             self.running.append(seq)
         now = time.perf_counter()
-        for r in reqs:
+        for r in done:
             r.output.first_token_at = now
-        return self._sample(logits[torch.tensor(source, device=logits.device)], seqs)
+        logits = torch.stack([last[r] for r in done])
+        return deltas + self._sample(logits[torch.tensor(source, device=logits.device)], seqs)
+
+    def _batches(self, chunks: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
+        """Consecutive chunks that go through the model together: while the padded batch holds at most
+        PREFILL_TOKENS tokens and every row's padded tail stays inside the cache; a request that wants prompt
+        logprobs (the logits of every position) goes alone."""
+        batches: list[list[tuple[Request, int]]] = []
+        for req, take in chunks:
+            group = batches[-1] if batches else None
+            alone = req.params.prompt_logprobs is not None
+            if group and not alone and group[0][0].params.prompt_logprobs is None:
+                longest = max(take, *(t for _, t in group))
+                reach = max(req.done, *(r.done for r, _ in group)) + longest
+                if (len(group) + 1) * longest <= PREFILL_TOKENS and reach <= self.cache.max_len:
+                    group.append((req, take))
+                    continue
+            batches.append([(req, take)])
+        return batches
+
+    def _forward(self, group: list[tuple[Request, int]]) -> dict[Request, Tensor]:
+        """One forward over the chunks `group`, in consecutive rows; advances each request's `done` and returns
+        the last position's logits of those whose prompts it completes."""
+        takes = [t for _, t in group]
+        ids = torch.zeros(len(group), max(takes), dtype=torch.long)
+        for i, (r, t) in enumerate(group):
+            ids[i, :t] = r.prompt_tensor[r.done : r.done + t]
+        starts = torch.tensor([r.done for r, _ in group])
+        # From position 0 the plain causal prefill; after a cached prefix or an earlier chunk, positions and a mask.
+        pos = None if not starts.any() else (starts[:, None] + torch.arange(ids.shape[1])).to(self.device)
+        first = group[0][0]
+        full = first.params.prompt_logprobs is not None  # then it is alone in its batch
+        at = None if full else torch.tensor(takes, device=self.device) - 1
+        logits = self.model(ids.to(self.device), pos, self.cache, logits_at=at, cache_row=first.row).float()
+        if full:
+            self._record_prompt_logprobs(first, logits[0], first.done)
+            logits = logits[:, -1:]
+        complete = {}
+        for i, (r, t) in enumerate(group):
+            r.done += t
+            if r.done == len(r.prompt_ids):
+                complete[r] = logits[i, -1]
+        return complete
 
     def _score(self, req: Request) -> list[Delta]:
         """A request that only scores its prompt: one forward without the cache, then it is finished."""
@@ -436,17 +579,17 @@ class Engine:
         self._finish_request(req)
         return [Delta(req.output, i, "", [], True) for i in range(req.params.n)]
 
-    def _record_prompt_logprobs(self, req: Request, logits: Tensor) -> None:
-        """logits [S, vocab] of the prompt's positions -> each next prompt token's logprob and top alternatives."""
-        logprobs = logits[: len(req.prompt_ids) - 1].log_softmax(-1)
-        tokens = req.prompt_tensor.to(logprobs.device)
-        chosen = logprobs.gather(1, tokens[1:, None])[:, 0].tolist()
+    def _record_prompt_logprobs(self, req: Request, logits: Tensor, start: int = 0) -> None:
+        """logits [S, vocab] of prompt positions start.. -> each next prompt token's logprob and top alternatives
+        (added to those of the positions before `start`: a prompt prefilled in chunks is recorded chunk by chunk)."""
+        logprobs = logits[: len(req.prompt_ids) - 1 - start].log_softmax(-1)
+        nexts = req.prompt_ids[start + 1 : start + 1 + logprobs.shape[0]]
+        chosen = logprobs.gather(1, torch.tensor(nexts, dtype=torch.long, device=logprobs.device)[:, None])[:, 0].tolist()
         top = req.params.prompt_logprobs
         alts = logprobs.topk(top, dim=-1) if top else None
         top_ids, top_lps = (alts.indices.tolist(), alts.values.tolist()) if alts else ([[]] * len(chosen),) * 2
-        req.output.prompt_logprobs = [
-            TokenLogprob(t, lp, list(zip(i, v))) for t, lp, i, v in zip(req.prompt_ids[1:], chosen, top_ids, top_lps)
-        ]
+        entries = [TokenLogprob(t, lp, list(zip(i, v))) for t, lp, i, v in zip(nexts, chosen, top_ids, top_lps)]
+        req.output.prompt_logprobs = (req.output.prompt_logprobs or [])[:start] + entries
 
     def _decode(self) -> list[Delta]:
         seqs = self.running
@@ -531,22 +674,28 @@ class Engine:
         """End `req` alone with `error` (its rows freed); a finished delta per sample tells its listener."""
         log.error("request %s failed: %s: %s", req.id, type(error).__name__, error, exc_info=error)
         req.output.error = f"{type(error).__name__}: {error}"
-        self._end(req)
+        self._end(req, keep=False)
         return [Delta(req.output, i, "", [], True) for i in range(req.params.n)]
 
-    def _end(self, req: Request) -> None:
-        """Take `req` out of the queue or the running set now; samples not finished end with "abort"."""
+    def _end(self, req: Request, keep: bool = True) -> None:
+        """Take `req` out of the queue, the partial prefill or the running set now; samples not finished end with
+        "abort". keep: its rows' KV may go to the prefix cache (not that of a request that failed)."""
         if req in self.waiting:
             self.waiting.remove(req)
+        if req is self.partial:
+            self.partial = None  # the last row in use: nothing moves
         for seq in req.sequences:
             if seq.completion.finish_reason is None:
                 seq.completion.finish_reason = "abort"
-        self._release([s for s in self.running if s.request is req])
+        self._release([s for s in self.running if s.request is req], keep)
         self._finish_request(req)
 
-    def _release(self, seqs: list[Sequence]) -> None:
-        """Take sequences out of the running set, moving the last rows into the holes they leave."""
+    def _release(self, seqs: list[Sequence], keep: bool = True) -> None:
+        """Take sequences out of the running set (their KV kept in the prefix cache), moving the last rows into
+        the holes they leave, and the partly prefilled prompt's row down after them."""
         for seq in sorted((s for s in seqs if s.row >= 0), key=lambda s: -s.row):
+            if keep:
+                self._keep_prefix(seq.request.prompt_ids + seq.completion.token_ids, seq.pos, seq.row)
             last = self.running[-1]
             if last is not seq:
                 self.cache.copy_row(last.row, seq.row, last.pos + 1)
@@ -554,6 +703,10 @@ class Engine:
                 last.row = seq.row
             self.running.pop()
             seq.row = -1
+        partial = self.partial
+        if partial is not None and partial.row != len(self.running):
+            self.cache.copy_row(partial.row, len(self.running), partial.done)
+            partial.row = len(self.running)
 
     def _finish_request(self, req: Request) -> None:
         req.output.finished = True

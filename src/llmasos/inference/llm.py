@@ -54,9 +54,19 @@ class LLM:
         max_batch_size: int = 16,
         max_seq_len: int | None = None,
         cache_budget: int | None = None,
+        enable_prefix_caching: bool = True,
+        max_num_batched_tokens: int | None = None,
     ):
         self.model, self.tokenizer, self.path = model, tokenizer, path
-        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, cache_budget=cache_budget)
+        self.engine = Engine(
+            model,
+            tokenizer,
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+            cache_budget=cache_budget,
+            enable_prefix_caching=enable_prefix_caching,
+            max_num_batched_tokens=max_num_batched_tokens,
+        )
 
     @classmethod
     def load(
@@ -71,11 +81,16 @@ class LLM:
         progress: bool = False,
         kernels: bool = True,
         cache_budget: int | None = None,
+        enable_prefix_caching: bool = True,
+        max_num_batched_tokens: int | None = None,
     ) -> LLM:
         """A stored model's name or a model dir. quantize: None, "int8" or "int4" (weight-only).
 
         max_seq_len: the longest sequence (prompt + generated tokens), at most the model's context.
         cache_budget: bytes the KV cache may take (None: no limit); it caps max_seq_len too.
+        enable_prefix_caching: keep prompts' KV for later prompts that start alike (a chat's next turn).
+        max_num_batched_tokens: tokens computed per engine step (None: whole prompts); a smaller budget cuts
+        long prompts into chunks, so that running streams keep going while they are prefilled.
         kernels: on a CPU, decode with the hand-written kernels (`llmasos.kernels`).
         compile: torch.compile the model instead (stock PyTorch ops; the first calls compile for minutes)."""
         path = resolve(name_or_path)
@@ -94,6 +109,8 @@ class LLM:
             max_batch_size=max_batch_size,
             max_seq_len=max_seq_len,
             cache_budget=cache_budget,
+            enable_prefix_caching=enable_prefix_caching,
+            max_num_batched_tokens=max_num_batched_tokens,
         )
 
     @property

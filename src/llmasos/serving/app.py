@@ -226,7 +226,10 @@ async def _disconnected(request: Request) -> None:
 def _usage(outputs: list[RequestOutput]) -> s.Usage:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(o.num_generated for o in outputs)
-    return s.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = s.PromptTokensDetails(cached_tokens=sum(o.num_cached_tokens for o in outputs))
+    return s.Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, prompt_tokens_details=cached
+    )
 
 
 def _timings(outputs: list[RequestOutput]) -> s.Timings | None:
@@ -234,10 +237,12 @@ def _timings(outputs: list[RequestOutput]) -> s.Timings | None:
         return None  # aborted before its first token
     first = max(o.first_token_at for o in outputs)
     prompt_s, predicted_s = first - min(o.arrival for o in outputs), max(o.finished_at for o in outputs) - first
-    prompt_n = sum(len(o.prompt_token_ids) for o in outputs)
+    cache_n = sum(o.num_cached_tokens for o in outputs)
+    prompt_n = sum(len(o.prompt_token_ids) for o in outputs) - cache_n
     predicted_n = sum(o.num_generated for o in outputs)
     after_first = predicted_n - sum(len(o.outputs) for o in outputs)
     return s.Timings(
+        cache_n=cache_n,
         prompt_n=prompt_n,
         prompt_ms=prompt_s * 1e3,
         prompt_per_second=prompt_n / prompt_s if prompt_s > 0 else None,

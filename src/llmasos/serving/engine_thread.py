@@ -16,6 +16,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from llmasos.errors import InvalidRequestError
@@ -24,6 +25,16 @@ from llmasos.inference.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    """The engine's prefix cache, as /metrics shows it: prompt tokens looked up and found since start, and
+    tokens held now."""
+
+    queries: int = 0
+    hits: int = 0
+    tokens: int = 0
 
 
 class QueueFullError(Exception):
@@ -79,6 +90,7 @@ class EngineThread:
         self._thread = threading.Thread(target=self._run, name="llmasos-engine", daemon=True)
         self.num_running = 0  # snapshots for /metrics, refreshed by the thread after every step
         self.num_waiting = 0
+        self.prefix_cache = PrefixCacheStats()
 
     # ---- from the event loop -------------------------------------------------------------------
 
@@ -167,7 +179,7 @@ class EngineThread:
                 self._fail_all(e)
             else:
                 self._dispatch(deltas)
-            self.num_running, self.num_waiting = self.engine.num_running, self.engine.num_waiting
+            self._snapshot()
 
     def _run_commands(self, wait: bool) -> None:
         try:
@@ -187,7 +199,14 @@ class EngineThread:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 break
-        self.num_running, self.num_waiting = self.engine.num_running, self.engine.num_waiting
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        engine = self.engine
+        self.num_running, self.num_waiting = engine.num_running, engine.num_waiting
+        cache = engine.prefix_cache
+        if cache is not None:
+            self.prefix_cache = PrefixCacheStats(cache.queries, cache.hits, cache.num_tokens)
 
     def _dispatch(self, deltas: list[Delta]) -> None:
         by_request: dict[str, list[Delta]] = defaultdict(list)

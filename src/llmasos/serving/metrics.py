@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from llmasos.inference.engine import RequestOutput
 from llmasos.serving.engine_thread import EngineThread
@@ -39,6 +40,7 @@ class Metrics:
         self.latency = Histogram(
             "llmasos_request_latency_seconds", "From arrival at the engine to the last token", buckets=LATENCY_BUCKETS, registry=r
         )
+        r.register(PrefixCacheCollector(worker))
 
     def record(self, outputs: list[RequestOutput]) -> None:
         """Count a call's tokens, and its times when it ran to the end."""
@@ -52,3 +54,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class PrefixCacheCollector:
+    """The engine's prefix cache (vLLM's prefix_cache_queries and prefix_cache_hits, in prompt tokens), read from
+    the engine thread's snapshot when /metrics is asked."""
+
+    def __init__(self, worker: EngineThread):
+        self.worker = worker
+
+    def collect(self):
+        stats = self.worker.prefix_cache
+        yield CounterMetricFamily(
+            "llmasos_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", value=stats.queries
+        )
+        yield CounterMetricFamily("llmasos_prefix_cache_hits", "Prompt tokens found in the prefix cache", value=stats.hits)
+        yield GaugeMetricFamily(
+            "llmasos_prefix_cache_hit_rate",
+            "Prompt tokens found in the prefix cache / prompt tokens looked up, since start",
+            value=stats.hits / stats.queries if stats.queries else 0.0,
+        )
+        yield GaugeMetricFamily("llmasos_prefix_cache_tokens", "Tokens the prefix cache holds now", value=stats.tokens)

@@ -105,16 +105,23 @@ class DetokenizeRequest(BaseModel):
 # ---- responses -----------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed again)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class Timings(BaseModel):
     """How long the work took, with llama.cpp's field names. prompt: from arrival at the engine to the
-    first token (queueing and prefill); predicted: from the first generated token to the last."""
+    first token (queueing and prefill); predicted: from the first generated token to the last. prompt_n counts
+    the prompt tokens computed, cache_n those found in the prefix cache."""
 
+    cache_n: int = 0
     prompt_n: int
     prompt_ms: float
     prompt_per_second: float | None

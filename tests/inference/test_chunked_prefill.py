@@ -1,0 +1,127 @@
+"""Chunked prefill: a token budget per step, long prompts cut into chunks between the running streams' decode
+steps, with the same outputs as whole prompts. Time is the engine's steps, never the wall clock."""
+
+import pytest
+import torch
+
+from llmasos import LLM, SamplingParams
+from llmasos.errors import LLMasOSError
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+
+
+def words(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 390, (n,), generator=g).tolist()
+
+
+@pytest.fixture(scope="module")
+def whole(llm):
+    """The package's tiny model (128 tokens of context), prompts whole and nothing cached."""
+    return LLM(llm.model, llm.tokenizer, max_batch_size=4, enable_prefix_caching=False)
+
+
+def chunked(llm, budget: int, **kw) -> LLM:
+    return LLM(llm.model, llm.tokenizer, max_batch_size=4, max_num_batched_tokens=budget, **kw)
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_greedy_outputs_with_a_small_chunk_budget_equal_whole_prompts(llm, whole, caching):
+    prompts = [words(n, seed=n) for n in (3, 90, 17, 64, 1, 40, 100, 9)]
+    lengths = [20, 5, 30, 12, 25, 1, 8, 16]  # sequences leave while others are still being prefilled
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in lengths]
+    expected = [whole.generate([p], q)[0].token_ids for p, q in zip(prompts, params)]
+    engine = chunked(llm, 6, enable_prefix_caching=caching).engine
+    outs, arrivals, step = [], {0: [0, 1, 2], 1: [3], 4: [4, 5], 9: [6], 30: [7]}, 0
+    while len(outs) < len(prompts) or engine.has_work():
+        for i in arrivals.get(step, []):
+            outs.append(engine.add(prompts[i], params[i]))
+        engine.step()
+        assert engine.partial is None or engine.partial.row == len(engine.running)
+        step += 1
+    assert [o.token_ids for o in outs] == expected
+    again = engine.add(prompts[6], params[6])  # and from the cache, in chunks after the cached blocks
+    engine.run([again])
+    assert again.token_ids == expected[6] and again.num_cached_tokens == (96 if caching else 0)
+
+
+def test_running_streams_advance_every_step_while_a_long_prompt_is_prefilled(llm, whole):
+    engine = chunked(llm, 16, enable_prefix_caching=False).engine
+    streams = [engine.add(words(4, seed=i), SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)) for i in range(3)]
+    engine.step()
+    assert engine.num_running == 3
+    long = engine.add(words(100, seed=7), GREEDY)
+    steps = 0
+    while not long.token_ids:
+        before = [len(s.token_ids) for s in streams]
+        engine.step()
+        steps += 1
+        assert [len(s.token_ids) for s in streams] == [b + 1 for b in before]  # one token each, every step
+    # 16 tokens a step, 3 of them the streams': 13 of the prompt, so 100 tokens take 8 steps.
+    assert steps == 8
+    engine.run(streams + [long])
+    assert long.token_ids == whole.generate([words(100, seed=7)], GREEDY)[0].token_ids
+
+
+def test_without_a_budget_a_long_prompt_is_prefilled_in_one_step(llm):
+    engine = LLM(llm.model, llm.tokenizer, max_batch_size=4).engine
+    out = engine.add(words(100, seed=7), GREEDY)
+    engine.step()
+    assert len(out.token_ids) == 2  # its first token from the prefill, the second from the decode step
+
+
+def test_prompt_logprobs_in_chunks_equal_whole(llm, whole):
+    prompt = words(70, seed=12)
+    params = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=3, ignore_eos=True)
+    want = whole.generate([prompt], params)[0]
+    got = chunked(llm, 8).generate([prompt], params)[0]
+    assert got.token_ids == want.token_ids
+    assert [e.token_id for e in got.prompt_logprobs] == prompt[1:]
+    assert [e.logprob for e in got.prompt_logprobs] == pytest.approx([e.logprob for e in want.prompt_logprobs], abs=1e-4)
+    assert [[t for t, _ in e.top] for e in got.prompt_logprobs] == [[t for t, _ in e.top] for e in want.prompt_logprobs]
+
+
+def test_n_samples_and_seeds_in_chunks(llm, whole):
+    prompt, params = words(50, seed=13), SamplingParams(max_tokens=12, temperature=0.8, seed=5, n=3)
+    want = [c.token_ids for c in whole.generate([prompt], params)[0].outputs]
+    assert [c.token_ids for c in chunked(llm, 7).generate([prompt], params)[0].outputs] == want
+
+
+def test_aborting_a_partly_prefilled_prompt_frees_its_row(llm, whole):
+    engine, params = chunked(llm, 8).engine, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    stream = engine.add(words(5, seed=1), params)
+    engine.step()
+    long = engine.add(words(90, seed=2), GREEDY)
+    engine.step()
+    assert engine.partial is not None and engine.num_running == 2
+    engine.abort(long.request_id)
+    assert long.finished and long.finish_reason == "abort" and engine.partial is None and engine.num_running == 1
+    engine.run([stream])
+    assert stream.token_ids == whole.generate([words(5, seed=1)], params)[0].token_ids and not engine.has_work()
+
+
+def test_a_chunk_whose_forward_raises_fails_its_request_alone(llm, whole, monkeypatch):
+    engine = chunked(llm, 10).engine
+    real = engine.model
+
+    class Faulty:  # the model, except that a chunk holding token 399 raises
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, ids, *args, **kwargs):
+            if ids.shape[1] > 1 and bool((ids == 399).any()):
+                raise RuntimeError("simulated failure")
+            return real(ids, *args, **kwargs)
+
+    prompts = [words(30, seed=20), words(25, seed=21)]
+    expected = [o.token_ids for o in whole.generate(prompts, GREEDY)]
+    monkeypatch.setattr(engine, "model", Faulty())
+    outs = [engine.add(prompts[0], GREEDY), engine.add(words(20, seed=22) + [399], GREEDY), engine.add(prompts[1], GREEDY)]
+    engine.run(outs)
+    assert [outs[0].token_ids, outs[2].token_ids] == expected
+    assert "simulated failure" in outs[1].error and outs[1].token_ids == [] and not engine.has_work()
+
+
+def test_a_budget_below_the_batch_size_is_refused(llm):
+    with pytest.raises(LLMasOSError, match="max_num_batched_tokens=3 must be an integer of at least the max batch size"):
+        LLM(llm.model, llm.tokenizer, max_batch_size=4, max_num_batched_tokens=3)
