@@ -17,7 +17,7 @@ import os
 
 from benchmarks.common import print_table, random_checkpoint, run_child
 
-BUDGET = int(os.environ.get("LLMASOS_BENCH_CHUNK", "64"))  # max_num_batched_tokens: 8 streams' tokens + 56 of prompt
+BUDGET = int(os.environ.get("LLMASOS_BENCH_CHUNK", "32"))  # max_num_batched_tokens: the 8 streams' tokens + 24 of prompt
 LONG, STREAMS, CONTEXT = int(os.environ.get("LLMASOS_BENCH_LONG", "4000")), 8, 4608
 BASE_STEPS = int(os.environ.get("LLMASOS_BENCH_STEPS", "60"))
 

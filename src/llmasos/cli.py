@@ -278,7 +278,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 # The server's chunked-prefill budget (benchmarks/chunked_prefill.py measures what it does to running streams).
-SERVE_BATCHED_TOKENS = 256
+SERVE_BATCHED_TOKENS = 128
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
