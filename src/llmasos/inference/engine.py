@@ -9,7 +9,8 @@ Chunked prefill: with `max_num_batched_tokens` (vLLM's name), a step computes at
 one per running sequence first and then what is left of the budget of waiting prompts, in order; a prompt
 that does not fit is cut, and its next chunk goes first in the next step. At most one prompt is partly
 prefilled between steps; it holds the row right after the running ones. A long prompt then delays every
-stream by a chunk a step instead of stalling them all for its whole prefill.
+stream by a chunk a step instead of stalling them all for its whole prefill. Prompts only scored
+(max_tokens=0) take no row and are scored whole, in a step of their own when longer than the budget.
 
 Automatic prefix caching (`prefix_cache.py`): the KV of every prompt, and of every answer when its
 sequence ends, is kept in blocks outside the rows; a new prompt that starts with cached blocks has them
