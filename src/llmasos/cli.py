@@ -288,6 +288,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.max_running < 1 or args.max_queue < 0:
         raise LLMasOSError("--max-running must be at least 1 and --max-queue at least 0")
+    if args.max_num_batched_tokens is None:
+        args.max_num_batched_tokens = max(SERVE_BATCHED_TOKENS, args.max_running)
     if args.max_num_batched_tokens and args.max_num_batched_tokens < args.max_running:
         raise LLMasOSError(
             f"--max-num-batched-tokens {args.max_num_batched_tokens} is less than --max-running {args.max_running}: "
@@ -832,11 +834,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        default=SERVE_BATCHED_TOKENS,
         metavar="N",
         help="tokens one engine step computes: each running sequence's next one, then chunks of the prompts being "
-        f"prefilled, so that a long prompt never stalls the running streams for long (default {SERVE_BATCHED_TOKENS}; "
-        "0: every prompt whole, in one step)",
+        f"prefilled, so that a long prompt never stalls the running streams for long (default {SERVE_BATCHED_TOKENS}, "
+        "or --max-running if more; 0: every prompt whole, in one step)",
     )
     p.add_argument(
         "--no-prefix-caching",
