@@ -213,6 +213,37 @@ class StepGate:
         del self.engine.step  # the instance attribute; the class's method shows through again
 
 
+# ---- several models, one pool --------------------------------------------------------------------
+
+STORE_MODELS = {"alpha": 1, "beta": 2, "gamma": 3}  # name -> seed: three different tiny models
+
+
+class Clock:
+    """The pool's clock, moved by the test: keep-alive runs out when the test says, not after real seconds."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_pool(clock: Clock | None = None, **options):
+    """A pool over the store: options go to LoadOptions (max_running, kv_cache_memory, ...) or the pool
+    (memory_budget, keep_alive, loader)."""
+    from llmasos.serving.pool import Catalog, LoadOptions, ModelPool
+
+    pool_keys = {"memory_budget", "keep_alive", "loader", "names"}
+    pool_options = {k: options.pop(k) for k in list(options) if k in pool_keys}
+    names = pool_options.pop("names", None)
+    return ModelPool(
+        Catalog(names=names), LoadOptions(**{"max_running": 8, **options}), tick=0.02, clock=clock or Clock(), **pool_options
+    )
+
+
 # ---- evaluation and fine-tuning data ---------------------------------------------------------------
 
 MC_RECORDS = [

@@ -295,6 +295,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
             f"--max-num-batched-tokens {args.max_num_batched_tokens} is less than --max-running {args.max_running}: "
             "every running sequence's next token counts against it each step (0: whole prompts)"
         )
+    api_key = args.api_key or os.environ.get("LLMASOS_API_KEY") or None
+    common = dict(
+        host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, api_key=api_key, cors_origins=args.cors_origin
+    )
+    if args.model is None:
+        return _serve_store(args, common)
+    if args.models:
+        raise LLMasOSError("give MODEL or --models, not both: MODEL serves that one model, --models a part of the store")
     budget = args.kv_cache_memory or default_cache_budget()
     llm = _load_llm(
         args,
@@ -311,17 +319,159 @@ def cmd_serve(args: argparse.Namespace) -> None:
         file=sys.stderr,
     )
     print(f"serving {args.model} at http://{args.host}:{args.port} (web chat at /, API at /v1)", file=sys.stderr)
-    api_key = args.api_key or os.environ.get("LLMASOS_API_KEY") or None
-    serve(
-        llm,
-        host=args.host,
-        port=args.port,
-        shutdown_timeout=args.shutdown_timeout,
-        api_key=api_key,
-        served_model_name=args.served_model_name or args.model,
-        max_queue=args.max_queue,
-        cors_origins=args.cors_origin,
+    serve(llm, served_model_name=args.served_model_name or args.model, max_queue=args.max_queue, **common)
+
+
+def _serve_store(args: argparse.Namespace, common: dict) -> None:
+    """`llmasos serve` without MODEL: every stored model (or --models), each loaded on its first request."""
+    from llmasos.checkpoints.store import models_dir, stored_models
+    from llmasos.errors import InvalidRequestError
+    from llmasos.serving import serve
+    from llmasos.serving.pool import (
+        Catalog,
+        LoadOptions,
+        ModelPool,
+        default_memory_budget,
+        format_duration,
+        human_bytes,
+        parse_keep_alive,
     )
+
+    if args.served_model_name:
+        raise LLMasOSError("--served-model-name names the one MODEL served: give MODEL, or leave the store's names")
+    stored = [p.name for p in stored_models()]
+    names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
+    if names is not None:
+        unknown = [n for n in names if n not in stored]
+        if unknown:
+            raise LLMasOSError(
+                f"not in the store {models_dir()}: {', '.join(unknown)} (stored: {', '.join(stored) or 'none yet'})"
+            )
+    elif not stored:
+        raise LLMasOSError(f"no models in the store {models_dir()} yet: `llmasos pull SOURCE` imports one")
+    try:
+        keep_alive = parse_keep_alive(args.keep_alive, "--keep-alive")
+    except InvalidRequestError as e:
+        raise LLMasOSError(str(e)) from None
+    budget = args.memory_budget or default_memory_budget(args.device)
+    options = LoadOptions(
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        compile=args.compile,
+        max_running=args.max_running,
+        max_queue=args.max_queue,
+        max_model_len=args.max_model_len,
+        kv_cache_memory=args.kv_cache_memory,
+        prefix_caching=not args.no_prefix_caching,
+        max_num_batched_tokens=args.max_num_batched_tokens or None,
+    )
+    pool = ModelPool(Catalog(names=names), options, memory_budget=budget, keep_alive=keep_alive)
+    served = names or stored
+    source = "--memory-budget" if args.memory_budget else "of the memory available at start-up"
+    print(
+        f"serving {len(served)} model{'s' * (len(served) != 1)} ({', '.join(served)}{'' if names else ', and any pulled later'}) "
+        f"at http://{args.host}:{args.port}, each loaded on its first request; keep-alive "
+        f"{format_duration(keep_alive)}; memory budget {human_bytes(budget)} ({source}) for weights and KV caches",
+        file=sys.stderr,
+    )
+    serve(pool, **common)
+
+
+def _server_url(args: argparse.Namespace) -> str:
+    """The server `ps` and `stop` talk to: --host/--port, else $LLMASOS_HOST (host:port or a URL)."""
+    if args.host is None and args.port is None and os.environ.get("LLMASOS_HOST"):
+        target = os.environ["LLMASOS_HOST"]
+        return target.rstrip("/") if "://" in target else f"http://{target}"
+    return f"http://{args.host or '127.0.0.1'}:{args.port or 8000}"
+
+
+def _call_server(args: argparse.Namespace, method: str, route: str, body: dict | None = None) -> dict:
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = _server_url(args) + route
+    headers = {"Content-Type": "application/json"}
+    key = args.api_key or os.environ.get("LLMASOS_API_KEY")
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("error", e.reason)
+        except ValueError:
+            message = e.reason
+        raise LLMasOSError(f"{url}: {e.code} {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise LLMasOSError(f"no server at {_server_url(args)} ({reason}): start one with `llmasos serve`") from None
+
+
+def cmd_ps(args: argparse.Namespace) -> None:
+    import json
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    answer = _call_server(args, "GET", "/api/ps")
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return
+    table = Table(title=f"Loaded models ({_server_url(args)})", title_justify="left")
+    for col in ("name", "size", "weights", "KV cache (used / reserved)", "running", "waiting", "context", "unloads"):
+        table.add_column(col, justify="left" if col in ("name", "unloads") else "right")
+    for m in answer["models"]:
+        if m.get("expires_in") is None:
+            until = "never"
+        elif m.get("running") or m.get("waiting"):
+            until = f"{_duration(m['expires_in'])} after its requests"
+        else:
+            at = time.strftime("%H:%M:%S", time.localtime(time.time() + m["expires_in"]))
+            until = f"in {_duration(m['expires_in'])} ({at})"
+        table.add_row(
+            m["model"],
+            _human_bytes(m["size"]),
+            _human_bytes(m.get("weights_size", 0)),
+            f"{_human_bytes(m.get('kv_cache_used', 0))} / {_human_bytes(m.get('kv_cache_size', 0))}",
+            str(m.get("running", 0)),
+            str(m.get("waiting", 0)),
+            str(m.get("context_length", "")),
+            until,
+        )
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # piped: no wrapped names
+    if table.row_count:
+        console.print(table)
+    else:
+        print("no model is loaded")
+    if answer.get("memory_budget"):
+        print(f"memory: {_human_bytes(answer['memory_used'])} of a {_human_bytes(answer['memory_budget'])} budget in use")
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s" if seconds % 60 else f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def cmd_stop(args: argparse.Namespace) -> None:
+    answer = _call_server(args, "POST", "/api/stop", {"model": args.model})
+    print(f"unloaded {args.model}" if answer["unloaded"] else f"{args.model} was not loaded", file=sys.stderr)
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="the server's address (default 127.0.0.1, or $LLMASOS_HOST as host:port or a URL)")
+    p.add_argument("--port", type=int, help="the server's port (default 8000)")
+    p.add_argument("--api-key", help="the server's API key (default $LLMASOS_API_KEY)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer (default 600)")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -798,12 +948,33 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "serve",
         cmd_serve,
-        "serve a model over an OpenAI-compatible HTTP API, with a web chat page",
-        "  llmasos serve my-model                       # http://127.0.0.1:8000, chat page at /\n"
+        "serve the store's models (or one MODEL) over OpenAI's and Ollama's HTTP APIs, with a web chat page",
+        "  llmasos serve                                # every stored model, each loaded on its first request\n"
+        "  llmasos serve --models tiny,llama2 --keep-alive 10m --memory-budget 12GiB\n"
+        "  llmasos serve my-model                       # one model, loaded now: http://127.0.0.1:8000, chat page at /\n"
         "  llmasos serve my-model --port 8080 --api-key sk-local --served-model-name llama\n"
         "  llmasos serve ./model-dir --host 0.0.0.0 --max-running 32 --quantize int8",
     )
     _model_options(p)
+    p.set_defaults(model=None)
+    [model] = [a for a in p._actions if a.dest == "model"]
+    model.nargs, model.help = "?", "a store name or a model dir: serve it alone, loaded at start-up (default: the whole store)"
+    p.add_argument("--models", metavar="A,B,C", help="without MODEL: serve these stored models only (default: all)")
+    p.add_argument(
+        "--keep-alive",
+        default="5m",
+        metavar="DURATION",
+        help="without MODEL: how long a model stays loaded after its last request (5m, 1h, 30s; 0 unloads at once, "
+        "-1 never; a request's keep_alive overrides it; default 5m)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=_size,
+        metavar="SIZE",
+        help="without MODEL: what the loaded models may take together, weights and KV caches (e.g. 12GiB; default 3/4 "
+        "of the memory available at start-up, 90%% of the GPU's free memory on a GPU); the least recently used idle "
+        "models are unloaded to make room",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
@@ -828,8 +999,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-memory",
         type=_size,
         metavar="SIZE",
-        help="memory the KV cache may take, e.g. 4GiB (default: half of the memory available at start-up); "
-        "a request that cannot fit is refused with the largest that does",
+        help="memory each model's KV cache may take, e.g. 4GiB (default: half of the memory available at start-up "
+        "with MODEL; without, at most a quarter of --memory-budget); a request that cannot fit is refused with the "
+        "largest that does",
     )
     p.add_argument(
         "--max-num-batched-tokens",
@@ -849,6 +1021,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds running requests get to finish (default 30)"
     )
+
+    p = _verb(
+        sub,
+        "ps",
+        cmd_ps,
+        "show the models a running `llmasos serve` has loaded: memory, KV cache, sequences, when each unloads",
+        "  llmasos ps\n  llmasos ps --port 8080 --json\n  LLMASOS_HOST=gpu-box:8000 llmasos ps",
+    )
+    _client_options(p)
+    p.add_argument("--json", action="store_true", help="print the server's answer (GET /api/ps) as JSON")
+    p = _verb(
+        sub,
+        "stop",
+        cmd_stop,
+        "unload a model from a running `llmasos serve` now (once its requests have ended)",
+        "  llmasos stop tiny\n  llmasos stop llama2 --port 8080",
+    )
+    p.add_argument("model", help="the served model's name")
+    _client_options(p)
     return parser
 
 

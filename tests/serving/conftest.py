@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import API_KEY, StepGate, live_server, make_hf_model, write_bpe_tokenizer
+from helpers import API_KEY, STORE_MODELS, StepGate, live_server, make_hf_model, write_bpe_tokenizer
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -68,3 +68,27 @@ def gate(llm) -> Iterator[StepGate]:
     gate = StepGate(llm.engine)
     yield gate
     gate.remove()
+
+
+# ---- a store of several models, served by one pool ---------------------------------------------------
+
+
+@pytest.fixture(scope="package")
+def store(tmp_path_factory) -> Iterator[Path]:
+    """$LLMASOS_HOME with three tiny models (alpha, beta, gamma), a copy of alpha whose shard is cut short
+    (`truncated`), and one whose config.json is not JSON (`badconfig`); set for the package's tests."""
+    import shutil
+
+    home = tmp_path_factory.mktemp("home")
+    models = home / "models"
+    for name, seed in STORE_MODELS.items():
+        make_hf_model(models / name, seed=seed, num_key_value_heads=2, max_position_embeddings=256)
+        write_bpe_tokenizer(models / name)
+    shutil.copytree(models / "alpha", models / "truncated")
+    shard = models / "truncated" / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    shutil.copytree(models / "alpha", models / "badconfig")
+    (models / "badconfig" / "config.json").write_text("{not json")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMASOS_HOME", str(home))
+        yield home

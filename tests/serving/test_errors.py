@@ -14,8 +14,11 @@ LONG = 900  # tokens
 
 
 def metric(base: str, name: str) -> float:
+    """A metric's value, summed over its labels (a model's metrics carry its name)."""
     text = httpx.get(f"{base}/metrics").text
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{"))]
+    assert values, f"{name} is not in /metrics"
+    return sum(values)
 
 
 def wait_for(condition, timeout: float = 10.0) -> bool:

@@ -164,12 +164,12 @@ def test_an_unexpected_error_is_a_bare_counted_500_that_passes_cors(llm, monkeyp
     from fastapi.testclient import TestClient
 
     from llmasos.serving import create_app
-    from llmasos.serving.app import Service
+    from llmasos.serving.app import Router
 
     async def broken(self):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(Service, "models", broken)
+    monkeypatch.setattr(Router, "models", broken)
     origin = "http://localhost:3000"
     http = TestClient(create_app(llm, cors_origins=[origin]), raise_server_exceptions=False)
     r = http.get("/v1/models", headers={"Origin": origin})

@@ -173,7 +173,7 @@ def test_metrics_count_requests_and_tokens(server, client):
     after = httpx.get(f"{server}/metrics").text
     ok = 'llmasos_requests_total{route="/v1/completions",status="200"}'
     assert value(after, ok) == value(before, ok) + 1
-    gen = "llmasos_generation_tokens_total"
+    gen = 'llmasos_generation_tokens_total{model="tiny"}'
     assert value(after, gen) == value(before, gen) + 4
 
 

@@ -18,7 +18,8 @@ def system_prompt() -> str:
 
 
 def metric(text: str, name: str) -> float:
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+    """A metric's value, summed over its labels (the model's name)."""
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
 
 
 def test_chat_usage_reports_the_cached_prompt_tokens_streamed_or_not(client, server):

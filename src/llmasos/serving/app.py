@@ -1,7 +1,10 @@
 """The OpenAI-compatible server: `create_app(llm)` builds the FastAPI app, `serve` runs it with uvicorn.
 
-One model, many clients: every request goes to the continuous-batching engine, which one background
-thread owns (`engine_thread`). Handlers validate, tokenize and format; the engine thread computes.
+One model or a whole store of them (`create_app(pool)`), many clients: each request names a model, which
+the pool (`pool`) loads if it is not loaded and hands to that model's handlers (`Service`); every request
+of a model goes to its continuous-batching engine, which one background thread owns (`engine_thread`).
+Handlers validate, tokenize and format; the engine threads compute. Ollama's API (`ollama`) is served
+beside OpenAI's, over the same models.
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and a client mistake is
 always a 4xx that leaves the server serving.
 
@@ -23,7 +26,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -41,7 +44,20 @@ from llmasos.inference import LLM, SamplingParams
 from llmasos.inference.engine import RequestOutput, TokenLogprob
 from llmasos.serving import schemas as s
 from llmasos.serving.engine_thread import EngineFailure, EngineThread, QueueFullError, Stream
-from llmasos.serving.metrics import Metrics
+from llmasos.serving.metrics import Metrics, ModelMetrics
+from llmasos.serving.ollama import OLLAMA_ROUTES, add_ollama_routes
+from llmasos.serving.pool import (
+    Catalog,
+    ClientGone,
+    InsufficientMemoryError,
+    LoadCancelled,
+    LoadOptions,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelPool,
+    available_memory,
+    parse_keep_alive,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +78,10 @@ ROUTES = {
     "/tokenize",
     "/detokenize",
     "/tokenizer_info",
+    *OLLAMA_ROUTES,
 }
 # What --api-key guards; the page, /health and /metrics stay open.
-PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info", "/docs", "/redoc", "/openapi.json")
+PROTECTED = ("/v1/", "/api/", "/tokenize", "/detokenize", "/tokenizer_info", "/docs", "/redoc", "/openapi.json")
 LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost", "ip6-loopback"}
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 ERROR_TYPES = {
@@ -94,7 +111,7 @@ def is_loopback(host: str) -> bool:
 
 
 class APIError(Exception):
-    """An error answered in OpenAI's shape."""
+    """An error answered in OpenAI's shape (in Ollama's, `{"error": message}`, under /api/)."""
 
     def __init__(
         self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
@@ -102,7 +119,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
-    def response(self) -> JSONResponse:
+    def response(self, path: str = "") -> JSONResponse:
+        if path.startswith("/api/"):
+            return JSONResponse({"error": self.message}, self.status, headers=self.headers)
         info = s.ErrorInfo(
             message=self.message, type=ERROR_TYPES.get(self.status, "server_error"), param=self.param, code=self.code
         )
@@ -136,7 +155,7 @@ class Guard:
                 "the Host header must name this machine (localhost or a loopback address): the server is bound to loopback",
                 code="invalid_host",
             )
-            return await error.response()(scope, receive, send)
+            return await error.response(scope["path"])(scope, receive, send)
         if self.api_key and scope["method"] != "OPTIONS" and scope["path"].startswith(PROTECTED) and not self.authorized(headers):
             error = APIError(
                 401,
@@ -144,11 +163,11 @@ class Guard:
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-            return await error.response()(scope, receive, send)
+            return await error.response(scope["path"])(scope, receive, send)
         too_large = f"the request body is larger than {self.max_body_bytes} bytes"
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            return await APIError(413, too_large, code=HTTP_CODES[413]).response()(scope, receive, send)
+            return await APIError(413, too_large, code=HTTP_CODES[413]).response(scope["path"])(scope, receive, send)
         received = 0
 
         async def limited_receive():
@@ -162,7 +181,7 @@ class Guard:
         await self.app(scope, limited_receive, send)
 
 
-def unexpected(metrics: Metrics, where: str) -> str:
+def unexpected(metrics: Metrics | ModelMetrics, where: str) -> str:
     """Log the exception being handled under a new id, count it, and return what the client may read."""
     error_id = uuid.uuid4().hex[:12]
     log.exception("unexpected error %s in %s", error_id, where)
@@ -192,7 +211,7 @@ class CatchAll:
         except Exception:
             message = unexpected(self.metrics, f"{scope['method']} {scope['path']}")
             if not started:  # a stream already under way can only be cut
-                await APIError(500, message, code="internal_error").response()(scope, receive, send)
+                await APIError(500, message, code="internal_error").response(scope["path"])(scope, receive, send)
 
 
 class CountRequests:
@@ -257,9 +276,9 @@ def _sse(data: str) -> str:
 
 
 class Service:
-    """The handlers, over one model and the thread that runs its engine."""
+    """The handlers of one loaded model, over the thread that runs its engine (`Router` picks the model)."""
 
-    def __init__(self, llm: LLM, worker: EngineThread, metrics: Metrics, model_name: str):
+    def __init__(self, llm: LLM, worker: EngineThread, metrics: ModelMetrics, model_name: str):
         self.llm, self.worker, self.metrics, self.model_name = llm, worker, metrics, model_name
         self.tokenizer = llm.tokenizer
         self.created = int(time.time())
@@ -269,7 +288,7 @@ class Service:
     # ---- shared steps ----
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
+        if name is not None and self.model_name not in (name, name.removesuffix(":latest")):
             raise APIError(
                 404,
                 f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
@@ -581,11 +600,6 @@ class Service:
 
     # ---- the small routes ----
 
-    async def models(self) -> s.ModelList:
-        return s.ModelList(
-            data=[s.ModelCard(id=self.model_name, created=self.created, max_model_len=self.llm.engine.max_seq_len)]
-        )
-
     async def tokenize(self, body: s.TokenizeRequest) -> dict[str, Any]:
         self.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -615,9 +629,77 @@ class Service:
             "chat_template": tok.chat_template,
         }
 
+
+# ---- the routes over every model -------------------------------------------------------------------
+
+
+class Router:
+    """The routes over every model: each request's model is leased from the pool (loaded first if it is not)
+    and its handling handed to that model's `Service`."""
+
+    def __init__(self, pool: ModelPool, metrics: Metrics):
+        self.pool, self.metrics = pool, metrics
+        self.created = int(time.time())
+
+    @asynccontextmanager
+    async def service(
+        self, name: str | None, request: Request, keep_alive: float | str | None = None, reset: bool = True
+    ) -> AsyncIterator[Any]:
+        """The Service of model `name`, held for the block. Raises ClientGone if the client leaves while its
+        model loads (the load is cancelled when no one else waits for it). reset: a request without
+        keep_alive sets the server's default (Ollama's rule for generation); False leaves it as it is."""
+        keep = None if keep_alive is None else parse_keep_alive(keep_alive)
+        async with self.pool.lease(name, keep, gone=lambda: _disconnected(request), reset=reset) as entry:
+            yield entry.service
+
+    def unexpected(self, where: str) -> str:
+        return unexpected(self.metrics, where)
+
+    # ---- per model ----
+
+    async def completions(self, body: s.CompletionRequest, request: Request) -> Response:
+        async with self.service(body.model, request, body.keep_alive) as service:
+            return await service.completions(body, request)
+
+    async def chat(self, body: s.ChatCompletionRequest, request: Request) -> Response:
+        async with self.service(body.model, request, body.keep_alive) as service:
+            return await service.chat(body, request)
+
+    async def tokenize(self, body: s.TokenizeRequest, request: Request) -> dict[str, Any]:
+        async with self.service(body.model, request, reset=False) as service:
+            return await service.tokenize(body)
+
+    async def detokenize(self, body: s.DetokenizeRequest, request: Request) -> dict[str, Any]:
+        async with self.service(body.model, request, reset=False) as service:
+            return await service.detokenize(body)
+
+    async def tokenizer_info(self, request: Request, model: str | None = None) -> dict[str, Any]:
+        async with self.service(model, request, reset=False) as service:
+            return await service.tokenizer_info()
+
+    # ---- the server ----
+
+    async def models(self) -> s.ModelList:
+        """Every model this server serves, loaded or not."""
+        cards = []
+        for name in self.pool.names():
+            entry = self.pool.loaded.get(name)
+            if entry is not None and entry.llm is not None:
+                length, created = entry.llm.engine.max_seq_len, self.created
+            else:
+                info = self.pool.catalog.describe(name, self.pool.path(name))
+                config = info["config"]
+                length = None if config is None else config.max_position_embeddings
+                if config is not None and self.pool.options.max_model_len:
+                    length = min(length, self.pool.options.max_model_len)
+                created = int(info["modified"])
+            cards.append(s.ModelCard(id=name, created=created, max_model_len=length))
+        return s.ModelList(data=cards)
+
     async def health(self) -> Response:
-        if not self.worker.alive:
-            return APIError(503, "the engine thread has stopped").response()
+        stopped = [e.name for e in self.pool.entries() if not e.worker.alive]
+        if stopped:
+            return APIError(503, f"the engine thread of {', '.join(stopped)} has stopped").response()
         return JSONResponse({"status": "ok"})
 
     async def metrics_text(self) -> Response:
@@ -637,13 +719,13 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
     if err.get("type") == "json_invalid":
         return APIError(
             422, f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}", code="json_invalid"
-        ).response()
+        ).response(request.url.path)
     param = ".".join(loc) or None
-    return APIError(422, f"{param or 'body'}: {err['msg']}", param=param, code=err.get("type")).response()
+    return APIError(422, f"{param or 'body'}: {err['msg']}", param=param, code=err.get("type")).response(request.url.path)
 
 
 def create_app(
-    llm: LLM,
+    llm: LLM | ModelPool,
     served_model_name: str = "llmasos",
     api_key: str | None = None,
     max_queue: int = 256,
@@ -651,15 +733,22 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     loopback_only: bool = False,
 ) -> FastAPI:
-    """The app for one loaded model. Its engine thread starts and stops with the app's lifespan.
+    """The app for one loaded model (an LLM, served as `served_model_name` for good), or for the models of
+    a pool (loaded on demand). The engine threads start and stop with the app's lifespan.
 
     max_queue: sequences that may wait for a free row (the running batch is the engine's max_batch_size);
-    beyond that a request gets 503 at once. cors_origins: browser origins allowed to call the API.
-    loopback_only: refuse requests whose Host header is not a loopback name (`serve` sets it for a
-    loopback bind). With api_key, the API docs need the key too."""
-    worker = EngineThread(llm.engine, max_queue)
-    metrics = Metrics(worker)
-    service = Service(llm, worker, metrics, served_model_name)
+    beyond that a request gets 503 at once (a pool has its own, in its LoadOptions). cors_origins: browser
+    origins allowed to call the API. loopback_only: refuse requests whose Host header is not a loopback name
+    (`serve` sets it for a loopback bind). With api_key, the API docs need the key too."""
+    if isinstance(llm, ModelPool):
+        pool = llm
+    else:
+        pool = ModelPool(Catalog({served_model_name: llm.path}), LoadOptions(max_queue=max_queue))
+    metrics = Metrics(pool.entries)
+    pool.bind(lambda name, model, worker: Service(model, worker, metrics.model(name), name), metrics)
+    if not isinstance(llm, ModelPool):
+        pool.preload(served_model_name, llm)
+    router = Router(pool, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -667,38 +756,51 @@ def create_app(
         # collections, which hold the GIL, from walking it again (they stalled the event loop for 0.2 s).
         gc.collect()
         gc.freeze()
-        worker.start()
+        await pool.start()
         yield
-        worker.stop()
+        await pool.close()
 
-    app = FastAPI(title="LLMasOS", summary="OpenAI-compatible server", lifespan=lifespan)
-    app.state.service = service
-    app.add_exception_handler(APIError, lambda request, e: e.response())
+    app = FastAPI(title="LLMasOS", summary="OpenAI- and Ollama-compatible server", lifespan=lifespan)
+    app.state.router = router
+    app.state.pool = pool
+
+    def handler(error: Callable[[Any], APIError]) -> Callable[[Request, Any], Response]:
+        return lambda request, e: error(e).response(request.url.path)
+
+    app.add_exception_handler(APIError, handler(lambda e: e))
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(
         HTTPException,
-        lambda request, e: APIError(
-            e.status_code, str(e.detail), code=HTTP_CODES.get(e.status_code), headers=e.headers
-        ).response(),
+        handler(lambda e: APIError(e.status_code, str(e.detail), code=HTTP_CODES.get(e.status_code), headers=e.headers)),
     )
     app.add_exception_handler(
-        ContextLengthError, lambda request, e: APIError(400, str(e), param=e.param, code="context_length_exceeded").response()
+        ContextLengthError, handler(lambda e: APIError(400, str(e), param=e.param, code="context_length_exceeded"))
     )
-    app.add_exception_handler(LLMasOSError, lambda request, e: APIError(400, str(e), param=getattr(e, "param", None)).response())
+    app.add_exception_handler(ModelNotFoundError, handler(lambda e: APIError(404, str(e), param="model", code="model_not_found")))
     app.add_exception_handler(
-        QueueFullError,
-        lambda request, e: APIError(503, f"{e}; retry later", code="queue_full", headers={"Retry-After": "1"}).response(),
+        InsufficientMemoryError, handler(lambda e: APIError(400, str(e), param="model", code="insufficient_memory"))
+    )
+    app.add_exception_handler(ModelLoadError, handler(lambda e: APIError(500, str(e), code="model_load_failed")))
+    app.add_exception_handler(ClientGone, lambda request, e: Response(status_code=499))
+    app.add_exception_handler(  # `llmasos stop` while the model was loading
+        LoadCancelled,
+        handler(lambda e: APIError(503, "the model's load was cancelled (it was stopped); retry", code="load_cancelled")),
+    )
+    app.add_exception_handler(LLMasOSError, handler(lambda e: APIError(400, str(e), param=getattr(e, "param", None))))
+    app.add_exception_handler(
+        QueueFullError, handler(lambda e: APIError(503, f"{e}; retry later", code="queue_full", headers={"Retry-After": "1"}))
     )
 
-    app.get("/", include_in_schema=False)(service.page)
-    app.get("/health")(service.health)
-    app.get("/metrics")(service.metrics_text)
-    app.get("/v1/models")(service.models)
-    app.post("/v1/completions")(service.completions)
-    app.post("/v1/chat/completions")(service.chat)
-    app.post("/tokenize")(service.tokenize)
-    app.post("/detokenize")(service.detokenize)
-    app.get("/tokenizer_info")(service.tokenizer_info)
+    app.get("/", include_in_schema=False)(router.page)
+    app.get("/health")(router.health)
+    app.get("/metrics")(router.metrics_text)
+    app.get("/v1/models")(router.models)
+    app.post("/v1/completions")(router.completions)
+    app.post("/v1/chat/completions")(router.chat)
+    app.post("/tokenize")(router.tokenize)
+    app.post("/detokenize")(router.detokenize)
+    app.get("/tokenizer_info")(router.tokenizer_info)
+    add_ollama_routes(app, router)
 
     app.add_middleware(CatchAll, metrics=metrics)  # innermost: its 500 is counted and passes through CORS
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, loopback_only=loopback_only)
@@ -710,18 +812,16 @@ def create_app(
 
 def default_cache_budget() -> int:
     """Half of the memory available now (Linux's MemAvailable; the free pages elsewhere)."""
-    import os
-
-    try:
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return available // 2
+    return available_memory() // 2
 
 
 def serve(
-    llm: LLM, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0, log_level: str = "info", **options: Any
+    llm: LLM | ModelPool,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    shutdown_timeout: float = 30.0,
+    log_level: str = "info",
+    **options: Any,
 ) -> None:
     """Serve until SIGINT or SIGTERM. On SIGTERM: stop accepting, let running requests finish for up to
     `shutdown_timeout` seconds (then abort them), and return (the process exits 0)."""

@@ -80,14 +80,19 @@ class Stream:
 
 
 class EngineThread:
-    """Runs `engine` on a background thread. `max_queue`: sequences that may wait for a free row."""
+    """Runs `engine` on a background thread. `max_queue`: sequences that may wait for a free row.
 
-    def __init__(self, engine: Engine, max_queue: int = 256):
-        self.engine, self.max_queue = engine, max_queue
+    on_idle: called on the engine thread each time its last open request ends (the model pool's cue that
+    the model is idle)."""
+
+    def __init__(
+        self, engine: Engine, max_queue: int = 256, name: str = "llmasos-engine", on_idle: Callable[[], None] | None = None
+    ):
+        self.engine, self.max_queue, self.on_idle = engine, max_queue, on_idle
         self._commands: queue.SimpleQueue[tuple[Callable[[Engine], Any], Future | None]] = queue.SimpleQueue()
         self._sinks: dict[str, Callable[[Any], None]] = {}  # request id -> thread-safe put into its Stream
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="llmasos-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.num_running = 0  # snapshots for /metrics, refreshed by the thread after every step
         self.num_waiting = 0
         self.prefix_cache = PrefixCacheStats()
@@ -106,6 +111,11 @@ class EngineThread:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def num_open(self) -> int:
+        """Requests queued, running or not yet ended (a stream's last deltas may still be on their way)."""
+        return len(self._sinks)
 
     async def call(self, fn: Callable[[Engine], T]) -> T:
         """Run `fn(engine)` on the engine thread, between two steps, and return its result."""
@@ -221,12 +231,21 @@ class EngineThread:
             if request.finished:
                 put(_End(request_id))
                 del self._sinks[request_id]
+                self._idle_check()
 
     def _abort(self, engine: Engine, request_id: str) -> None:
         engine.abort(request_id)
         put = self._sinks.pop(request_id, None)
         if put is not None:
             put(_End(request_id))
+            self._idle_check()
+
+    def _idle_check(self) -> None:
+        if not self._sinks and self.on_idle is not None:
+            try:
+                self.on_idle()
+            except Exception:  # the callback's failure must not stop the engine
+                log.exception("on_idle failed")
 
     def _fail_all(self, error: Exception) -> None:
         for request_id, put in list(self._sinks.items()):
@@ -236,6 +255,7 @@ class EngineThread:
             except Exception:  # the failed step may have left the request half-updated
                 log.exception("could not abort %s after the failed step", request_id)
                 self._sinks.pop(request_id, None)
+                self._idle_check()
 
     def _shutdown(self, engine: Engine) -> None:
         for request_id in list(self._sinks):

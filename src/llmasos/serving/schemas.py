@@ -58,6 +58,7 @@ class SamplingFields(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    keep_alive: float | str | None = None  # Ollama's extension: how long the model stays loaded after this request
 
 
 class CompletionRequest(SamplingFields):
@@ -217,7 +218,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llmasos"
-    max_model_len: int
+    max_model_len: int | None  # None: a stored model whose config cannot be read (its requests say why)
 
 
 class ModelList(BaseModel):
