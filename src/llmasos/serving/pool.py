@@ -327,7 +327,7 @@ class Loaded:
 
     def kv_used(self) -> int:
         """The KV cache's rows and the prefix cache's blocks, now."""
-        return 0 if self.llm is None else self.llm.engine.kv_bytes()
+        return 0 if self.llm is None else self.llm.engine.kv_bytes
 
 
 class _Load:
