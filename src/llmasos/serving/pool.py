@@ -260,10 +260,9 @@ def estimate(path: Path, options: LoadOptions, kv_cap: int | None) -> tuple[int,
 
 def kv_reservation(rows: int, budget: int | None, prefix_caching: bool) -> int:
     """What an engine's KV cache may grow to: its rows (a full batch at full length), and beside them the
-    prefix cache, which takes what the budget leaves (without a budget, as much as the rows)."""
-    if budget is None:
-        return rows * (2 if prefix_caching else 1)
-    return budget if prefix_caching else min(rows, budget)
+    prefix cache, given as much room as the rows at most, all within `budget`."""
+    most = rows * (2 if prefix_caching else 1)
+    return most if budget is None else min(most, budget)
 
 
 def load(path: Path, options: LoadOptions, cache_budget: int | None, cancelled: threading.Event) -> LLM:
@@ -550,7 +549,8 @@ class ModelPool:
             await self._make_room(name, weights, kv)
             load.reserved, load.in_thread = weights + kv, True
             loop = asyncio.get_running_loop()
-            llm = await loop.run_in_executor(self._executor, self.loader, path, self.options, cap, load.cancelled)
+            # The engine's KV budget is what was reserved for it: a tiny model does not hold a quarter of the budget.
+            llm = await loop.run_in_executor(self._executor, self.loader, path, self.options, kv, load.cancelled)
             if load.cancelled.is_set():
                 del llm
                 reclaim()
