@@ -271,8 +271,10 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         logits_at: Tensor | None = None,
         cache_row: int = 0,
+        head: bool = True,
     ) -> Tensor:
-        """Logits [B, S, vocab] for `input_ids` [B, S].
+        """Logits [B, S, vocab] for `input_ids` [B, S] (head=False: the final norm's output [B, S, hidden], which
+        embeddings pool).
 
         Without `input_pos` the tokens are positions 0..S-1 of fresh sequences (training, scoring, or a
         prefill into `cache`). With `cache` and `input_pos` ([B, S] or [S]), each token is written at its
@@ -308,4 +310,5 @@ class Transformer(nn.Module):
                 x = block(x, batch)
         if logits_at is not None:
             x = x[torch.arange(b, device=x.device), logits_at][:, None]
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        return self.lm_head(x) if head else x

@@ -38,7 +38,10 @@ from starlette.middleware.cors import CORSMiddleware
 
 from llmasos.errors import ContextLengthError, InvalidRequestError, LLMasOSError
 from llmasos.inference import LLM, SamplingParams
+from llmasos.inference import adapters as lora
 from llmasos.inference.engine import RequestOutput, TokenLogprob
+from llmasos.models.multi_lora import Adapter, projections
+from llmasos.serving import adapters, embeddings
 from llmasos.serving import schemas as s
 from llmasos.serving.engine_thread import EngineFailure, EngineThread, QueueFullError, Stream
 from llmasos.serving.metrics import Metrics
@@ -59,6 +62,9 @@ ROUTES = {
     "/v1/models",
     "/v1/completions",
     "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
     "/tokenize",
     "/detokenize",
     "/tokenizer_info",
@@ -265,17 +271,24 @@ class Service:
         self.created = int(time.time())
         self.piece = functools.lru_cache(maxsize=1 << 16)(lambda token: self.tokenizer.decode([token], skip_special_tokens=False))
         self.max_chars = llm.engine.max_seq_len * max(MIN_CHARS_PER_TOKEN, self.tokenizer.max_token_chars)
+        self.projections = projections(llm.model)  # what a LoRA adapter may target, for checking one before loading it
 
     # ---- shared steps ----
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
+    def check_model(self, name: str | None) -> Adapter | None:
+        """The LoRA adapter `name` picks (None: the base model), or a 404 naming what is served."""
+        if name is None or name == self.model_name:
+            return None
+        adapter = lora.get(self.llm.model, name)
+        if adapter is None:
+            served = ", ".join(f"`{n}`" for n in [self.model_name, *lora.names(self.llm.model)])
             raise APIError(
                 404,
-                f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
+                f"The model `{name}` does not exist; this server serves {served}.",
                 param="model",
                 code="model_not_found",
             )
+        return adapter
 
     @staticmethod
     def sampling(
@@ -371,7 +384,7 @@ class Service:
     # ---- /v1/completions ----
 
     async def completions(self, body: s.CompletionRequest, request: Request) -> Response:
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         prompt = body.prompt
         if not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
@@ -394,7 +407,7 @@ class Service:
                     param="prompt",
                 )
         params = self.sampling(body, body.max_tokens, body.logprobs, (body.logprobs or 0) if scoring else None)
-        stream = await self.worker.submit(prompts, params)
+        stream = await self.worker.submit(prompts, params, adapter)
         if body.echo and texts is None:
             texts = await asyncio.to_thread(lambda: [self.tokenizer.decode(p, skip_special_tokens=False) for p in prompts])
         if body.stream:
@@ -439,7 +452,7 @@ class Service:
         return s.CompletionResponse(
             id=f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
-            model=self.model_name,
+            model=body.model or self.model_name,
             choices=choices,
             usage=_usage(outputs),
             timings=_timings(outputs),
@@ -449,6 +462,7 @@ class Service:
         self, body: s.CompletionRequest, stream: Stream, texts: list[str] | None
     ) -> AsyncIterator[s.CompletionResponse]:
         rid, created, outputs = f"cmpl-{uuid.uuid4().hex}", int(time.time()), stream.outputs
+        model = body.model or self.model_name
         index = {o.request_id: i for i, o in enumerate(outputs)}
         seen = [[0] * body.n for _ in outputs]  # tokens already sent, per choice
         left = len(outputs) * body.n
@@ -456,7 +470,7 @@ class Service:
 
         def chunk(choices: list[s.CompletionChoice], last: bool = False) -> s.CompletionResponse:
             return s.CompletionResponse(
-                id=rid, created=created, model=self.model_name, choices=choices, timings=_timings(outputs) if last else None
+                id=rid, created=created, model=model, choices=choices, timings=_timings(outputs) if last else None
             )
 
         async for d in stream:
@@ -486,13 +500,13 @@ class Service:
                 )
         if body.stream_options and body.stream_options.include_usage:
             yield s.CompletionResponse(
-                id=rid, created=created, model=self.model_name, choices=[], usage=_usage(outputs), timings=_timings(outputs)
+                id=rid, created=created, model=model, choices=[], usage=_usage(outputs), timings=_timings(outputs)
             )
 
     # ---- /v1/chat/completions ----
 
     async def chat(self, body: s.ChatCompletionRequest, request: Request) -> Response:
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         prompt = await self.chat_prompt(body.messages)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
@@ -503,7 +517,7 @@ class Service:
                 body.max_completion_tokens if new_name else body.max_tokens,
                 (body.top_logprobs or 0) if body.logprobs else None,
             )
-            stream = await self.worker.submit([prompt], params)
+            stream = await self.worker.submit([prompt], params, adapter)
         except InvalidRequestError as e:  # name the field this request used, not the engine's
             fields = {
                 "prompt": "messages",
@@ -530,7 +544,7 @@ class Service:
             s.ChatCompletionResponse(
                 id=f"chatcmpl-{uuid.uuid4().hex}",
                 created=int(time.time()),
-                model=self.model_name,
+                model=body.model or self.model_name,
                 choices=choices,
                 usage=_usage([out]),
                 timings=_timings([out]),
@@ -554,7 +568,7 @@ class Service:
         seen, left = [0] * body.n, body.n
 
         def chunk(choices: list[s.ChatChunkChoice], **extra: Any) -> s.ChatCompletionChunk:
-            return s.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices, **extra)
+            return s.ChatCompletionChunk(id=rid, created=created, model=body.model or self.model_name, choices=choices, **extra)
 
         yield chunk([s.ChatChunkChoice(index=j, delta=s.ChatDelta(role="assistant", content="")) for j in range(body.n)])
         async for d in stream:
@@ -582,9 +596,16 @@ class Service:
     # ---- the small routes ----
 
     async def models(self) -> s.ModelList:
-        return s.ModelList(
-            data=[s.ModelCard(id=self.model_name, created=self.created, max_model_len=self.llm.engine.max_seq_len)]
-        )
+        """The base model, then each LoRA adapter loaded on it (its `parent`)."""
+        length = self.llm.engine.max_seq_len
+        cards = [s.ModelCard(id=self.model_name, created=self.created, max_model_len=length)]
+        for adapter in lora.loaded(self.llm.model):
+            cards.append(
+                s.ModelCard(
+                    id=adapter.name, created=self.created, max_model_len=length, root=str(adapter.path), parent=self.model_name
+                )
+            )
+        return s.ModelList(data=cards)
 
     async def tokenize(self, body: s.TokenizeRequest) -> dict[str, Any]:
         self.check_model(body.model)
@@ -657,6 +678,9 @@ def create_app(
     beyond that a request gets 503 at once. cors_origins: browser origins allowed to call the API.
     loopback_only: refuse requests whose Host header is not a loopback name (`serve` sets it for a
     loopback bind). With api_key, the API docs need the key too."""
+    clash = lora.get(llm.model, served_model_name)
+    if clash is not None:
+        raise LLMasOSError(f"the LoRA adapter {clash.path} is loaded as {served_model_name!r}, the served model's own name")
     worker = EngineThread(llm.engine, max_queue)
     metrics = Metrics(worker)
     service = Service(llm, worker, metrics, served_model_name)
@@ -699,6 +723,8 @@ def create_app(
     app.post("/tokenize")(service.tokenize)
     app.post("/detokenize")(service.detokenize)
     app.get("/tokenizer_info")(service.tokenizer_info)
+    embeddings.add_routes(app, service)
+    adapters.add_routes(app, service)
 
     app.add_middleware(CatchAll, metrics=metrics)  # innermost: its 500 is counted and passes through CORS
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, loopback_only=loopback_only)
