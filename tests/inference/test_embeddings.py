@@ -158,3 +158,22 @@ def test_a_pooling_we_cannot_compute_is_an_error_naming_the_file(tmp_path, tiny)
     with pytest.raises(CheckpointError, match=r"1_Pooling/config.json: pooling mean \+ last is not supported"):
         llm.embed("hello")
     assert llm.embed("hello", pooling="last").shape == (1, 64)
+
+
+def test_a_failing_input_fails_its_own_request_alone_and_abort_drops_one(llm, monkeypatch):
+    embedder = llm.engine.embedder
+    real = embedder.embed_batch
+
+    def broken(inputs, poolings, adapters):
+        if any(13 in ids for ids in inputs):
+            raise RuntimeError("this input breaks the model")
+        return real(inputs, poolings, adapters)
+
+    monkeypatch.setattr(embedder, "embed_batch", broken)
+    good, bad, dropped = (embedder.add(inputs, "mean") for inputs in ([[5, 6], [7, 8, 9]], [[10, 11], [12, 13]], [[14, 15]]))
+    llm.engine.abort(dropped.request_id)
+    while llm.engine.has_work():
+        llm.engine.step()
+    assert good.error is None and torch.equal(torch.stack(good.embeddings), real([[5, 6], [7, 8, 9]], ["mean"] * 2, [None] * 2))
+    assert bad.finished and bad.error == "RuntimeError: this input breaks the model"
+    assert dropped.finished and dropped.error == "aborted" and embedder.waiting_tokens == 0
