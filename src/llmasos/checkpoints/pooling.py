@@ -26,6 +26,7 @@ ST_MODES = {
 ST_OTHER_MODES = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
 GGUF_POOLINGS = {1: "mean", 2: "cls", 3: "last"}  # llama.cpp's LLAMA_POOLING_TYPE_*; 0 (none) names no pooling
 MODULES, POOLING_DIR, NORMALIZE_DIR = "modules.json", "1_Pooling", "2_Normalize"
+POOLING_FILES = (MODULES, "*Pooling/config.json")  # what a hub download needs of them
 
 
 def read_pooling(path: Path | str) -> str | None:
