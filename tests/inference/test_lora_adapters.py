@@ -105,3 +105,13 @@ def test_an_unloaded_adapter_stays_for_the_requests_using_it(tiny, adapter_dirs,
     from llmasos.inference import adapters
 
     assert not adapters.collect(llm.engine) and AdapterSet.of(llm.model).stacked == []
+
+
+def test_the_prefix_cache_never_mixes_an_adapters_kv_with_the_bases(tiny, adapter_dirs, merged):
+    llm = LLM.load(tiny[0])
+    assert llm.engine.prefix_cache is not None
+    llm.load_adapter("all", adapter_dirs["all"])
+    for _ in range(2):  # the base's prompts cached first, then the adapter's requests, then the base's again
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == merged["base"]
+        outs = llm.generate(PROMPTS, GREEDY, adapter="all")
+        assert [o.token_ids for o in outs] == merged["all"] and all(o.num_cached_tokens == 0 for o in outs)
