@@ -17,6 +17,11 @@ sequence ends, is kept in blocks outside the rows; a new prompt that starts with
 copied into its row and computes only the rest (`RequestOutput.num_cached_tokens`). The blocks take what
 the KV budget leaves beside the rows and are evicted, least recently used first, before the rows grow.
 
+Texts to embed wait in the engine's `Embedder` (`embedding.py`): each step embeds one batch of them, prefill
+only, before the prompts. A request may name a LoRA adapter loaded on the model (`models.multi_lora`): every
+forward pass says each row's (`use_adapters`), so requests for different adapters share batches; their KV is
+kept out of the prefix cache, which holds the base model's.
+
 Faults stay with their request: a request whose prefill or sampling raises is failed alone (its output
 carries the error) while the others go on with exactly the tokens they would have had anyway. With a
 `cache_budget`, the KV cache never grows past it: a request that could never fit is refused at `add`, one
