@@ -160,14 +160,12 @@ def _dpo_job(config: FinetuneConfig, base: Path, model, lora, save_final, tokeni
         config = dataclasses.replace(config, max_steps=config.epoch_steps(len(pairs)))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     mbs = config.micro_batch_size
-    reference: Callable[[Tensor, Tensor], Tensor] | None = _reference(config, base, model, lora, cluster.device)
-    if config.precompute_ref_log_probs:
-        assert reference is not None
+    reference = _reference(config, base, model, lora, cluster.device)
+    if config.precompute_ref_log_probs:  # every batch then carries its pairs' reference log-probabilities
         if cluster.main:
             print(f"computing the reference's log-probabilities of {len(pairs) + len(val)} pairs")
         pairs = precompute_reference(pairs, reference, mbs, config.seq_len, pad, cluster)
         val = precompute_reference(val, reference, mbs, config.seq_len, pad, cluster)
-        reference = None
     val_batches = [collate_pairs(val[i : i + mbs], config.seq_len, pad) for i in range(0, len(val), mbs)]
     job = Job(
         model,
@@ -175,7 +173,9 @@ def _dpo_job(config: FinetuneConfig, base: Path, model, lora, save_final, tokeni
         (lambda: val_batches[: config.eval_batches]) if val_batches else None,
         save_final,
         trainable_only=lora is not None,
-        objective=DPO(config.beta, config.loss_type, config.label_smoothing, reference),
+        objective=DPO(
+            config.beta, config.loss_type, config.label_smoothing, None if config.precompute_ref_log_probs else reference
+        ),
     )
     return config, job
 
