@@ -147,8 +147,8 @@ class FinetuneConfig(TrainConfig):
     # None, which TrainConfig's lr does not allow, means "by method"
     lr: float | None = key(  # type: ignore[assignment]
         None,
-        "the peak learning rate, reached at the end of the warmup (default: 2e-5 for full, 2e-4 for lora and qlora; "
-        "with dpo 1e-6 for full, 1e-5 for lora and qlora)",
+        "the peak learning rate, reached at the end of the warmup (default: 2e-5 for full, 2e-4 for lora and qlora); "
+        "with dpo 1e-6 for full, 1e-5 for lora and qlora",
     )
     warmup_steps: int = key(10, "steps of linear warmup to lr")
     min_lr: float = key(0.0, "the learning rate at the end of the cosine decay")
