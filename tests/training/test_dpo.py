@@ -400,3 +400,50 @@ def test_dpo_under_ddp_equals_one_process(base, tmp_path):
         assert len(one) == len(two) == 3
         for a, b in zip(one, two):
             assert [float(x) for x in b] == pytest.approx([float(x) for x in a], rel=1e-4, abs=1e-5), name
+
+
+# ---- CUDA ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
+def test_dpo_on_the_gpu_equals_the_cpu_and_learns_in_bf16_mixed(base, tmp_path):
+    from llmasos.checkpoints.load import load_model
+
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        data = write_jsonl(tmp_path / "sums.jsonl", SUMS)
+        batch = collate_pairs(load_pairs(data, Tokenizer(base[0]))[:8], 32, 0)
+        losses = {}
+        for device in ("cpu", "cuda"):
+            model, frozen = (load_model(base[0], dtype=torch.float32).to(device) for _ in range(2))
+            with torch.no_grad():
+                frozen.lm_head.weight.mul_(1.1)  # a reference apart from the policy
+            objective = DPO(0.1, "sigmoid", 0.0, lambda x, y, frozen=frozen: sequence_logps(frozen, x, y, "fp32"))
+            loss = objective.pair_losses(model, batch.to(torch.device(device)), "fp32")[0].mean()
+            loss.backward()
+            losses[device] = (loss.item(), model.lm_head.weight.grad.cpu())
+        assert losses["cuda"][0] == pytest.approx(losses["cpu"][0], abs=1e-5)
+        torch.testing.assert_close(losses["cuda"][1], losses["cpu"][1], atol=1e-5, rtol=1e-4)
+        runs = {
+            pre: ft.finetune(
+                config(
+                    base[0],
+                    data,
+                    tmp_path / f"run-{pre}",
+                    precision="bf16-mixed",
+                    max_steps=16,
+                    eval_every=8,
+                    precompute_ref_log_probs=pre,
+                ),
+                progress=False,
+            ).dir
+            for pre in (False, True)
+        }
+        for a, b in zip(curve(runs[True]), curve(runs[False])):  # precomputed on the GPU: the same curve
+            assert [float(x or 0) for x in a] == pytest.approx([float(x or 0) for x in b], abs=1e-4)
+        logged = rows(runs[False])
+        assert float(logged[0]["loss"]) == pytest.approx(math.log(2), abs=1e-5)
+        assert float(logged[-1]["val_rewards/accuracies"]) >= 0.75 and float(logged[-1]["val_rewards/margins"]) > 0.1
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
