@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ["load_memory", "decode", "llamacpp", "train", "prepare", "serve", "prefix_cache", "chunked_prefill"]
+BENCHMARKS = ["load_memory", "decode", "llamacpp", "train", "dpo", "prepare", "serve", "prefix_cache", "chunked_prefill"]
 
 
 def main() -> None:

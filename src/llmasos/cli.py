@@ -666,8 +666,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "finetune",
         cmd_finetune,
-        "fine-tune a model (full, LoRA or QLoRA) on instruction data or a prepared corpus (every YAML key is a flag)",
+        "fine-tune a model (full, LoRA or QLoRA) on instruction data or a prepared corpus, or by DPO on preference "
+        "pairs (every YAML key is a flag)",
         "  llmasos finetune my-model --data alpaca.jsonl --method lora --out runs/ft --epochs 2\n"
+        "  llmasos finetune my-model --data prefs.jsonl --method dpo --out runs/dpo          # full DPO\n"
+        "  llmasos finetune my-model --data prefs.jsonl --method lora --dpo --out runs/dpo   # DPO of a LoRA adapter\n"
         "  llmasos finetune my-model --data chats.jsonl --method qlora --quantize int4 --merge --out runs/ft\n"
         "  llmasos finetune my-model --data train.jsonl --method full --max-steps 200 --lr 1e-5\n"
         "  torchrun --nproc-per-node 2 -m llmasos finetune my-model --data a.jsonl --strategy fsdp --out runs/ft\n"
