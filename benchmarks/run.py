@@ -5,7 +5,18 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ["load_memory", "decode", "llamacpp", "train", "prepare", "serve", "prefix_cache", "chunked_prefill", "cold_start"]
+BENCHMARKS = [
+    "load_memory",
+    "decode",
+    "llamacpp",
+    "train",
+    "dpo",
+    "prepare",
+    "serve",
+    "prefix_cache",
+    "chunked_prefill",
+    "cold_start",
+]
 
 
 def main() -> None:

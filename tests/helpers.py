@@ -145,6 +145,27 @@ def make_hf_model(out: Path, family: str = "llama", seed: int = 0, **overrides):
     return out, model
 
 
+def write_lora_adapter(
+    base: Path, out: Path, targets=("q_proj", "v_proj"), rank: int = 4, alpha: float = 8.0, seed: int = 0
+) -> Path:
+    """A PEFT LoRA adapter dir for the model dir `base`, as `finetune --method lora` writes one (with the base's
+    tokenizer files), but with random `lora_B` too, so that it changes what the model says."""
+    from llmasos.checkpoints.load import load_model
+    from llmasos.models.lora import LoRAConfig, save_adapter
+    from llmasos.tokenization import copy_tokenizer_files
+
+    model = load_model(base)
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in targets:
+            state[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.2
+            state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.2
+    save_adapter(LoRAConfig(rank, alpha, targets=list(targets)), state, out, str(base))
+    copy_tokenizer_files(base, out)
+    return out
+
+
 # ---- serving --------------------------------------------------------------------------------------
 
 API_KEY = "sk-test-key"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import CORPUS, live_server, make_hf_model, write_bpe_tokenizer, write_jsonl
+from helpers import CORPUS, live_server, make_hf_model, write_bpe_tokenizer, write_jsonl, write_lora_adapter
 
 pytestmark = [
     pytest.mark.gpu,
@@ -56,6 +56,40 @@ def test_generation_on_the_gpu_equals_the_cpu_and_samples_with_seeds(model_dir):
     assert "".join(gpu.stream("import os", greedy)) == cpu.generate(["import os"], greedy)[0].text
     bf16 = LLM.load(model_dir, dtype="bfloat16", device="cuda")
     assert all(len(o.token_ids) == 8 for o in bf16.generate(prompts, greedy))
+
+
+def test_cached_and_chunked_prefill_on_the_gpu_equal_whole_prompts_on_the_cpu(model_dir):
+    from llmasos import LLM, SamplingParams
+
+    system = "You are a helpful assistant who answers in code. " * 3
+    prompts = [system + " def fibonacci(n):", system + " import os", "The quick brown fox"]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    cpu = LLM.load(model_dir, dtype="float32", enable_prefix_caching=False)
+    expected = [o.token_ids for o in cpu.generate(prompts, greedy)]
+    gpu = LLM.load(model_dir, dtype="float32", device="cuda", max_num_batched_tokens=16)
+    first = gpu.generate(prompts[:1], greedy)[0]
+    rest = gpu.generate(prompts[1:], greedy)
+    assert [first.token_ids] + [o.token_ids for o in rest] == expected
+    assert rest[0].num_cached_tokens > 0  # the shared system prompt came from the cache
+
+
+def test_embeddings_and_per_row_adapters_on_the_gpu_equal_the_cpu(model_dir, tmp_path):
+    from llmasos import LLM, SamplingParams
+    from llmasos.models.multi_lora import AdapterSet
+
+    texts = ["def fibonacci(n):", "import os", "The quick brown fox"]
+    cpu, gpu = LLM.load(model_dir, dtype="float32"), LLM.load(model_dir, dtype="float32", device="cuda")
+    torch.testing.assert_close(gpu.embed(texts).cpu(), cpu.embed(texts), atol=1e-4, rtol=1e-4)
+    adapter = write_lora_adapter(model_dir, tmp_path / "qv", rank=4, seed=1)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    merged = [o.token_ids for o in LLM.load(adapter, dtype="float32").generate(texts, greedy)]
+    base = [o.token_ids for o in cpu.generate(texts, greedy)]
+    gpu.load_adapter("qv", adapter)
+    qv = AdapterSet.of(gpu.model).get("qv")
+    rows = [gpu.engine.add(t, greedy, adapter=a) for t in texts for a in (None, qv)]  # one batch, mixed rows
+    while not all(r.finished for r in rows):
+        gpu.engine.step()
+    assert [r.token_ids for r in rows[0::2]] == base and [r.token_ids for r in rows[1::2]] == merged
 
 
 def test_the_cli_generates_on_the_gpu(model_dir, capsys):

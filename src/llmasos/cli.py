@@ -311,7 +311,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         cache_budget=budget,
         enable_prefix_caching=not args.no_prefix_caching,
         max_num_batched_tokens=args.max_num_batched_tokens or None,
+        pooling=args.pooling,
     )
+    for name, path in args.lora or []:
+        llm.load_adapter(name, path)
+        print(f"LoRA adapter {name!r} ({path}) loaded", file=sys.stderr)
     source = "--kv-cache-memory" if args.kv_cache_memory else "half of the memory available at start-up"
     print(
         f"KV cache budget {budget / 2**30:.2f} GiB ({source}): sequences of up to {llm.engine.max_seq_len} tokens, "
@@ -812,8 +816,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "finetune",
         cmd_finetune,
-        "fine-tune a model (full, LoRA or QLoRA) on instruction data or a prepared corpus (every YAML key is a flag)",
+        "fine-tune a model (full, LoRA or QLoRA) on instruction data or a prepared corpus, or by DPO on preference "
+        "pairs (every YAML key is a flag)",
         "  llmasos finetune my-model --data alpaca.jsonl --method lora --out runs/ft --epochs 2\n"
+        "  llmasos finetune my-model --data prefs.jsonl --method dpo --out runs/dpo          # full DPO\n"
+        "  llmasos finetune my-model --data prefs.jsonl --method lora --dpo --out runs/dpo   # DPO of a LoRA adapter\n"
         "  llmasos finetune my-model --data chats.jsonl --method qlora --quantize int4 --merge --out runs/ft\n"
         "  llmasos finetune my-model --data train.jsonl --method full --max-steps 200 --lr 1e-5\n"
         "  torchrun --nproc-per-node 2 -m llmasos finetune my-model --data a.jsonl --strategy fsdp --out runs/ft\n"
@@ -953,7 +960,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  llmasos serve --models tiny,llama2 --keep-alive 10m --memory-budget 12GiB\n"
         "  llmasos serve my-model                       # one model, loaded now: http://127.0.0.1:8000, chat page at /\n"
         "  llmasos serve my-model --port 8080 --api-key sk-local --served-model-name llama\n"
-        "  llmasos serve ./model-dir --host 0.0.0.0 --max-running 32 --quantize int8",
+        "  llmasos serve ./model-dir --host 0.0.0.0 --max-running 32 --quantize int8\n"
+        "  llmasos serve my-model --lora sql=runs/sql/adapter --lora chat=runs/chat/adapter   # model: sql, chat",
     )
     _model_options(p)
     p.set_defaults(model=None)
@@ -1019,6 +1027,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cors-origin", action="append", help="a browser origin allowed to call the API (repeatable)")
     p.add_argument(
+        "--lora",
+        action="append",
+        type=_lora_module,
+        metavar="NAME=PATH",
+        help="serve the LoRA adapter dir PATH (PEFT format, as `finetune --method lora` writes it) beside the model, "
+        "unmerged, as the model id NAME (repeatable; POST /v1/load_lora_adapter loads more while serving)",
+    )
+    p.add_argument(
+        "--pooling",
+        choices=["mean", "last", "cls", "max"],
+        help="how /v1/embeddings pools a text's hidden states (default: what the model's files name, else mean)",
+    )
+    p.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds running requests get to finish (default 30)"
     )
 
@@ -1041,6 +1062,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the served model's name")
     _client_options(p)
     return parser
+
+
+def _lora_module(value: str) -> tuple[str, str]:
+    """NAME=PATH (or a bare PATH, named after its dir)."""
+    from pathlib import Path
+
+    name, sep, path = value.partition("=")
+    if not sep:
+        name, path = Path(value.rstrip("/")).name, value
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME=PATH")
+    return name, path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -357,3 +357,28 @@ def _up(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_an_adapter_loads_onto_the_model_named_and_requests_by_its_name_reach_it(store, tmp_path):
+    """Over a whole store, `/v1/load_lora_adapter` takes the model to load onto (`model`), the adapter is listed
+    with that model as its parent, and a request naming the adapter is served by that model with it."""
+    from helpers import write_lora_adapter
+
+    from llmasos import LLM, SamplingParams
+
+    base = "alpha"
+    adapter = write_lora_adapter(store / "models" / base, tmp_path / "qv", seed=3)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    expected = LLM.load(adapter, max_batch_size=8).generate(PROMPTS[0], params)[0].text  # the merged model
+    with live_server(make_pool(Clock())) as url:
+        load = {"lora_name": "qv", "lora_path": str(adapter)}
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json=load, timeout=120)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"  # several models: which one?
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={**load, "model": base}, timeout=120)
+        assert r.status_code == 200, r.text
+        cards = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        assert cards["qv"]["parent"] == base and set(STORE_MODELS) < set(cards)
+        assert complete(url, "qv", PROMPTS[0]).json()["choices"][0]["text"] == expected
+        r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "qv"}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert complete(url, "qv", PROMPTS[0]).status_code == 404

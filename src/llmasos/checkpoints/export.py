@@ -13,6 +13,7 @@ from llmasos.checkpoints.gguf_vocab import tokenizer_source, write_vocab
 from llmasos.checkpoints.hf import save_model
 from llmasos.checkpoints.load import build_meta_model, check_entries, load_model, open_checkpoint
 from llmasos.checkpoints.ollama import modelfile_path, write_modelfile, written_by_export
+from llmasos.checkpoints.pooling import copy_pooling, read_pooling
 from llmasos.errors import LLMasOSError
 from llmasos.outputs import check_output, output_dir
 from llmasos.tokenization import Tokenizer
@@ -33,6 +34,7 @@ def export_hf(model_dir: Path, out_dir: Path, dtype: str = "auto", force: bool =
     with output_dir(Path(out_dir), [model_dir], force, "llmasos export") as tmp:
         model = load_model(model_dir, HF_DTYPES.get(dtype))
         save_model(model, tmp, tokenizer_dir=tokenizer_source(model_dir))
+        copy_pooling(model_dir, tmp, model.config.hidden_size)
     return Path(out_dir)
 
 
@@ -57,7 +59,8 @@ def export_gguf(model_dir: Path | str, out: Path | str, dtype: str = "auto", for
     check_output(out, [model_dir], force, "llmasos export", owned=lambda path: False)
     check_output(modelfile_path(out), [model_dir], force, "llmasos export", owned=written_by_export)
     tokenizer = Tokenizer(tokenizer_source(model_dir))
-    context = write_gguf(out, config, entries, dtype, name, partial(write_vocab, tokenizer=tokenizer, config=config), progress)
+    vocab = partial(write_vocab, tokenizer=tokenizer, config=config)
+    context = write_gguf(out, config, entries, dtype, name, vocab, progress, pooling=read_pooling(model_dir))
     stops = [tokenizer.decode([i], skip_special_tokens=False) for i in sorted(tokenizer.stop_ids)]
     write_modelfile(out, tokenizer.chat_template, stops, context)
     return out

@@ -154,12 +154,18 @@ def write_gguf(
     name: str,
     write_vocab: Callable[[gguf.GGUFWriter], None],
     progress: bool = True,
+    pooling: str | None = None,
 ) -> int:
     """Write the model `entries` hold as the GGUF file `out`, its matrices in `dtype` (f32, f16, bf16, q8_0 or
     q4_0), under a temporary name renamed when complete; `write_vocab` adds the `tokenizer.*` keys. Returns
-    the context length written."""
+    the context length written. pooling: the embeddings' pooling the model names (`{arch}.pooling_type`)."""
     writer = gguf.GGUFWriter(None, GGUF_ARCHS[config.architecture])
     context = _write_hparams(writer, config, name, FILE_TYPES[dtype])
+    if pooling is not None:
+        if pooling.upper() in gguf.PoolingType.__members__:
+            writer.add_pooling_type(gguf.PoolingType[pooling.upper()])
+        else:
+            warnings.warn(f"GGUF has no pooling type for {pooling!r} pooling; the file names none", stacklevel=2)
     write_vocab(writer)
 
     plan = []  # (our name, GGUF name, type), in the order the data follows

@@ -18,6 +18,7 @@ from llmasos.checkpoints.hf import write_generation_config
 from llmasos.checkpoints.load import build_meta_model, check_entries, open_checkpoint, uniform_dtype
 from llmasos.checkpoints.meta import is_meta_dir
 from llmasos.checkpoints.paths import NAME, models_dir, resolve, stored_models
+from llmasos.checkpoints.pooling import POOLING_FILES, copy_pooling
 from llmasos.checkpoints.weights import load_tensor, save_safetensors_shards
 from llmasos.errors import CheckpointError, LLMasOSError
 from llmasos.models.zoo import hf_id
@@ -38,7 +39,14 @@ __all__ = [
 
 # Checked with fullmatch: `$` also matches before a trailing newline, which let "evil\n" in.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    *TOKENIZER_FILES,
+    *POOLING_FILES,  # a sentence-transformers model's pooling, which embeddings use
+]
 
 
 def dir_size(path: Path) -> int:
@@ -108,6 +116,7 @@ def import_checkpoint(src: Path, out: Path, progress: bool = True) -> None:
         (out / "config.json").write_text(config.to_json() + "\n")
     if not (out / "generation_config.json").exists():
         write_generation_config(config, out)
+    copy_pooling(src, out, config.hidden_size)  # the pooling embeddings use, if the source names one
     if gguf_file:
         write_tokenizer(src, out)
     else:

@@ -62,20 +62,25 @@ def read_records(path: Path) -> Iterator[tuple[Any, str]]:
                 raise InputError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
+def check_messages(messages: Any, field: str) -> list[dict[str, str]]:
+    """A record's non-empty list of chat messages, each a role and a string content; ValueError names what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{field!r} must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise ValueError(f"{field}[{i}] must have a role ({', '.join(ROLES)}) and a string content")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def to_messages(record: Any) -> list[dict[str, str]] | tuple[str, str]:
     """The conversation of a record, or (prompt, completion) for a completion record; ValueError names what is wrong."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, found {type(record).__name__}")
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("'messages' must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-                raise ValueError(f"messages[{i}] must have a role ({', '.join(ROLES)}) and a string content")
+        messages = check_messages(record["messages"], "messages")
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError("the conversation has no assistant message to train on")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
+        return messages
     if "instruction" in record and "output" in record:
         fields = {k: record.get(k, "") for k in ("instruction", "input", "output", "system")}
         bad = [k for k, v in fields.items() if not isinstance(v, str)]
@@ -92,7 +97,7 @@ def to_messages(record: Any) -> list[dict[str, str]] | tuple[str, str]:
     )
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -114,7 +119,7 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]]) -> Example:
             continue
         asked = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=True)
         answered = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False, tokenize=True)
-        start, end = _common_prefix(asked, ids), _common_prefix(answered, ids)
+        start, end = common_prefix(asked, ids), common_prefix(answered, ids)
         labels[start:end] = ids[start:end]
     _end_with_stop(tokenizer, ids, labels)
     return Example(ids, labels)

@@ -17,6 +17,11 @@ sequence ends, is kept in blocks outside the rows; a new prompt that starts with
 copied into its row and computes only the rest (`RequestOutput.num_cached_tokens`). The blocks take what
 the KV budget leaves beside the rows and are evicted, least recently used first, before the rows grow.
 
+Texts to embed wait in the engine's `Embedder` (`embedding.py`): each step embeds one batch of them, prefill
+only, before the prompts. A request may name a LoRA adapter loaded on the model (`models.multi_lora`): every
+forward pass says each row's (`use_adapters`), so requests for different adapters share batches; their KV is
+kept out of the prefix cache, which holds the base model's.
+
 Faults stay with their request: a request whose prefill or sampling raises is failed alone (its output
 carries the error) while the others go on with exactly the tokens they would have had anyway. With a
 `cache_budget`, the KV cache never grows past it: a request that could never fit is refused at `add`, one
@@ -37,8 +42,10 @@ import torch
 from torch import Tensor
 
 from llmasos.errors import ContextLengthError, InvalidRequestError, LLMasOSError
+from llmasos.inference.embedding import Embedder
 from llmasos.inference.prefix_cache import BLOCK_SIZE, PrefixCache
 from llmasos.inference.sampling import SEEDS, SamplingParams, apply_penalties, draw, filter_logits
+from llmasos.models.multi_lora import Adapter, use_adapters
 from llmasos.progress import progress_bar
 from llmasos.tokenization import StreamDecoder, Tokenizer
 
@@ -159,9 +166,18 @@ class Sequence:
 
 
 class Request:
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer, max_tokens: int):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        max_tokens: int,
+        adapter: Adapter | None = None,
+    ):
         self.id, self.prompt_ids, self.params, self.tokenizer = request_id, prompt_ids, params, tokenizer
         self.max_tokens = max_tokens
+        self.adapter = adapter  # the LoRA adapter its rows run with (None: the base model)
         self.stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else tokenizer.stop_ids)
         self.output = RequestOutput(request_id, prompt_ids, [Completion(i) for i in range(params.n)], arrival=time.perf_counter())
         self.sequences = [Sequence(self, i) for i in range(params.n)]
@@ -214,6 +230,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.device = model.model.embed_tokens.weight.device
+        self.embedder = Embedder(self, PREFILL_TOKENS)  # texts to embed: one batch a step, before the prefills
         # Bytes one cache slot (one position of one row, keys and values of every layer) takes.
         self.slot_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * self.cache_dtype.itemsize
         self.cache_budget = cache_budget
@@ -244,17 +261,29 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def add(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> RequestOutput:
+    def add(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, adapter: Adapter | None = None
+    ) -> RequestOutput:
         """Queue a request (a string, or token ids); refused before any work if it cannot fit the context
-        or the cache budget. max_tokens=0 (with prompt_logprobs) only scores the prompt."""
-        return self.enqueue(*self.check(prompt, params), params, request_id)
+        or the cache budget. max_tokens=0 (with prompt_logprobs) only scores the prompt. adapter: a LoRA adapter
+        loaded on the model (`AdapterSet`) to run it with."""
+        return self.enqueue(*self.check(prompt, params), params, request_id, adapter)
 
-    def enqueue(self, ids: list[int], max_tokens: int, params: SamplingParams, request_id: str | None = None) -> RequestOutput:
+    def enqueue(
+        self,
+        ids: list[int],
+        max_tokens: int,
+        params: SamplingParams,
+        request_id: str | None = None,
+        adapter: Adapter | None = None,
+    ) -> RequestOutput:
         """Queue what `check` returned for this prompt and these params (`add` is both)."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise LLMasOSError(f"request id {request_id!r} is already in use")
-        req = Request(request_id, ids, params, self.tokenizer, max_tokens)
+        if adapter is not None and adapter.retired:
+            raise InvalidRequestError(f"the adapter {adapter.name!r} has been unloaded", param="model")
+        req = Request(request_id, ids, params, self.tokenizer, max_tokens, adapter)
         self.requests[request_id] = req
         self.waiting.append(req)
         return req.output
@@ -319,9 +348,10 @@ class Engine:
         if req is not None:
             self._end(req)
             self._give_back_cache()
+        self.embedder.abort(request_id)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.partial)
+        return bool(self.waiting or self.running or self.partial or self.embedder.has_work())
 
     @property
     def num_running(self) -> int:
@@ -343,6 +373,7 @@ class Engine:
     def step(self) -> list[Delta]:
         """Prefill what fits the step (the partly prefilled prompt first, then waiting ones while rows and the
         budget allow; prompts only scored are scored), then one decode step for every running sequence."""
+        self.embedder.step()  # one batch of texts to embed, if any wait
         deltas: list[Delta] = []
         left = None if self.max_num_batched_tokens is None else self.max_num_batched_tokens - len(self.running)
         chunks: list[tuple[Request, int]] = []  # (request, prompt tokens to compute now), in rows len(running)..
@@ -462,8 +493,8 @@ class Engine:
     def _reuse_prefix(self, req: Request) -> None:
         """Copy the longest cached prefix of the prompt into its row; at least its last token is left to compute
         (its logits pick the first token). A request that wants prompt logprobs computes every position."""
-        if self.prefix_cache is None or req.params.prompt_logprobs is not None:
-            return
+        if self.prefix_cache is None or req.params.prompt_logprobs is not None or req.adapter is not None:
+            return  # (an adapter's KV differs from the base's: the cache holds the base model's alone)
         chain = self.prefix_cache.match(req.prompt_ids, len(req.prompt_ids) - 1)
         req.done = req.output.num_cached_tokens = self.prefix_cache.load(chain, self.cache.k, self.cache.v, req.row)
 
@@ -498,7 +529,8 @@ class Engine:
         done = [r for r in live if r in last]
         partial = [r for r in live if r not in last]
         for r in done:  # while each is still in its own row
-            self._keep_prefix(r.prompt_ids, len(r.prompt_ids), r.row)
+            if r.adapter is None:
+                self._keep_prefix(r.prompt_ids, len(r.prompt_ids), r.row)
         for i, r in enumerate(done):  # rows left by failed requests are filled from below
             if r.row != row0 + i:
                 self.cache.copy_row(r.row, row0 + i, len(r.prompt_ids))
@@ -557,7 +589,8 @@ class Engine:
         first = group[0][0]
         full = first.params.prompt_logprobs is not None  # then it is alone in its batch
         at = None if full else torch.tensor(takes, device=self.device) - 1
-        logits = self.model(ids.to(self.device), pos, self.cache, logits_at=at, cache_row=first.row).float()
+        with use_adapters(self.model, [r.adapter for r, _ in group]):
+            logits = self.model(ids.to(self.device), pos, self.cache, logits_at=at, cache_row=first.row).float()
         if full:
             self._record_prompt_logprobs(first, logits[0], first.done)
             logits = logits[:, -1:]
@@ -571,7 +604,9 @@ class Engine:
     def _score(self, req: Request) -> list[Delta]:
         """A request that only scores its prompt: one forward without the cache, then it is finished."""
         try:
-            self._record_prompt_logprobs(req, self.model(req.prompt_tensor[None].to(self.device))[0].float())
+            with use_adapters(self.model, [req.adapter]):
+                logits = self.model(req.prompt_tensor[None].to(self.device))
+            self._record_prompt_logprobs(req, logits[0].float())
         except Exception as e:
             return self._fail(req, e)
         req.output.first_token_at = time.perf_counter()
@@ -598,7 +633,8 @@ class Engine:
         positions = [s.pos for s in seqs]
         same = all(p == positions[0] for p in positions)
         pos = torch.tensor([positions[0]] if same else [[p] for p in positions], device=self.device)
-        logits = self.model(tokens, pos, self.cache)
+        with use_adapters(self.model, [s.request.adapter for s in seqs]):
+            logits = self.model(tokens, pos, self.cache)
         return self._sample(logits[:, -1].float(), list(seqs))
 
     def _sample(self, logits: Tensor, seqs: list[Sequence]) -> list[Delta]:
@@ -695,7 +731,7 @@ class Engine:
         """Take sequences out of the running set (their KV kept in the prefix cache), moving the last rows into
         the holes they leave, and the partly prefilled prompt's row down after them."""
         for seq in sorted((s for s in seqs if s.row >= 0), key=lambda s: -s.row):
-            if keep:
+            if keep and seq.request.adapter is None:  # the prefix cache holds the base model's KV alone
                 self._keep_prefix(seq.request.prompt_ids + seq.completion.token_ids, seq.pos, seq.row)
             last = self.running[-1]
             if last is not seq:

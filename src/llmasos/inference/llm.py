@@ -9,12 +9,16 @@ from typing import Any, cast
 import torch
 
 from llmasos.checkpoints.gguf_vocab import tokenizer_source
-from llmasos.checkpoints.load import load_model, open_checkpoint
+from llmasos.checkpoints.load import adapter_base, load_model, open_checkpoint
+from llmasos.checkpoints.pooling import DEFAULT_POOLING, POOLINGS, read_pooling
 from llmasos.checkpoints.store import resolve
 from llmasos.errors import LLMasOSError
+from llmasos.inference import adapters as lora
+from llmasos.inference.embedding import check_dimensions, shorten
 from llmasos.inference.engine import Engine, RequestOutput
 from llmasos.inference.sampling import SamplingParams
 from llmasos.models.fast import set_inference_dtypes, use_gemv_kernels
+from llmasos.models.lora import ADAPTER_CONFIG
 from llmasos.models.quantize import quantize_model
 from llmasos.tokenization import Tokenizer
 
@@ -44,7 +48,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, stored: str, device: str) -> 
 
 
 class LLM:
-    """Load once, then `generate`, `stream` or `chat`. `.model` is the nn.Module, `.tokenizer` the tokenizer."""
+    """Load once, then `generate`, `stream`, `chat` or `embed`. `.model` is the nn.Module, `.tokenizer` the tokenizer.
+
+    LoRA adapters load beside the model unmerged (`load_adapter`) and each call names the one it runs with
+    (`adapter=`); requests for different adapters share the engine's batches."""
 
     def __init__(
         self,
@@ -56,6 +63,7 @@ class LLM:
         cache_budget: int | None = None,
         enable_prefix_caching: bool = True,
         max_num_batched_tokens: int | None = None,
+        pooling: str | None = None,
     ):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.engine = Engine(
@@ -67,6 +75,9 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             max_num_batched_tokens=max_num_batched_tokens,
         )
+        if pooling is not None and pooling not in POOLINGS:
+            raise LLMasOSError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+        self._pooling = pooling
 
     @classmethod
     def load(
@@ -83,6 +94,7 @@ class LLM:
         cache_budget: int | None = None,
         enable_prefix_caching: bool = True,
         max_num_batched_tokens: int | None = None,
+        pooling: str | None = None,
     ) -> LLM:
         """A stored model's name or a model dir. quantize: None, "int8" or "int4" (weight-only).
 
@@ -92,7 +104,8 @@ class LLM:
         max_num_batched_tokens: tokens computed per engine step (None: whole prompts); a smaller budget cuts
         long prompts into chunks, so that running streams keep going while they are prefilled.
         kernels: on a CPU, decode with the hand-written kernels (`llmasos.kernels`).
-        compile: torch.compile the model instead (stock PyTorch ops; the first calls compile for minutes)."""
+        compile: torch.compile the model instead (stock PyTorch ops; the first calls compile for minutes).
+        pooling: how `embed` pools (mean, last, cls, max), instead of what the model's files name."""
         path = resolve(name_or_path)
         config, _ = open_checkpoint(path)
         model = load_model(path, dtype=resolve_dtype(dtype, config.dtype, device), device=device, progress=progress)
@@ -111,6 +124,7 @@ class LLM:
             cache_budget=cache_budget,
             enable_prefix_caching=enable_prefix_caching,
             max_num_batched_tokens=max_num_batched_tokens,
+            pooling=pooling,
         )
 
     @property
@@ -118,21 +132,25 @@ class LLM:
         return self.model.config
 
     def generate(
-        self, prompts: str | list[str] | list[list[int]] | list[int], params: SamplingParams | None = None, progress: bool = False
+        self,
+        prompts: str | list[str] | list[list[int]] | list[int],
+        params: SamplingParams | None = None,
+        progress: bool = False,
+        adapter: str | None = None,
     ) -> list[RequestOutput]:
-        """One output per prompt, in order. A prompt is a string or a list of token ids."""
+        """One output per prompt, in order. A prompt is a string or a list of token ids. adapter: the name of a
+        loaded LoRA adapter to generate with (None: the base model)."""
         params = params or SamplingParams()
-        one = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
-        batch = cast(list[str | list[int]], [prompts] if one else prompts)
-        outputs = self.engine.run([self.engine.add(p, params) for p in batch], progress=progress)
+        chosen = lora.find(self.model, adapter)
+        outputs = self.engine.run([self.engine.add(p, params, adapter=chosen) for p in _batch(prompts)], progress=progress)
         failed = [o for o in outputs if o.error is not None]
         if failed:
             raise LLMasOSError(f"generation failed for {len(failed)} of {len(outputs)} prompts: {failed[0].error}")
         return outputs
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None, adapter: str | None = None) -> Iterator[str]:
         """Text deltas of the (first) sample as they are decoded. Closing the iterator cancels the request."""
-        output = self.engine.add(prompt, params or SamplingParams())
+        output = self.engine.add(prompt, params or SamplingParams(), adapter=lora.find(self.model, adapter))
         try:
             while not output.finished:
                 for delta in self.engine.step():
@@ -144,9 +162,63 @@ class LLM:
             if not output.finished:
                 self.engine.abort(output.request_id)
 
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
+    def chat(
+        self, messages: list[dict[str, Any]], params: SamplingParams | None = None, adapter: str | None = None
+    ) -> RequestOutput:
         """Answer a conversation rendered with the model's chat template."""
-        return self.generate([self.chat_prompt(messages)], params)[0]
+        return self.generate([self.chat_prompt(messages)], params, adapter=adapter)[0]
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+    # ---- embeddings ----
+
+    @property
+    def pooling(self) -> str:
+        """How `embed` pools the final hidden states: as `LLM.load(pooling=...)` said, else as the model's files
+        name it (a sentence-transformers Pooling config, a GGUF's pooling_type), else mean."""
+        if self._pooling is None:
+            source = self.path
+            if source is not None and (source / ADAPTER_CONFIG).exists():
+                source = adapter_base(source)
+            self._pooling = (read_pooling(source) if source is not None else None) or DEFAULT_POOLING
+        return self._pooling
+
+    def embed(
+        self,
+        texts: str | list[str] | list[int] | list[list[int]],
+        pooling: str | None = None,
+        dimensions: int | None = None,
+        adapter: str | None = None,
+    ) -> torch.Tensor:
+        """Embeddings [len(texts), hidden] (fp32, CPU, each of unit length): the final hidden states of each text
+        (a string or a list of token ids) pooled over its tokens (`pooling`, default `self.pooling`). Batched with
+        whatever else the engine runs, prefill only. dimensions: keep the first this many values, renormalised."""
+        check_dimensions(dimensions, self.config.hidden_size)
+        request = self.engine.embedder.add(_batch(texts), pooling or self.pooling, lora.find(self.model, adapter))
+        while not request.finished:
+            self.engine.step()
+        if request.error is not None:
+            raise LLMasOSError(f"embedding failed: {request.error}")
+        return shorten(torch.stack(cast(list[torch.Tensor], request.embeddings)), dimensions)
+
+    # ---- LoRA adapters ----
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load the PEFT LoRA adapter dir `path` (what `llmasos finetune --method lora` writes) beside the model,
+        unmerged, as `name`: `generate(..., adapter=name)` then runs with it, while other calls run without."""
+        lora.load(self.engine, name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        lora.unload(self.engine, name)
+
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the LoRA adapters loaded."""
+        return lora.names(self.model)
+
+
+def _batch(prompts: str | list[str] | list[list[int]] | list[int]) -> list[str | list[int]]:
+    """One prompt (a string or token ids) as a list of one; a list of prompts as it is."""
+    one = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
+    return cast(list[str | list[int]], [prompts] if one else list(prompts))

@@ -271,13 +271,18 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         logits_at: Tensor | None = None,
         cache_row: int = 0,
+        head: bool = True,
+        logits_mask: Tensor | None = None,
     ) -> Tensor:
-        """Logits [B, S, vocab] for `input_ids` [B, S].
+        """Logits [B, S, vocab] for `input_ids` [B, S] (head=False: the final norm's output [B, S, hidden], which
+        embeddings pool).
 
         Without `input_pos` the tokens are positions 0..S-1 of fresh sequences (training, scoring, or a
         prefill into `cache`). With `cache` and `input_pos` ([B, S] or [S]), each token is written at its
         position in cache rows cache_row.. and attends to every earlier slot of its row.
         logits_at: an index [B] into the sequence; only that position's logits are computed ([B, 1, vocab]).
+        logits_mask: a bool [B, S]; only its True positions' logits are computed, [N, vocab] in row-major
+        order (training on some tokens only, as DPO's completions: the LM head skips the others).
         """
         b, s = input_ids.shape
         window = self.config.sliding_window
@@ -308,4 +313,7 @@ class Transformer(nn.Module):
                 x = block(x, batch)
         if logits_at is not None:
             x = x[torch.arange(b, device=x.device), logits_at][:, None]
-        return self.lm_head(self.model.norm(x))
+        elif logits_mask is not None:
+            x = x[logits_mask]
+        x = self.model.norm(x)
+        return self.lm_head(x) if head else x

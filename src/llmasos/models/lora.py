@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,12 +73,15 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, config.rank, bias=False)
         self.lora_B = nn.Linear(config.rank, self.out_features, bias=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.disabled = False  # `adapters_disabled`: the base alone
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         quantized = isinstance(self.base, (Int8Linear, Int4Linear))
         y = _QuantizedBase.apply(x, self.base) if quantized and torch.is_grad_enabled() else self.base(x)
+        if self.disabled:
+            return y
         return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
     def merged_weight(self) -> Tensor:
@@ -95,6 +100,20 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         return None
 
     return swap_modules(model, adapted)
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model is its base: every LoRA update is skipped (as PEFT's `disable_adapter`), so the
+    frozen base serves as DPO's reference with no second copy in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def _device(module: nn.Module) -> torch.device:

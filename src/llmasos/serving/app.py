@@ -41,7 +41,10 @@ from starlette.middleware.cors import CORSMiddleware
 
 from llmasos.errors import ContextLengthError, InvalidRequestError, LLMasOSError
 from llmasos.inference import LLM, SamplingParams
+from llmasos.inference import adapters as lora
 from llmasos.inference.engine import RequestOutput, TokenLogprob
+from llmasos.models.multi_lora import Adapter, projections
+from llmasos.serving import adapters, embeddings
 from llmasos.serving import schemas as s
 from llmasos.serving.engine_thread import EngineFailure, EngineThread, QueueFullError, Stream
 from llmasos.serving.metrics import Metrics, ModelMetrics
@@ -75,6 +78,9 @@ ROUTES = {
     "/v1/models",
     "/v1/completions",
     "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
     "/tokenize",
     "/detokenize",
     "/tokenizer_info",
@@ -284,17 +290,25 @@ class Service:
         self.created = int(time.time())
         self.piece = functools.lru_cache(maxsize=1 << 16)(lambda token: self.tokenizer.decode([token], skip_special_tokens=False))
         self.max_chars = llm.engine.max_seq_len * max(MIN_CHARS_PER_TOKEN, self.tokenizer.max_token_chars)
+        self.projections = projections(llm.model)  # what a LoRA adapter may target, for checking one before loading it
 
     # ---- shared steps ----
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and self.model_name not in (name, name.removesuffix(":latest")):
+    def check_model(self, name: str | None) -> Adapter | None:
+        """The LoRA adapter `name` picks (None: the base model, also as Ollama's `name:latest`), or a 404 naming
+        what is served."""
+        if name is None or self.model_name in (name, name.removesuffix(":latest")):
+            return None
+        adapter = lora.get(self.llm.model, name)
+        if adapter is None:
+            served = ", ".join(f"`{n}`" for n in [self.model_name, *lora.names(self.llm.model)])
             raise APIError(
                 404,
-                f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
+                f"The model `{name}` does not exist; this server serves {served}.",
                 param="model",
                 code="model_not_found",
             )
+        return adapter
 
     @staticmethod
     def sampling(
@@ -390,7 +404,7 @@ class Service:
     # ---- /v1/completions ----
 
     async def completions(self, body: s.CompletionRequest, request: Request) -> Response:
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         prompt = body.prompt
         if not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
@@ -413,7 +427,7 @@ class Service:
                     param="prompt",
                 )
         params = self.sampling(body, body.max_tokens, body.logprobs, (body.logprobs or 0) if scoring else None)
-        stream = await self.worker.submit(prompts, params)
+        stream = await self.worker.submit(prompts, params, adapter)
         if body.echo and texts is None:
             texts = await asyncio.to_thread(lambda: [self.tokenizer.decode(p, skip_special_tokens=False) for p in prompts])
         if body.stream:
@@ -458,7 +472,7 @@ class Service:
         return s.CompletionResponse(
             id=f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
-            model=self.model_name,
+            model=body.model or self.model_name,
             choices=choices,
             usage=_usage(outputs),
             timings=_timings(outputs),
@@ -468,6 +482,7 @@ class Service:
         self, body: s.CompletionRequest, stream: Stream, texts: list[str] | None
     ) -> AsyncIterator[s.CompletionResponse]:
         rid, created, outputs = f"cmpl-{uuid.uuid4().hex}", int(time.time()), stream.outputs
+        model = body.model or self.model_name
         index = {o.request_id: i for i, o in enumerate(outputs)}
         seen = [[0] * body.n for _ in outputs]  # tokens already sent, per choice
         left = len(outputs) * body.n
@@ -475,7 +490,7 @@ class Service:
 
         def chunk(choices: list[s.CompletionChoice], last: bool = False) -> s.CompletionResponse:
             return s.CompletionResponse(
-                id=rid, created=created, model=self.model_name, choices=choices, timings=_timings(outputs) if last else None
+                id=rid, created=created, model=model, choices=choices, timings=_timings(outputs) if last else None
             )
 
         async for d in stream:
@@ -505,13 +520,13 @@ class Service:
                 )
         if body.stream_options and body.stream_options.include_usage:
             yield s.CompletionResponse(
-                id=rid, created=created, model=self.model_name, choices=[], usage=_usage(outputs), timings=_timings(outputs)
+                id=rid, created=created, model=model, choices=[], usage=_usage(outputs), timings=_timings(outputs)
             )
 
     # ---- /v1/chat/completions ----
 
     async def chat(self, body: s.ChatCompletionRequest, request: Request) -> Response:
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         prompt = await self.chat_prompt(body.messages)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
@@ -522,7 +537,7 @@ class Service:
                 body.max_completion_tokens if new_name else body.max_tokens,
                 (body.top_logprobs or 0) if body.logprobs else None,
             )
-            stream = await self.worker.submit([prompt], params)
+            stream = await self.worker.submit([prompt], params, adapter)
         except InvalidRequestError as e:  # name the field this request used, not the engine's
             fields = {
                 "prompt": "messages",
@@ -549,7 +564,7 @@ class Service:
             s.ChatCompletionResponse(
                 id=f"chatcmpl-{uuid.uuid4().hex}",
                 created=int(time.time()),
-                model=self.model_name,
+                model=body.model or self.model_name,
                 choices=choices,
                 usage=_usage([out]),
                 timings=_timings([out]),
@@ -573,7 +588,7 @@ class Service:
         seen, left = [0] * body.n, body.n
 
         def chunk(choices: list[s.ChatChunkChoice], **extra: Any) -> s.ChatCompletionChunk:
-            return s.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices, **extra)
+            return s.ChatCompletionChunk(id=rid, created=created, model=body.model or self.model_name, choices=choices, **extra)
 
         yield chunk([s.ChatChunkChoice(index=j, delta=s.ChatDelta(role="assistant", content="")) for j in range(body.n)])
         async for d in stream:
@@ -599,6 +614,14 @@ class Service:
             yield chunk([], usage=_usage(outputs), timings=_timings(outputs))
 
     # ---- the small routes ----
+
+    def adapter_cards(self) -> list[s.ModelCard]:
+        """Each LoRA adapter loaded on this model, as `/v1/models` lists it (`parent`: this model)."""
+        length = self.llm.engine.max_seq_len
+        return [
+            s.ModelCard(id=a.name, created=self.created, max_model_len=length, root=str(a.path), parent=self.model_name)
+            for a in lora.loaded(self.llm.model)
+        ]
 
     async def tokenize(self, body: s.TokenizeRequest) -> dict[str, Any]:
         self.check_model(body.model)
@@ -694,6 +717,8 @@ class Router:
                     length = min(length, self.pool.options.max_model_len)
                 created = int(info["modified"])
             cards.append(s.ModelCard(id=name, created=created, max_model_len=length))
+            if entry is not None and entry.service is not None:
+                cards.extend(entry.service.adapter_cards())
         return s.ModelList(data=cards)
 
     async def health(self) -> Response:
@@ -743,6 +768,9 @@ def create_app(
     if isinstance(llm, ModelPool):
         pool = llm
     else:
+        clash = lora.get(llm.model, served_model_name)
+        if clash is not None:
+            raise LLMasOSError(f"the LoRA adapter {clash.path} is loaded as {served_model_name!r}, the served model's own name")
         pool = ModelPool(Catalog({served_model_name: llm.path}), LoadOptions(max_queue=max_queue))
     metrics = Metrics(pool.entries)
     pool.bind(lambda name, model, worker: Service(model, worker, metrics.model(name), name), metrics)
@@ -800,6 +828,8 @@ def create_app(
     app.post("/tokenize")(router.tokenize)
     app.post("/detokenize")(router.detokenize)
     app.get("/tokenizer_info")(router.tokenizer_info)
+    embeddings.add_routes(app, router)
+    adapters.add_routes(app, router)
     add_ollama_routes(app, router)
 
     app.add_middleware(CatchAll, metrics=metrics)  # innermost: its 500 is counted and passes through CORS

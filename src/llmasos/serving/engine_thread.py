@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from llmasos.errors import InvalidRequestError
-from llmasos.inference.engine import Delta, Engine, RequestOutput
+from llmasos.inference.embedding import EmbeddingRequest
+from llmasos.inference.engine import PREFILL_TOKENS, Delta, Engine, RequestOutput
 from llmasos.inference.sampling import SamplingParams
+from llmasos.models.multi_lora import Adapter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -126,10 +128,10 @@ class EngineThread:
     def abort(self, request_id: str) -> None:
         self._commands.put((lambda engine: self._abort(engine, request_id), None))
 
-    async def submit(self, prompts: list[list[int]], params: SamplingParams) -> Stream:
-        """Queue one request per prompt (all or none). Raises, before any work is done, the engine's errors
-        (context length, bad ids), `InvalidRequestError` for more sequences than the server ever holds at once,
-        and `QueueFullError` when there is no room now."""
+    async def submit(self, prompts: list[list[int]], params: SamplingParams, adapter: Adapter | None = None) -> Stream:
+        """Queue one request per prompt (all or none), run with the LoRA `adapter` if one is given. Raises, before
+        any work is done, the engine's errors (context length, bad ids), `InvalidRequestError` for more sequences
+        than the server ever holds at once, and `QueueFullError` when there is no room now."""
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         ids = [f"req-{uuid.uuid4().hex}" for _ in prompts]
@@ -159,7 +161,7 @@ class EngineThread:
             outputs: list[RequestOutput] = []
             try:
                 for request_id, (prompt_ids, max_tokens) in zip(ids, checked):
-                    outputs.append(engine.enqueue(prompt_ids, max_tokens, params, request_id))
+                    outputs.append(engine.enqueue(prompt_ids, max_tokens, params, request_id, adapter))
                     self._sinks[request_id] = put
             except BaseException:
                 for out in outputs:
@@ -174,6 +176,38 @@ class EngineThread:
                 self.abort(request_id)
             raise
         return Stream(self, outputs, inbox)
+
+    async def embed(
+        self, inputs: list[list[int]], pooling: str, adapter: Adapter | None = None
+    ) -> tuple[EmbeddingRequest, asyncio.Future]:
+        """Queue token id lists to embed (all or none); returns the request and a future done when it is finished
+        (its `error` set if it failed or was aborted). Raises the engine's errors before any work, and
+        `QueueFullError` when more than `max_queue` batches of embedding work already wait."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        request_id = f"embd-{uuid.uuid4().hex}"
+
+        def finished(req: EmbeddingRequest) -> None:  # on the engine thread
+            self._sinks.pop(request_id, None)
+            try:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(req))
+            except RuntimeError:  # the event loop is gone (shutdown)
+                pass
+
+        def add(engine: Engine) -> EmbeddingRequest:
+            queued, tokens = engine.embedder.waiting_tokens, sum(map(len, inputs))
+            if queued and queued + tokens > max(1, self.max_queue) * PREFILL_TOKENS:
+                raise QueueFullError(f"the server is busy: {queued} tokens wait to be embedded")
+            req = engine.embedder.add(inputs, pooling, adapter, request_id, finished)
+            self._sinks[request_id] = lambda item: None  # so that shutting down or a failed step aborts it too
+            return req
+
+        try:
+            req = await self.call(add)
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        return req, done
 
     # ---- on the engine thread -------------------------------------------------------------------
 

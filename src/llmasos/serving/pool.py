@@ -41,6 +41,7 @@ from llmasos.checkpoints.load import open_checkpoint
 from llmasos.checkpoints.paths import stored_models
 from llmasos.errors import InvalidRequestError, LLMasOSError
 from llmasos.inference import LLM
+from llmasos.inference import adapters as lora
 from llmasos.inference.llm import resolve_dtype
 from llmasos.kernels import compute_dtype
 from llmasos.serving.engine_thread import EngineThread
@@ -429,7 +430,12 @@ class ModelPool:
         for candidate in (name, name.removesuffix(":latest")):
             if candidate in names:
                 return candidate
-        raise ModelNotFoundError(name, names)
+        for entry in self.entries():  # a LoRA adapter is served by the model it is loaded on
+            if entry.llm is not None and lora.get(entry.llm.model, name) is not None:
+                return entry.name
+        raise ModelNotFoundError(
+            name, [*names, *(a for e in self.entries() if e.llm is not None for a in lora.names(e.llm.model))]
+        )
 
     def path(self, name: str) -> Path | None:
         entry = self.loaded.get(name)

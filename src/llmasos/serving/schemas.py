@@ -103,6 +103,29 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI's /v1/embeddings body. input: a text, texts, token ids, or lists of token ids."""
+
+    model: str | None = None
+    input: Prompt
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # keep the first this many values, renormalised (as OpenAI's v3 models)
+    user: str | None = None
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's /v1/load_lora_adapter body."""
+
+    lora_name: str
+    lora_path: str
+    model: str | None = None  # ours: the served model to load it on (needed where the server serves several)
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    lora_name: str
+    lora_int_id: int | None = None  # vLLM's; ignored
+
+
 # ---- responses -----------------------------------------------------------------------------------
 
 
@@ -219,6 +242,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llmasos"
     max_model_len: int | None  # None: a stored model whose config cannot be read (its requests say why)
+    root: str | None = None  # a LoRA adapter's dir (vLLM's field)
+    parent: str | None = None  # a LoRA adapter's base model
 
 
 class ModelList(BaseModel):

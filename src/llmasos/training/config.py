@@ -132,16 +132,23 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    """Fine-tuning a model (full, LoRA or QLoRA) on instruction data, a task's examples or a prepared dir."""
+    """Fine-tuning a model (full, LoRA or QLoRA) on instruction data, a task's examples or a prepared dir, or
+    by DPO on preference pairs (`dpo`, with any of the three methods; `method: dpo` is full DPO)."""
 
     model: str = key("", "the model to start from: a store name or a model dir")
-    data: str = key("", "instruction records (Alpaca, chat or prompt/completion; JSON or JSONL), or a prepared dir")
+    data: str = key(
+        "",
+        "instruction records (Alpaca, chat or prompt/completion; JSON or JSONL), preference pairs with dpo "
+        "(prompt/chosen/rejected), or a prepared dir",
+    )
     out: str = key("runs/finetune", "the run dir: config.yaml, metrics.csv, loss.png, checkpoints/, adapter/, final/")
     seq_len: int = key(512, "tokens per training sequence; longer examples are cut")
     micro_batch_size: int = key(4, "sequences per forward and backward pass")
     # None, which TrainConfig's lr does not allow, means "by method"
     lr: float | None = key(  # type: ignore[assignment]
-        None, "the peak learning rate, reached at the end of the warmup (default: 2e-5 for full, 2e-4 for lora and qlora)"
+        None,
+        "the peak learning rate, reached at the end of the warmup (default: 2e-5 for full, 2e-4 for lora and qlora); "
+        "with dpo 1e-6 for full, 1e-5 for lora and qlora",
     )
     warmup_steps: int = key(10, "steps of linear warmup to lr")
     min_lr: float = key(0.0, "the learning rate at the end of the cosine decay")
@@ -152,7 +159,8 @@ class FinetuneConfig(TrainConfig):
     seed: int = key(0, "the seed of the adapters' initial weights, the validation split and the batch order")
     method: str = key(
         "full",
-        "full (every weight trained), lora (adapters on the frozen model) or qlora (adapters on the frozen model quantized)",
+        "full (every weight trained), lora (adapters on the frozen model) or qlora (adapters on the frozen model "
+        "quantized); dpo is full with dpo",
     )
     lora_rank: int = key(8, "lora/qlora: the rank of the adapters")
     lora_alpha: float = key(16.0, "lora/qlora: the adapters' scale is lora_alpha / lora_rank")
@@ -165,11 +173,25 @@ class FinetuneConfig(TrainConfig):
     task: str | None = key(
         None, "an evaluation task (built-in name or YAML) whose examples are the training data, instead of data"
     )
+    dpo: bool = key(
+        False,
+        "train on preference pairs by DPO against a reference: the starting model (full), or the base with the "
+        "adapters disabled (lora, qlora)",
+    )
+    beta: float = key(0.1, "dpo: the rewards' scale; higher keeps the model nearer the reference (ipo: its tau)")
+    loss_type: str = key("sigmoid", "dpo: sigmoid (DPO), ipo, hinge or robust, as TRL names them")
+    label_smoothing: float = key(
+        0.0, "dpo: the chance a preference is flipped, in [0, 0.5): conservative DPO for sigmoid, robust DPO for robust"
+    )
+    precompute_ref_log_probs: bool = key(
+        False, "dpo: the reference's log-probabilities computed once per pair before training, not at every step"
+    )
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         **TrainConfig.CHOICES,
-        "method": ("full", "lora", "qlora"),
+        "method": ("full", "lora", "qlora", "dpo"),
         "quantize": ("int8", "int4"),
+        "loss_type": ("sigmoid", "ipo", "hinge", "robust"),
     }
     LENGTHS: ClassVar[tuple[str, ...]] = ("max_steps", "max_tokens", "epochs")
 
@@ -177,8 +199,19 @@ class FinetuneConfig(TrainConfig):
         super().__post_init__()
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if self.method == "dpo":  # the shorthand, saved as what it means
+            self.method, self.dpo = "full", True
+        if self.beta <= 0:
+            raise ConfigError(f"beta: must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.dpo and self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            raise ConfigError(f"label_smoothing applies to the sigmoid and robust losses, not {self.loss_type}")
         if self.lr is None:
-            self.lr = 2e-5 if self.method == "full" else 2e-4
+            if self.dpo:
+                self.lr = 1e-6 if self.method == "full" else 1e-5
+            else:
+                self.lr = 2e-5 if self.method == "full" else 2e-4
 
     @classmethod
     def from_run(cls, run: Path | str, overrides: dict[str, Any] | None = None) -> Self:

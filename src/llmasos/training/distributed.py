@@ -93,6 +93,26 @@ def all_sum(value: float | int, cluster: Cluster) -> float:
     return t.item()
 
 
+def all_sums(values: list[float], cluster: Cluster) -> list[float]:
+    """Each value summed over ranks, in one collective."""
+    if cluster.world == 1:
+        return list(values)
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=cluster.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_sum_tensor(t: torch.Tensor, cluster: Cluster) -> torch.Tensor:
+    """A tensor summed over ranks (in place; returned)."""
+    if cluster.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
 def _options(full: bool, trainable_only: bool, cpu_offload: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

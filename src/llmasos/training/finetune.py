@@ -1,5 +1,5 @@
 """Fine-tuning a model: full, LoRA, or QLoRA (LoRA over a frozen int8/int4 base), on instruction
-data or a prepared corpus, through the same loop as pretraining.
+data or a prepared corpus, or by DPO on preference pairs, through the same loop as pretraining.
 
 A run dir holds the usual checkpoints, metrics and loss curve, and:
 - `final/`: the fine-tuned model as an HF dir (full; or lora/qlora with `merge`, the adapter folded
@@ -11,9 +11,10 @@ A run dir holds the usual checkpoints, metrics and loss curve, and:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -23,15 +24,19 @@ from llmasos.checkpoints.hf import save_model
 from llmasos.checkpoints.load import load_model
 from llmasos.checkpoints.paths import resolve
 from llmasos.data.instruct import IGNORE, Example, load_examples, tokenize_completion
+from llmasos.data.preference import Pair, load_pairs
 from llmasos.errors import ConfigError, LLMasOSError
 from llmasos.evaluation.tasks import load_task
-from llmasos.models.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
+from llmasos.models.lora import LoRAConfig, adapters_disabled, apply_lora, merge_lora, save_adapter
 from llmasos.models.quantize import quantize_model
 from llmasos.outputs import atomic_dir
 from llmasos.tokenization import Tokenizer, copy_tokenizer_files
 from llmasos.training import distributed
 from llmasos.training.config import FinetuneConfig, TrainConfig
+from llmasos.training.dpo import DPO, PairBatch, collate_pairs, precompute_reference, sequence_logps
 from llmasos.training.trainer import Job, Run, claim_run, packed_job, save_full_model, train
+
+T = TypeVar("T")
 
 
 @lru_cache(maxsize=4)
@@ -51,17 +56,27 @@ def collate(examples: list[Example], seq_len: int, pad_id: int) -> tuple[Tensor,
     return x, y
 
 
-def example_batch(examples: list[Example], config: TrainConfig, step: int, micro: int, pad_id: int) -> tuple[Tensor, Tensor]:
-    """Micro-batch `micro` of step `step`: examples in a fresh seeded order each epoch, a pure function of the step."""
+def _picks(items: Sequence[T], config: TrainConfig, step: int, micro: int) -> list[T]:
+    """The items of micro-batch `micro` of step `step`: a fresh seeded order each epoch, a pure function of the step."""
     first = step * config.global_batch_size + micro * config.micro_batch_size
     picks = []
     for p in range(first, first + config.micro_batch_size):
-        epoch, i = divmod(p, len(examples))
-        picks.append(examples[_epoch_order(len(examples), config.seed, epoch)[i]])
-    return collate(picks, config.seq_len, pad_id)
+        epoch, i = divmod(p, len(items))
+        picks.append(items[_epoch_order(len(items), config.seed, epoch)[i]])
+    return picks
 
 
-def split_examples(examples: list[Example], config: FinetuneConfig) -> tuple[list[Example], list[Example]]:
+def example_batch(examples: list[Example], config: TrainConfig, step: int, micro: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Micro-batch `micro` of step `step`: examples in a fresh seeded order each epoch, a pure function of the step."""
+    return collate(_picks(examples, config, step, micro), config.seq_len, pad_id)
+
+
+def pair_batch(pairs: list[Pair], config: TrainConfig, step: int, micro: int, pad_id: int) -> PairBatch:
+    """Micro-batch `micro` of step `step` of preference pairs (`micro_batch_size` pairs, twice as many sequences)."""
+    return collate_pairs(_picks(pairs, config, step, micro), config.seq_len, pad_id)
+
+
+def split_examples(examples: list[T], config: FinetuneConfig) -> tuple[list[T], list[T]]:
     """(train, validation): a seeded `val_fraction` held out."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
     n_val = int(len(examples) * config.val_fraction)
@@ -110,6 +125,61 @@ def _save_adapter(base: Path, lora, config: FinetuneConfig):
     return save
 
 
+def _reference(config: FinetuneConfig, base: Path, model, lora, device: torch.device) -> Callable[[Tensor, Tensor], Tensor]:
+    """DPO's reference: `(inputs, labels) -> sequence log-probabilities` of the starting model, which for lora/qlora
+    is the trained model with its adapters disabled (no second copy), and for full a frozen copy (with precomputed
+    log-probabilities, the model itself before its first step: no copy either)."""
+    if lora is not None:
+
+        def base_logps(x: Tensor, y: Tensor) -> Tensor:
+            with adapters_disabled(model):
+                return sequence_logps(model, x, y, config.precision)
+
+        return base_logps
+    if config.precompute_ref_log_probs:
+        return lambda x, y: sequence_logps(model, x, y, config.precision)
+    frozen = load_model(base, dtype=torch.float32).requires_grad_(False).eval().to(device)
+    return lambda x, y: sequence_logps(frozen, x, y, config.precision)
+
+
+def _dpo_job(config: FinetuneConfig, base: Path, model, lora, save_final, tokenizer, cluster) -> tuple[FinetuneConfig, Job]:
+    """Training on preference pairs: the pairs, their split, the reference (or its precomputed log-probabilities)."""
+    if config.task:
+        raise ConfigError("dpo trains on preference pairs (data: a prompt/chosen/rejected file), not on a task")
+    pairs = load_pairs(config.data, tokenizer)
+    kept = [p for p in pairs if len(p.prompt) <= config.seq_len]  # the prompt leaves room for a completion token
+    if len(kept) < len(pairs) and cluster.main:
+        print(f"note: {len(pairs) - len(kept)} of {len(pairs)} pairs leave no room for a completion in seq_len; left out")
+    pairs, val = split_examples(kept, config)
+    if not pairs:
+        raise LLMasOSError(f"{config.data}: no training pairs left after the validation split")
+    longer = sum(len(p.prompt) + max(len(p.chosen), len(p.rejected)) > config.seq_len + 1 for p in pairs)
+    if longer and cluster.main:
+        print(f"note: {longer} of {len(pairs)} pairs are longer than seq_len {config.seq_len} and are cut")
+    if config.max_steps is None and config.max_tokens is None:
+        config = dataclasses.replace(config, max_steps=config.epoch_steps(len(pairs)))
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    mbs = config.micro_batch_size
+    reference = _reference(config, base, model, lora, cluster.device)
+    if config.precompute_ref_log_probs:  # every batch then carries its pairs' reference log-probabilities
+        if cluster.main:
+            print(f"computing the reference's log-probabilities of {len(pairs) + len(val)} pairs")
+        pairs = precompute_reference(pairs, reference, mbs, config.seq_len, pad, cluster)
+        val = precompute_reference(val, reference, mbs, config.seq_len, pad, cluster)
+    val_batches = [collate_pairs(val[i : i + mbs], config.seq_len, pad) for i in range(0, len(val), mbs)]
+    job = Job(
+        model,
+        lambda step, micro: pair_batch(pairs, config, step, micro, pad),
+        (lambda: val_batches[: config.eval_batches]) if val_batches else None,
+        save_final,
+        trainable_only=lora is not None,
+        objective=DPO(
+            config.beta, config.loss_type, config.label_smoothing, None if config.precompute_ref_log_probs else reference
+        ),
+    )
+    return config, job
+
+
 def finetune(
     config: FinetuneConfig,
     resume: bool = False,
@@ -135,9 +205,13 @@ def finetune(
         model, lora = _load_base(base, config, cluster.device)
         save_final = _save_adapter(base, lora, config) if lora else save_full_model(model.config, base)
         if config.data and (Path(config.data) / "metadata.json").exists():
+            if config.dpo:
+                raise ConfigError("dpo trains on preference pairs (a prompt/chosen/rejected file), not on a prepared dir")
             if config.max_steps is None and config.max_tokens is None:
                 raise ConfigError("a prepared dir: set max_steps or max_tokens")
             job = packed_job(model, config, Path(config.data), cluster.device, save_final, trainable_only=lora is not None)
+        elif config.dpo:
+            config, job = _dpo_job(config, base, model, lora, save_final, Tokenizer(tokenizer_source(base)), cluster)
         else:
             tokenizer = Tokenizer(tokenizer_source(base))
             examples, val = split_examples(training_examples(config, tokenizer), config)

@@ -7,6 +7,10 @@ never interrupted. Checkpoints are written to a temporary dir and renamed, so a 
 leaves the last one loadable. Under torchrun each rank takes its share of a step's micro-batches and
 the loss is normalised by the target tokens of the whole global batch, so N processes follow the
 single-process loss curve.
+
+What a step minimises is the job's objective: the next-token cross-entropy of the labelled tokens,
+or DPO's preference loss over (chosen, rejected) pairs (`llmasos.training.dpo`); either way a sum
+over the micro-batch, normalised by the units of the whole global batch (tokens or pairs).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +45,8 @@ from llmasos.training import distributed
 from llmasos.training.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
+METRICS = "step,loss,lr,tokens_per_s,val_loss,val_ppl"  # then the objective's own columns
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")  # plotted where logged
 
 
 def build_model_config(config: TrainConfig, data_meta: dict):
@@ -100,6 +107,32 @@ def evaluate(model, data, config: TrainConfig) -> float:
     return mean_loss(model, [batch_at(data, config, i, 0, split_seed=1) for i in range(config.eval_batches)], config.precision)
 
 
+class CrossEntropy:
+    """The objective of pretraining and instruction tuning: the summed cross-entropy of the labelled tokens
+    of (inputs, labels) micro-batches, normalised by the labelled tokens of the global batch."""
+
+    columns: tuple[str, ...] = ()  # metrics of each step, logged beside the loss
+    val_columns: tuple[str, ...] = ()  # metrics of each validation
+    perplexity = True  # the validation loss is a cross-entropy: its exp is logged too
+
+    def count(self, batch: tuple[Tensor, Tensor]) -> int:
+        """The units the loss of a step is averaged over: here, labelled tokens."""
+        return int((batch[1] != -100).sum())
+
+    def tokens(self, batch: tuple[Tensor, Tensor]) -> int:
+        """The trained tokens of a micro-batch, for tokens/s."""
+        return int((batch[1] != -100).sum())
+
+    def loss(self, model, batch: tuple[Tensor, Tensor], device: torch.device, precision: str) -> tuple[Tensor, dict[str, float]]:
+        """The summed loss of a micro-batch (to backpropagate) and the summed metrics of `columns`."""
+        x, y = batch
+        return loss_sum(model, x.to(device), y.to(device), precision)[0], {}
+
+    def validate(self, model, batches: list, device: torch.device, precision: str) -> tuple[float, dict[str, float]]:
+        """The validation loss and metrics."""
+        return mean_loss(model, [(x.to(device), y.to(device)) for x, y in batches], precision), {}
+
+
 @dataclass(frozen=True)
 class Run:
     """A finished training run: its dir (`final/`, `adapter/`, metrics, checkpoints) and the optimizer steps
@@ -114,10 +147,11 @@ class Job:
     """What a run trains and on what; `train` is the same loop for every kind of job."""
 
     model: nn.Module  # fp32 master weights on the device, not yet wrapped for DDP/FSDP
-    batch: Callable[[int, int], tuple[Tensor, Tensor]]  # (step, micro-batch of the global batch) -> (inputs, labels)
-    val_batches: Callable[[], list[tuple[Tensor, Tensor]]] | None  # the fixed validation set, if any
+    batch: Callable[[int, int], Any]  # (step, micro-batch of the global batch) -> a batch the objective takes
+    val_batches: Callable[[], list[Any]] | None  # the fixed validation set, if any
     save_final: Callable[[dict[str, Tensor], Path], None]  # rank 0: write the result from the full weights
     trainable_only: bool = False  # checkpoints hold only trained weights (LoRA: the base stays as loaded)
+    objective: Any = field(default_factory=CrossEntropy)  # CrossEntropy, or dpo.DPO for preference pairs
 
 
 def save_checkpoint(run: Path, state: dict[str, Tensor], optimizer_state: dict, step: int, keep: int) -> Path:
@@ -150,15 +184,26 @@ def plot_losses(run: Path) -> Path | None:
     val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
     if not train and not val:  # stopped before its first step
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    rewards = [k for k in REWARDS if rows and rows[0].get(k)]  # a DPO run: its rewards in a second panel
+    fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(12 if rewards else 7, 4), squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
+    ax.set_ylabel("DPO loss" if rewards else "cross-entropy")
     ax.grid(alpha=0.3)
     ax.legend()
+    if rewards:
+        ax = axes[0][1]
+        for k in rewards:
+            points = [(int(r["step"]), float(r[k])) for r in rows if r.get(k)]
+            ax.plot(*zip(*points), label=k, **({"linestyle": "--"} if k == "rewards/accuracies" else {}))
+        ax.set_xlabel("step")
+        ax.set_ylabel("reward (beta x log-ratio to the reference)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(run / "loss.png", dpi=120)
     plt.close(fig)
@@ -257,12 +302,13 @@ def train(
                 run, {k: v for k, v in state.items() if k in saved_names}, optimizer_state, step, config.keep_checkpoints
             )
 
+    objective = job.objective
     metrics_file, board, bar = run / "metrics.csv", None, None
     if cluster.main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         if not resume or not metrics_file.exists():
-            metrics_file.write_text("step,loss,lr,tokens_per_s,val_loss,val_ppl\n")
+            metrics_file.write_text(",".join((METRICS, *objective.columns, *objective.val_columns)) + "\n")
         else:  # drop rows logged after the checkpoint we resume from: they will be logged again
             rows = metrics_file.read_text().splitlines()
             metrics_file.write_text("\n".join([rows[0]] + [r for r in rows[1:] if int(r.split(",")[0]) <= start]) + "\n")
@@ -281,29 +327,34 @@ def train(
                 group["lr"] = lr
             first = cluster.rank * accumulation
             micro_batches = [job.batch(step, first + m) for m in range(accumulation)]
-            local_tokens = sum(int((y != -100).sum()) for _, y in micro_batches)
-            # Gradients are averaged over ranks, so scaling by world/targets gives the global per-token mean.
-            targets = max(1.0, distributed.all_sum(local_tokens, cluster))
-            loss_total = 0.0
-            for m, (x, y) in enumerate(micro_batches):
+            local_units = sum(objective.count(b) for b in micro_batches)
+            local_tokens = sum(objective.tokens(b) for b in micro_batches)
+            # Gradients are averaged over ranks, so scaling by world/targets gives the global per-unit mean
+            # (per token for cross-entropy, per pair for DPO).
+            units, tokens = distributed.all_sums([local_units, local_tokens], cluster)
+            targets = max(1.0, units)
+            loss_total, sums = 0.0, dict.fromkeys(objective.columns, 0.0)
+            for m, b in enumerate(micro_batches):
                 with distributed.no_sync(wrapped, last_micro=m == accumulation - 1):
-                    summed, _ = loss_sum(wrapped, x.to(cluster.device), y.to(cluster.device), config.precision)
+                    summed, stats = objective.loss(wrapped, b, cluster.device, config.precision)
                     (summed * (cluster.world / targets)).backward()
                 loss_total += summed.item()
+                for k, v in stats.items():
+                    sums[k] += v
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss = distributed.all_sum(loss_total, cluster) / targets
-            rate = targets / (time.perf_counter() - t0)
-            val_loss = None
+            loss, *summed_stats = distributed.all_sums([loss_total, *sums.values()], cluster)
+            loss /= targets
+            stats = {k: v / targets for k, v in zip(sums, summed_stats)}
+            rate = tokens / (time.perf_counter() - t0)
+            val_loss, val_stats = None, {}
             if val_batches and (step % config.eval_every == 0 or step == total):
-                val_loss = mean_loss(
-                    wrapped, [(x.to(cluster.device), y.to(cluster.device)) for x, y in val_batches], config.precision
-                )
+                val_loss, val_stats = objective.validate(wrapped, val_batches, cluster.device, config.precision)
             if cluster.main:
-                _log(board, metrics_file, config, step, total, loss, lr, rate, val_loss)
+                _log(board, metrics_file, config, objective, step, total, loss, lr, rate, val_loss, stats, val_stats)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", refresh=False)
                     bar.update(1)
@@ -331,25 +382,39 @@ def _log(
     board,
     metrics_file: Path,
     config: TrainConfig,
+    objective,
     step: int,
     total: int,
     loss: float,
     lr: float,
     rate: float,
     val_loss: float | None,
+    stats: dict[str, float],
+    val_stats: dict[str, float],
 ) -> None:
+    """A step's scalars to TensorBoard (every step) and metrics.csv (every log_every steps, validations and the last)."""
     board.add_scalar("train/loss", loss, step)
     board.add_scalar("train/lr", lr, step)
     board.add_scalar("train/tokens_per_s", rate, step)
+    for k, v in stats.items():
+        board.add_scalar(f"train/{k}", v, step)
+    ppl = math.exp(min(val_loss, 700.0)) if val_loss is not None and objective.perplexity else None
     if val_loss is not None:
         board.add_scalar("val/loss", val_loss, step)
-        board.add_scalar("val/perplexity", math.exp(val_loss), step)
+        if ppl is not None:
+            board.add_scalar("val/perplexity", ppl, step)
+        for k, v in val_stats.items():
+            board.add_scalar(f"val/{k.removeprefix('val_')}", v, step)
     if step % config.log_every == 0 or val_loss is not None or step == total:
+        values = {**stats, **val_stats}
+        extra = "".join(
+            f",{'' if values.get(k) is None else f'{values[k]:.6f}'}" for k in (*objective.columns, *objective.val_columns)
+        )
         with open(metrics_file, "a") as f:
             f.write(
                 f"{step},{loss:.6f},{lr:.6g},{rate:.1f},"
                 f"{'' if val_loss is None else f'{val_loss:.6f}'},"
-                f"{'' if val_loss is None else f'{math.exp(val_loss):.4f}'}\n"
+                f"{'' if ppl is None else f'{ppl:.4f}'}{extra}\n"
             )
 
 
