@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ["load_memory", "decode", "llamacpp", "train", "prepare", "serve"]
+BENCHMARKS = ["load_memory", "decode", "llamacpp", "train", "prepare", "serve", "structured"]
 
 
 def main() -> None:

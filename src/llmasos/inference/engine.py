@@ -26,6 +26,7 @@ from torch import Tensor
 
 from llmasos.errors import ContextLengthError, InvalidRequestError, LLMasOSError
 from llmasos.inference.sampling import SEEDS, SamplingParams, apply_penalties, draw, filter_logits
+from llmasos.inference.structured import Grammars, advance
 from llmasos.progress import progress_bar
 from llmasos.tokenization import StreamDecoder, Tokenizer
 
@@ -46,8 +47,9 @@ class Completion:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "tool_calls" (LLM.chat with tools)
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list | None = None  # LLM.chat with tools: the calls this sample made (inference.tools.ToolCall)
 
 
 @dataclass
@@ -105,6 +107,7 @@ class Sequence:
         self.full_text = ""  # decoded so far, stop strings included
         self.emitted = 0  # characters of full_text already handed out
         self.row = -1
+        self.matcher = None  # the grammar's state, for a request with structured outputs
         if params.logprobs is not None:
             self.completion.logprobs = []
 
@@ -123,6 +126,8 @@ class Sequence:
             c.finish_reason = "stop"
         else:
             self.full_text += self.decoder.push(token)
+            if self.matcher is not None and advance(self.matcher, token):
+                c.finish_reason = "stop"  # the grammar is complete: nothing may follow
         if c.finish_reason is None and (len(c.token_ids) >= req.max_tokens):
             c.finish_reason = "length"
         if c.finish_reason is not None:
@@ -186,6 +191,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.device = model.model.embed_tokens.weight.device
+        self.grammars = Grammars(tokenizer, config.vocab_size)
         # Bytes one cache slot (one position of one row, keys and values of every layer) takes.
         self.slot_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * self.cache_dtype.itemsize
         self.cache_budget = cache_budget
@@ -216,6 +222,9 @@ class Engine:
         if request_id in self.requests:
             raise LLMasOSError(f"request id {request_id!r} is already in use")
         req = Request(request_id, ids, params, self.tokenizer, max_tokens)
+        if params.structured is not None:
+            for seq, matcher in zip(req.sequences, self.grammars.matchers(params.structured, params.n)):
+                seq.matcher = matcher
         self.requests[request_id] = req
         self.waiting.append(req)
         return req.output
@@ -491,7 +500,7 @@ class Engine:
         return deltas
 
     def _pick(self, logits: Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
-        """The sampler: penalties, greedy or filtered draws, logprobs; one (token, logprob) per row."""
+        """The sampler: penalties, grammar masks, greedy or filtered draws, logprobs; one (token, logprob) per row."""
         params = [s.request.params for s in seqs]
         if any(p.penalized for p in params):
             logits = logits.clone()
@@ -499,17 +508,18 @@ class Engine:
                 if p.penalized:
                     out = torch.tensor(s.completion.token_ids, dtype=torch.long, device=logits.device)
                     apply_penalties(logits[i], p, s.request.prompt_tensor.to(logits.device), out)
+        scores = self.grammars.mask(logits, [s.matcher for s in seqs])  # what each grammar allows (logprobs: all)
         chosen = torch.empty(len(seqs), dtype=torch.long)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if len(greedy) == len(seqs):
-            chosen = logits.argmax(-1).cpu()
+            chosen = scores.argmax(-1).cpu()
         elif greedy:
-            chosen[greedy] = logits[greedy].argmax(-1).cpu()
+            chosen[greedy] = scores[greedy].argmax(-1).cpu()
         if sampled:
             sub = [params[i] for i in sampled]
             filtered = filter_logits(
-                logits[sampled],
+                scores[sampled],
                 torch.tensor([p.temperature for p in sub], device=logits.device),
                 torch.tensor([p.top_k for p in sub], device=logits.device),
                 torch.tensor([p.top_p for p in sub], device=logits.device),
