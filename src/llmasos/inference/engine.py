@@ -463,6 +463,7 @@ class Engine:
         positions = [s.pos for s in seqs]
         same = all(p == positions[0] for p in positions)
         pos = torch.tensor([positions[0]] if same else [[p] for p in positions], device=self.device)
+        self.grammars.prepare([s.matcher for s in seqs])  # the grammars' masks, computed during the forward pass
         logits = self.model(tokens, pos, self.cache)
         return self._sample(logits[:, -1].float(), list(seqs))
 

@@ -31,6 +31,7 @@ import json
 import re
 import sys
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -175,15 +176,20 @@ class _Vocabulary:
                 self.tokens.append(piece.replace("\u2581", " ").encode())
         self.special_token_ids = sorted(special)
         self.eos_token_id, self.bos_token_id = tokenizer.eos_id, tokenizer.bos_id
-        self._encode = tokenizer.encode
+        self._sp = sp
 
     def __call__(self, text: str) -> list[int]:
-        return self._encode(text, add_special_tokens=False)
+        """Text as tokens where it is a continuation: no dummy "▁" before it (encoded after an unk, then dropped)."""
+        unk = self._sp.IdToPiece(self._sp.unk_id())
+        return self._sp.EncodeAsIds(unk + text)[len(self._sp.EncodeAsIds(unk)) :]
 
 
 class Grammars:
     """One engine's grammar machinery: its tokenizer as llguidance sees it (built on first use: ~0.5 s for 32,000
-    tokens; `warm` builds it ahead, off the engine's thread), new matchers, and the masks of a step."""
+    tokens; `warm` builds it ahead, off the engine's thread), new matchers, and the masks of a step.
+
+    A decode step's masks are computed while its forward pass runs (`prepare`, on a worker thread: llguidance lets
+    go of the GIL), so a constrained batch decodes about as fast as a free one; `mask` then only applies them."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
@@ -191,6 +197,8 @@ class Grammars:
         self._lock = threading.Lock()
         self._ll = None
         self._executor = None
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: tuple[list, Future] | None = None  # the matchers whose masks are being computed, the job
 
     def warm(self):
         """llguidance's tokenizer for this vocabulary (built once)."""
@@ -206,6 +214,7 @@ class Grammars:
                     source = llguidance.TokenizerWrapper(_Vocabulary(tok))
                 self._ll = llguidance.LLTokenizer(source, n_vocab=self.width, eos_token=stops)
                 self._executor = llguidance.LLExecutor()
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="llmasos-grammar")
             return self._ll
 
     def matchers(self, structured: StructuredOutputs, n: int) -> list:
@@ -217,16 +226,31 @@ class Grammars:
             raise StructuredOutputError(structured.kind, _explain(first.get_error(), None))
         return [first] + [first.deep_copy() for _ in range(n - 1)]
 
-    def mask(self, logits: Tensor, matchers: list) -> Tensor:
-        """`logits` [B, V] with the tokens each row's matcher forbids at -inf (a new tensor); a row whose matcher
-        is None is left as it is. Raises if a matcher allows no token (it is in an error state)."""
-        rows = [i for i, m in enumerate(matchers) if m is not None]
-        if not rows:
-            return logits
+    def _fill(self, matchers: list, rows: list[int]) -> Tensor:
         import llguidance.torch
 
         bitmask = torch.zeros(len(rows), (self.width + 31) // 32, dtype=torch.int32)
         llguidance.torch.fill_next_token_bitmask_par(self._executor, [(matchers[i], j) for j, i in enumerate(rows)], bitmask)
+        return bitmask
+
+    def prepare(self, matchers: list) -> None:
+        """Start computing the masks of these rows (None: a free row) on the worker thread; `mask` with the same
+        matchers, before any of them takes a token, uses them."""
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if rows and self._worker is not None:
+            self._pending = (list(matchers), self._worker.submit(self._fill, list(matchers), rows))
+
+    def mask(self, logits: Tensor, matchers: list) -> Tensor:
+        """`logits` [B, V] with the tokens each row's matcher forbids at -inf (a new tensor); a row whose matcher
+        is None is left as it is. Raises if a matcher allows no token (it is in an error state)."""
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        pending, self._pending = self._pending, None
+        if not rows:
+            return logits
+        if pending is not None and len(pending[0]) == len(matchers) and all(a is b for a, b in zip(pending[0], matchers)):
+            bitmask = pending[1].result()
+        else:
+            bitmask = self._fill(matchers, rows)
         allowed = self._unpack(bitmask, logits.device)[:, : logits.shape[-1]]
         empty = (~allowed.any(-1)).nonzero().flatten().tolist()
         if empty:

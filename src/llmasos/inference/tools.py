@@ -22,8 +22,8 @@ import json
 import re
 import secrets
 import string
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llmasos.errors import InvalidRequestError
@@ -336,8 +336,8 @@ class ToolCallParser:
         text = self._buffer.lstrip()  # llama3_json: the turn is calls if it starts with an object
         if text.startswith("<|python_tag|>"):
             text = text[len("<|python_tag|>") :].lstrip()
-        if not text and not final:
-            return
+        if not final and (not text or "<|python_tag|>".startswith(text)):
+            return  # nothing yet, or the start of the tag
         if text.startswith("{"):
             self._skipped, self._buffer, self._mode = self._buffer[: len(self._buffer) - len(text)], text, "calls"
         else:
