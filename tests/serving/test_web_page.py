@@ -19,7 +19,7 @@ ARGS = [
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     if not shutil.which(CHROMIUM):
         reason = f"{CHROMIUM} is absent: install Debian's chromium to run the web page test"
         print(reason)
@@ -28,13 +28,19 @@ def page(server):
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page()
-        page.goto(server)
-        page.fill("#api-key", API_KEY)
-        page.press("#api-key", "Tab")  # "change": the page asks /v1/models again, with the key
-        page.wait_for_function("document.getElementById('model').textContent === 'tiny'", timeout=10_000)
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    page = browser.new_page()
+    page.goto(server)
+    page.fill("#api-key", API_KEY)
+    page.press("#api-key", "Tab")  # "change": the page asks /v1/models again, with the key
+    page.wait_for_function("document.getElementById('model').textContent === 'tiny'", timeout=10_000)
+    yield page
+    page.close()
 
 
 def running(server: str) -> float:
@@ -86,3 +92,46 @@ def test_stop_ends_the_answer_and_frees_the_slot_and_reset_clears(page, server, 
     assert running(server) == 0
     page.click("#reset")
     assert page.locator(".msg").count() == 0
+
+
+def test_a_tool_call_shows_and_its_result_is_sent_back(browser, tmp_path):
+    """On a model whose template takes tools: the call shows in the answer, the next message is its result."""
+    import json
+
+    from helpers import live_server, make_hf_model, write_tool_tokenizer
+
+    from llmasos import LLM
+
+    path, _ = make_hf_model(tmp_path / "tools", num_key_value_heads=2, max_position_embeddings=4096)
+    write_tool_tokenizer(path, "hermes")
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    with live_server(LLM.load(path), served_model_name="tiny") as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.click("summary")
+        page.fill("#tools", json.dumps([weather]))
+        page.select_option("#tool-choice", "required")
+        page.fill("#max-tokens", "200")
+        page.fill("#input", "Weather in Paris?")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".stats", timeout=60_000)
+        assert page.inner_text(".tool-call").startswith("get_weather({") and "finish: tool_calls" in page.inner_text(".stats")
+        assert page.get_attribute("#input", "placeholder") == "What get_weather returned"
+        page.select_option("#tool-choice", "auto")
+        page.fill("#max-tokens", "5")
+        page.fill("#input", "21 C")
+        page.press("#input", "Enter")
+        page.wait_for_function("document.querySelectorAll('.stats').length === 2", timeout=60_000)
+        assert page.inner_text(".msg.tool") == "get_weather → 21 C" and page.locator(".msg.error").count() == 0
+        page.close()

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from llmasos.tokenization import Tokenizer
 
 # How JSON is written under a schema: as json.dumps writes it (a schema's "x-guidance" may override).
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 MAX_CHOICES = 4096
 
@@ -195,8 +195,8 @@ class Grammars:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.width = max(vocab_size, tokenizer.vocab_size)  # tokens the masks cover
         self._lock = threading.Lock()
-        self._ll = None
-        self._executor = None
+        self._ll: Any = None
+        self._executor: Any = None
         self._worker: ThreadPoolExecutor | None = None
         self._pending: tuple[list, Future] | None = None  # the matchers whose masks are being computed, the job
 
