@@ -90,7 +90,8 @@ PATH, ROUNDS, NEW, SCHEMA = {path!r}, {rounds}, {new}, json.loads({schema!r})
 llm = LLM.load(PATH, dtype=torch.bfloat16, max_batch_size=16)
 prompt = [(i * 7919) % 31000 + 100 for i in range(32)]
 def run(batch, constrained):
-    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, structured={{"json": SCHEMA}} if constrained else None)
+    structured = {{"json": SCHEMA}} if constrained else None
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, structured=structured)
     outs = llm.generate([prompt] * batch, params)
     assert all(len(o.token_ids) == NEW for o in outs), [o.finish_reason for o in outs]
     first = max(o.first_token_at for o in outs); last = max(o.finished_at for o in outs)
@@ -121,12 +122,13 @@ def walk(fill, consume, ids):
     return statistics.median(times) * 1e6, max(times) * 1e6
 out = {{}}
 import llguidance, llguidance.torch
+from llmasos.inference.structured import JSON_OPTIONS
 start = time.perf_counter()
 lltok = llguidance.LLTokenizer(source, n_vocab=V, eos_token=EOS)
 out["llguidance"] = {{"vocabulary_s": time.perf_counter() - start}}
 for name, (schema, instance) in SCHEMAS.items():
     start = time.perf_counter()
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={{"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}})
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     m = llguidance.LLMatcher(lltok, grammar, log_level=0)
     compile_ms = (time.perf_counter() - start) * 1e3
     mask = llguidance.torch.allocate_token_bitmask(1, V)
@@ -139,7 +141,8 @@ except ImportError:
     xgrammar = None
 if xgrammar is not None:
     start = time.perf_counter()
-    info = xgrammar.TokenizerInfo([tok.id_to_token(i) for i in range(V)], xgrammar.VocabType.BYTE_LEVEL, vocab_size=V, stop_token_ids=[EOS])
+    vocab = [tok.id_to_token(i) for i in range(V)]
+    info = xgrammar.TokenizerInfo(vocab, xgrammar.VocabType.BYTE_LEVEL, vocab_size=V, stop_token_ids=[EOS])
     compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
     out["xgrammar"] = {{"vocabulary_s": time.perf_counter() - start}}
     for name, (schema, instance) in SCHEMAS.items():
