@@ -99,14 +99,49 @@ HERMES_TEMPLATE = """{%- if tools %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
 """
+MISTRAL_TOOLS_TEMPLATE = """{{- bos_token }}
+{%- for message in messages %}
+    {%- if message.role == 'user' %}
+        {%- if tools and loop.last %}{{- '[AVAILABLE_TOOLS] ' + tools | tojson + '[/AVAILABLE_TOOLS]' }}{%- endif %}
+        {{- '[INST] ' + message.content + '[/INST]' }}
+    {%- elif message.role == 'assistant' and message.tool_calls %}
+        {{- '[TOOL_CALLS] [' }}
+        {%- for call in message.tool_calls %}
+            {%- if call.id is not defined or call.id | length != 9 %}
+                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+            {%- endif %}
+            {{- '{"name": "' + call.function.name + '", "arguments": ' + call.function.arguments | tojson }}
+            {{- ', "id": "' + call.id + '"}' }}
+            {%- if not loop.last %}{{- ', ' }}{%- endif %}
+        {%- endfor %}
+        {{- ']' + eos_token }}
+    {%- elif message.role == 'assistant' %}
+        {{- ' ' + message.content + eos_token }}
+    {%- elif message.role == 'tool' %}
+        {{- '[TOOL_RESULTS] {"content": ' + message.content | tojson }}
+        {{- ', "call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+    {%- endif %}
+{%- endfor %}
+"""
+MISTRAL_SPECIALS = (
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+)
 LLAMA31_SPECIALS = ("<|eom_id|>", "<|python_tag|>")
 HERMES_SPECIALS, HERMES_ADDED = ("<|im_start|>", "<|im_end|>"), ("<tool_call>", "</tool_call>")
 
 
 def write_tool_tokenizer(out: Path, style: str) -> Path:
-    """A tiny tokenizer whose chat template takes tools: style "llama3.1" or "hermes" (400 tokens in all)."""
+    """A tiny tokenizer whose chat template takes tools: style "llama3.1", "hermes" or "mistral" (400 tokens in all)."""
     if style == "llama3.1":
         return write_bpe_tokenizer(out, chat_template=LLAMA31_TOOLS_TEMPLATE, specials=LLAMA31_SPECIALS, eos_token="<|eot_id|>")
+    if style == "mistral":
+        return write_bpe_tokenizer(out, chat_template=MISTRAL_TOOLS_TEMPLATE, specials=MISTRAL_SPECIALS)
     return write_bpe_tokenizer(
         out,
         vocab_size=400 - len(HERMES_ADDED),

@@ -121,7 +121,7 @@ def test_live_calls_send_the_name_first_then_argument_pieces():
     assert len(FORMATS["mistral"].new_id()) == 9 and FORMATS["mistral"].new_id().isalnum()
 
 
-@pytest.fixture(scope="module", params=["llama3.1", "hermes"])
+@pytest.fixture(scope="module", params=["llama3.1", "hermes", "mistral"])
 def tool_llm(request, tmp_path_factory):
     path, _ = make_hf_model(tmp_path_factory.mktemp(request.param) / "tiny", num_key_value_heads=2, max_position_embeddings=4096)
     write_tool_tokenizer(path, request.param)
@@ -162,13 +162,13 @@ def test_a_conversation_with_calls_and_results_renders(tool_llm):
             "content": None,
             "tool_calls": [
                 {
-                    "id": "call_1",
+                    "id": "abcDEF123",
                     "type": "function",
                     "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
                 }
             ],
         },
-        {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"},
+        {"role": "tool", "tool_call_id": "abcDEF123", "content": "21 degrees"},
     ]
     text = tool_llm.tokenizer.decode(tool_llm.chat_prompt(history, [WEATHER]), skip_special_tokens=False)
     assert '"name": "get_weather"' in text and '{"city": "Paris", "unit": "c"}' in text and "21 degrees" in text
