@@ -191,7 +191,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.device = model.model.embed_tokens.weight.device
-        self.grammars = Grammars(tokenizer, config.vocab_size)
+        self.grammars = Grammars(tokenizer, config.vocab_size, overlap=self.device.type != "cpu")
         # Bytes one cache slot (one position of one row, keys and values of every layer) takes.
         self.slot_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * self.cache_dtype.itemsize
         self.cache_budget = cache_budget
