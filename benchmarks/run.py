@@ -16,6 +16,7 @@ BENCHMARKS = [
     "prefix_cache",
     "chunked_prefill",
     "cold_start",
+    "structured",
 ]
 
 

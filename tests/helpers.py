@@ -28,6 +28,129 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 
+# Chat templates that take tools, in the styles of Llama 3.1 (a JSON call, tools in the first user turn) and of
+# Hermes/Qwen2.5 (<tool_call> blocks, tools in the system turn), for the tool-calling tests.
+LLAMA31_TOOLS_TEMPLATE = """{{- bos_token }}
+{%- if not tools is defined %}{%- set tools = none %}{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] | trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if tools is not none %}{{- "Environment: ipython\n" }}{%- endif %}
+{{- system_message + "<|eot_id|>" }}
+{%- if tools is not none %}
+    {%- set first_user_message = messages[0]['content'] | trim %}
+    {%- set messages = messages[1:] %}
+    {{- "<|start_header_id|>user<|end_header_id|>\n\n" }}
+    {{- "Given the following functions, please respond with a JSON for a function call with its proper arguments." }}
+    {{- ' Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.\n\n' }}
+    {%- for t in tools %}{{- t | tojson(indent=4) + "\n\n" }}{%- endfor %}
+    {{- first_user_message + "<|eot_id|>" }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls | length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+        {{- '{"name": "' + tool_call.name + '", "parameters": ' + tool_call.arguments | tojson + '}<|eot_id|>' }}
+    {%- else %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" + message.content + "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}
+"""
+HERMES_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}
+    {%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n<tools>" }}
+    {%- for tool in tools %}{{- "\n" + tool | tojson }}{%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within" }}
+    {{- ' <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}' }}
+    {{- '\n</tool_call><|im_end|>\n' }}
+{%- elif messages[0]['role'] == 'system' %}
+    {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == "user" or (message.role == "system" and not loop.first)
+          or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>assistant' }}
+        {%- if message.content %}{{- '\n' + message.content }}{%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+            {{- '\n<tool_call>\n{"name": "' + tool_call.name + '", "arguments": ' }}
+            {{- tool_call.arguments | tojson + '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.index0 == 0 or messages[loop.index0 - 1].role != "tool" %}{{- '<|im_start|>user' }}{%- endif %}
+        {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != "tool" %}{{- '<|im_end|>\n' }}{%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
+"""
+MISTRAL_TOOLS_TEMPLATE = """{{- bos_token }}
+{%- for message in messages %}
+    {%- if message.role == 'user' %}
+        {%- if tools and loop.last %}{{- '[AVAILABLE_TOOLS] ' + tools | tojson + '[/AVAILABLE_TOOLS]' }}{%- endif %}
+        {{- '[INST] ' + message.content + '[/INST]' }}
+    {%- elif message.role == 'assistant' and message.tool_calls %}
+        {{- '[TOOL_CALLS] [' }}
+        {%- for call in message.tool_calls %}
+            {%- if call.id is not defined or call.id | length != 9 %}
+                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+            {%- endif %}
+            {{- '{"name": "' + call.function.name + '", "arguments": ' + call.function.arguments | tojson }}
+            {{- ', "id": "' + call.id + '"}' }}
+            {%- if not loop.last %}{{- ', ' }}{%- endif %}
+        {%- endfor %}
+        {{- ']' + eos_token }}
+    {%- elif message.role == 'assistant' %}
+        {{- ' ' + message.content + eos_token }}
+    {%- elif message.role == 'tool' %}
+        {{- '[TOOL_RESULTS] {"content": ' + message.content | tojson }}
+        {{- ', "call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+    {%- endif %}
+{%- endfor %}
+"""
+MISTRAL_SPECIALS = (
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+)
+LLAMA31_SPECIALS = ("<|eom_id|>", "<|python_tag|>")
+HERMES_SPECIALS, HERMES_ADDED = ("<|im_start|>", "<|im_end|>"), ("<tool_call>", "</tool_call>")
+
+
+def write_tool_tokenizer(out: Path, style: str) -> Path:
+    """A tiny tokenizer whose chat template takes tools: style "llama3.1", "hermes" or "mistral" (400 tokens in all)."""
+    if style == "llama3.1":
+        return write_bpe_tokenizer(out, chat_template=LLAMA31_TOOLS_TEMPLATE, specials=LLAMA31_SPECIALS, eos_token="<|eot_id|>")
+    if style == "mistral":
+        return write_bpe_tokenizer(out, chat_template=MISTRAL_TOOLS_TEMPLATE, specials=MISTRAL_SPECIALS)
+    return write_bpe_tokenizer(
+        out,
+        vocab_size=400 - len(HERMES_ADDED),
+        chat_template=HERMES_TEMPLATE,
+        specials=HERMES_SPECIALS,
+        added=HERMES_ADDED,
+        eos_token="<|im_end|>",
+    )
+
 
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -36,13 +159,20 @@ LLAMA3_SPLIT = (
 
 
 def write_bpe_tokenizer(
-    out: Path, vocab_size: int = 400, chat_template: str | None = CHATML_TEMPLATE, llama3_split: bool = False
+    out: Path,
+    vocab_size: int = 400,
+    chat_template: str | None = CHATML_TEMPLATE,
+    llama3_split: bool = False,
+    specials: tuple[str, ...] = (),
+    added: tuple[str, ...] = (),
+    eos_token: str = "<|end_of_text|>",
 ) -> Path:
     """A byte-level BPE `tokenizer.json` like Llama 3's, with its special tokens and a BOS post-processor.
 
     llama3_split: split words with Llama 3's regex and match whole words first (`ignore_merges`), as Llama 3's
-    own tokenizer.json does; otherwise GPT-2's ByteLevel split."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    own tokenizer.json does; otherwise GPT-2's ByteLevel split. specials: more special tokens (after Llama 3's);
+    added: tokens added as plain text (as Qwen2.5 adds `<tool_call>`); eos_token: what ends a turn."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE(ignore_merges=llama3_split))
@@ -58,11 +188,13 @@ def write_bpe_tokenizer(
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=LLAMA3_SPECIALS,
+        special_tokens=LLAMA3_SPECIALS + list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
+    if added:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     bos = tok.token_to_id("<|begin_of_text|>")
     tok.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)]
@@ -71,7 +203,7 @@ def write_bpe_tokenizer(
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|begin_of_text|>",
-        "eos_token": "<|end_of_text|>",
+        "eos_token": eos_token,
         "model_max_length": 256,
         "clean_up_tokenization_spaces": False,
     }

@@ -87,3 +87,32 @@ def test_chat_takes_turns_resets_and_exits(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("tok/s") == 2 and "(conversation cleared)" in r.stderr
     assert r.stdout.count(">>> ") == 4  # hello, /reset, hi again, /exit
+
+
+def test_chat_with_tools_asks_for_each_result_and_answers_on(tmp_path):
+    import json
+
+    from helpers import make_hf_model, write_tool_tokenizer
+
+    path, _ = make_hf_model(tmp_path / "tools", num_key_value_heads=2, max_position_embeddings=4096)
+    write_tool_tokenizer(path, "hermes")
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    (tmp_path / "tools.json").write_text(json.dumps([weather]))
+    args = ["chat", str(path), "--tools", str(tmp_path / "tools.json"), "--max-tokens", "200", "--seed", "1"]
+    r = run(*args, "--tool-choice", "get_weather", stdin="Weather in Paris?\n21 C\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "-> get_weather({" in r.stdout and "get_weather returns> " in r.stdout
+    assert r.stderr.count("tok/s") == 2  # the call, then the answer after its result
+    bad = run(*args, "--tool-choice", "get_time", stdin="/exit\n")
+    assert bad.returncode == 1 and "--tool-choice" in bad.stderr and "get_time" in bad.stderr

@@ -231,12 +231,40 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"[{n} tokens, {n / (time.perf_counter() - t0):.1f} tok/s, finish: {output.finish_reason}]", file=sys.stderr)
 
 
+def _read_tools(path: str) -> list:
+    """A tools file: OpenAI's list of tools ([{"type": "function", "function": {...}}, ...]) or {"tools": [...]}."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            tools = json.load(f)
+    except OSError as e:
+        raise LLMasOSError(f"--tools {path}: cannot be read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise LLMasOSError(f"--tools {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    return tools.get("tools") if isinstance(tools, dict) else tools
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
-    import time
+
+    from llmasos.errors import InvalidRequestError
+    from llmasos.inference.tools import plan_tools
 
     llm = _load_llm(args)
+    tools = _read_tools(args.tools) if args.tools else None
+    choice = args.tool_choice
+    if choice not in (None, "auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    try:  # the first answer to each message follows --tool-choice; the answers after tool results are "auto"
+        first = plan_tools(llm.tokenizer, tools, choice) if tools else None
+        later = plan_tools(llm.tokenizer, tools, "auto") if tools and choice != "none" else None
+    except InvalidRequestError as e:
+        raise LLMasOSError(f"--tools {args.tools}: {e}" if e.param != "tool_choice" else f"--tool-choice: {e}") from None
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print(f"Chatting with {args.model}. /reset clears the conversation, /exit quits, Ctrl-C stops an answer.", file=sys.stderr)
+    if first is not None:
+        names = ", ".join(t["function"]["name"] for t in tools)
+        print(f"Tools: {names}. When the model calls one, type what it returns.", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
@@ -252,29 +280,68 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        prompt = llm.chat_prompt(messages)
-        context = llm.engine.max_seq_len - len(prompt)
-        if context < 1:
-            print("(the conversation no longer fits the context: /reset to start again)", file=sys.stderr)
-            messages.pop()
-            continue
-        params = _sampling(args, max_tokens=min(args.max_tokens, context))
-        output = llm.engine.add(prompt, params)
-        t0 = time.perf_counter()
-        try:
-            while not output.finished:
-                for delta in llm.engine.step():
+        plan = first
+        while True:  # an answer; after tool calls, the results and the next answer
+            calls = _chat_turn(llm, args, messages, plan)
+            if not calls:
+                break
+            try:
+                for call in calls:
+                    result = input(f"{call.name} returns> ")
+                    messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result})
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return
+            plan = later
+
+
+def _chat_turn(llm, args: argparse.Namespace, messages: list[dict], plan) -> list:
+    """Stream one answer and add it to `messages`; returns the tool calls it made."""
+    import time
+
+    prompt = llm.chat_prompt(messages, plan.tools if plan else None)
+    context = llm.engine.max_seq_len - len(prompt)
+    if context < 1:
+        print("(the conversation no longer fits the context: /reset to start again)", file=sys.stderr)
+        messages.pop()
+        return []
+    params = _sampling(args, max_tokens=min(args.max_tokens, context), structured=plan.structured if plan else None)
+    output = llm.engine.add(prompt, params)
+    reader = plan.reader(llm.tokenizer) if plan else None
+    t0 = time.perf_counter()
+    try:
+        while not output.finished:
+            for delta in llm.engine.step():
+                if reader is None:
                     print(delta.text, end="", flush=True)
-        except KeyboardInterrupt:
-            llm.engine.abort(output.request_id)
-            print(" [stopped]", end="")
-        print()
-        messages.append({"role": "assistant", "content": output.text})
-        n = len(output.token_ids)
-        ttft = (output.first_token_at or t0) - output.arrival
-        decode = time.perf_counter() - (output.first_token_at or t0)
-        rate = (n - 1) / decode if n > 1 and decode > 0 else 0.0
-        print(f"[{n} tokens, {rate:.1f} tok/s, first token after {ttft:.2f} s, {len(prompt)} prompt tokens]", file=sys.stderr)
+                    continue
+                for event in reader.feed(delta.token_ids, delta.finished):
+                    if event.kind == "content":
+                        print(event.text, end="", flush=True)
+                    elif event.kind == "call":
+                        print(f"\n-> {event.name}(", end="", flush=True)
+                    else:
+                        print(event.text, end="", flush=True)
+        if reader is not None and reader.calls:
+            print(")", end="")
+    except KeyboardInterrupt:
+        llm.engine.abort(output.request_id)
+        print(" [stopped]", end="")
+    print()
+    cut = output.finish_reason in ("abort", "length")
+    if reader is not None and reader.calls and cut:
+        print("(the call was cut short: raise --max-tokens)", file=sys.stderr)
+    calls = reader.calls if reader is not None and not cut else []
+    if calls:
+        messages.append({"role": "assistant", "content": reader.content or None, "tool_calls": [c.to_dict() for c in calls]})
+    else:
+        messages.append({"role": "assistant", "content": reader.content if reader is not None else output.text})
+    n = len(output.token_ids)
+    ttft = (output.first_token_at or t0) - output.arrival
+    decode = time.perf_counter() - (output.first_token_at or t0)
+    rate = (n - 1) / decode if n > 1 and decode > 0 else 0.0
+    print(f"[{n} tokens, {rate:.1f} tok/s, first token after {ttft:.2f} s, {len(prompt)} prompt tokens]", file=sys.stderr)
+    return calls
 
 
 # The server's chunked-prefill budget (benchmarks/chunked_prefill.py measures what it does to running streams).
@@ -916,10 +983,17 @@ def build_parser() -> argparse.ArgumentParser:
         "chat",
         cmd_chat,
         "talk with a model, using its chat template, streaming the answers",
-        "  llmasos chat my-model\n  llmasos chat my-model --system 'You are terse.' --temperature 0.7",
+        "  llmasos chat my-model\n  llmasos chat my-model --system 'You are terse.' --temperature 0.7\n"
+        "  llmasos chat my-model --tools tools.json --tool-choice required",
     )
     _model_options(p)
     p.add_argument("--system", help="a system message at the start of the conversation")
+    p.add_argument("--tools", metavar="FILE.json", help="tools the model may call: OpenAI's list of functions, as JSON")
+    p.add_argument(
+        "--tool-choice",
+        metavar="CHOICE",
+        help="auto (default), required, none, or a function's name: the model must call that one",
+    )
     _sampling_options(p, 512)
 
     p = _verb(

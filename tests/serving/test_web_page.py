@@ -146,4 +146,44 @@ def test_the_model_picker_offers_every_model_and_the_answer_comes_from_the_one_p
         stats = page.inner_text(".stats")
         assert stats.startswith("beta") and "first token after" in stats  # the wait includes beta's load
         assert [m["model"] for m in httpx.get(f"{url}/api/ps").json()["models"]] == ["beta:latest"]
+def test_a_tool_call_shows_and_its_result_is_sent_back(browser, tmp_path):
+    """On a model whose template takes tools: the call shows in the answer, the next message is its result."""
+    import json
+
+    from helpers import live_server, make_hf_model, write_tool_tokenizer
+
+    from llmasos import LLM
+
+    path, _ = make_hf_model(tmp_path / "tools", num_key_value_heads=2, max_position_embeddings=4096)
+    write_tool_tokenizer(path, "hermes")
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    with live_server(LLM.load(path), served_model_name="tiny") as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.click("summary")
+        page.fill("#tools", json.dumps([weather]))
+        page.select_option("#tool-choice", "required")
+        page.fill("#max-tokens", "200")
+        page.fill("#input", "Weather in Paris?")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".stats", timeout=60_000)
+        assert page.inner_text(".tool-call").startswith("get_weather({") and "finish: tool_calls" in page.inner_text(".stats")
+        assert page.get_attribute("#input", "placeholder") == "What get_weather returned"
+        page.select_option("#tool-choice", "auto")
+        page.fill("#max-tokens", "5")
+        page.fill("#input", "21 C")
+        page.press("#input", "Enter")
+        page.wait_for_function("document.querySelectorAll('.stats').length === 2", timeout=60_000)
+        assert page.inner_text(".msg.tool") == "get_weather → 21 C" and page.locator(".msg.error").count() == 0
         page.close()

@@ -45,6 +45,7 @@ from llmasos.errors import ContextLengthError, InvalidRequestError, LLMasOSError
 from llmasos.inference.embedding import Embedder
 from llmasos.inference.prefix_cache import BLOCK_SIZE, PrefixCache
 from llmasos.inference.sampling import SEEDS, SamplingParams, apply_penalties, draw, filter_logits
+from llmasos.inference.structured import Grammars, advance
 from llmasos.models.multi_lora import Adapter, use_adapters
 from llmasos.progress import progress_bar
 from llmasos.tokenization import StreamDecoder, Tokenizer
@@ -66,8 +67,9 @@ class Completion:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "tool_calls" (LLM.chat with tools)
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list | None = None  # LLM.chat with tools: the calls this sample made (inference.tools.ToolCall)
 
 
 @dataclass
@@ -126,6 +128,7 @@ class Sequence:
         self.full_text = ""  # decoded so far, stop strings included
         self.emitted = 0  # characters of full_text already handed out
         self.row = -1
+        self.matcher = None  # the grammar's state, for a request with structured outputs
         if params.logprobs is not None:
             self.completion.logprobs = []
 
@@ -144,6 +147,8 @@ class Sequence:
             c.finish_reason = "stop"
         else:
             self.full_text += self.decoder.push(token)
+            if self.matcher is not None and advance(self.matcher, token):
+                c.finish_reason = "stop"  # the grammar is complete: nothing may follow
         if c.finish_reason is None and (len(c.token_ids) >= req.max_tokens):
             c.finish_reason = "length"
         if c.finish_reason is not None:
@@ -231,6 +236,7 @@ class Engine:
         self._ids = itertools.count()
         self.device = model.model.embed_tokens.weight.device
         self.embedder = Embedder(self, PREFILL_TOKENS)  # texts to embed: one batch a step, before the prefills
+        self.grammars = Grammars(tokenizer, config.vocab_size, overlap=self.device.type != "cpu")
         # Bytes one cache slot (one position of one row, keys and values of every layer) takes.
         self.slot_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * self.cache_dtype.itemsize
         self.cache_budget = cache_budget
@@ -284,6 +290,9 @@ class Engine:
         if adapter is not None and adapter.retired:
             raise InvalidRequestError(f"the adapter {adapter.name!r} has been unloaded", param="model")
         req = Request(request_id, ids, params, self.tokenizer, max_tokens, adapter)
+        if params.structured is not None:
+            for seq, matcher in zip(req.sequences, self.grammars.matchers(params.structured, params.n)):
+                seq.matcher = matcher
         self.requests[request_id] = req
         self.waiting.append(req)
         return req.output
@@ -633,6 +642,7 @@ class Engine:
         positions = [s.pos for s in seqs]
         same = all(p == positions[0] for p in positions)
         pos = torch.tensor([positions[0]] if same else [[p] for p in positions], device=self.device)
+        self.grammars.prepare([s.matcher for s in seqs])  # the grammars' masks, computed during the forward pass
         with use_adapters(self.model, [s.request.adapter for s in seqs]):
             logits = self.model(tokens, pos, self.cache)
         return self._sample(logits[:, -1].float(), list(seqs))
@@ -671,7 +681,7 @@ class Engine:
         return deltas
 
     def _pick(self, logits: Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
-        """The sampler: penalties, greedy or filtered draws, logprobs; one (token, logprob) per row."""
+        """The sampler: penalties, grammar masks, greedy or filtered draws, logprobs; one (token, logprob) per row."""
         params = [s.request.params for s in seqs]
         if any(p.penalized for p in params):
             logits = logits.clone()
@@ -679,17 +689,18 @@ class Engine:
                 if p.penalized:
                     out = torch.tensor(s.completion.token_ids, dtype=torch.long, device=logits.device)
                     apply_penalties(logits[i], p, s.request.prompt_tensor.to(logits.device), out)
+        scores = self.grammars.mask(logits, [s.matcher for s in seqs])  # what each grammar allows (logprobs: all)
         chosen = torch.empty(len(seqs), dtype=torch.long)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if len(greedy) == len(seqs):
-            chosen = logits.argmax(-1).cpu()
+            chosen = scores.argmax(-1).cpu()
         elif greedy:
-            chosen[greedy] = logits[greedy].argmax(-1).cpu()
+            chosen[greedy] = scores[greedy].argmax(-1).cpu()
         if sampled:
             sub = [params[i] for i in sampled]
             filtered = filter_logits(
-                logits[sampled],
+                scores[sampled],
                 torch.tensor([p.temperature for p in sub], device=logits.device),
                 torch.tensor([p.top_k for p in sub], device=logits.device),
                 torch.tensor([p.top_p for p in sub], device=logits.device),

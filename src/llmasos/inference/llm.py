@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -12,11 +13,12 @@ from llmasos.checkpoints.gguf_vocab import tokenizer_source
 from llmasos.checkpoints.load import adapter_base, load_model, open_checkpoint
 from llmasos.checkpoints.pooling import DEFAULT_POOLING, POOLINGS, read_pooling
 from llmasos.checkpoints.store import resolve
-from llmasos.errors import LLMasOSError
+from llmasos.errors import InvalidRequestError, LLMasOSError
 from llmasos.inference import adapters as lora
 from llmasos.inference.embedding import check_dimensions, shorten
 from llmasos.inference.engine import Engine, RequestOutput
 from llmasos.inference.sampling import SamplingParams
+from llmasos.inference.tools import plan_tools, template_messages
 from llmasos.models.fast import set_inference_dtypes, use_gemv_kernels
 from llmasos.models.lora import ADAPTER_CONFIG
 from llmasos.models.quantize import quantize_model
@@ -163,13 +165,39 @@ class LLM:
                 self.engine.abort(output.request_id)
 
     def chat(
-        self, messages: list[dict[str, Any]], params: SamplingParams | None = None, adapter: str | None = None
+        self,
+        messages: list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
+        adapter: str | None = None,
     ) -> RequestOutput:
-        """Answer a conversation rendered with the model's chat template."""
-        return self.generate([self.chat_prompt(messages)], params, adapter=adapter)[0]
+        """Answer a conversation (OpenAI-shaped messages, `tool` messages and assistant `tool_calls` included)
+        rendered with the model's chat template.
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        tools: OpenAI's list of functions, shown to the model through its template. tool_choice: "auto" (the
+        default: the model may call them), "required" or {"type": "function", "function": {"name": ...}} (it
+        must: decoding is constrained to a well-formed call whose arguments match the schema), or "none".
+        A sample's calls are in `outputs[i].tool_calls` (`ToolCall`: id, name, arguments as JSON text), its
+        `text` is what it said besides, and its finish_reason is "tool_calls". adapter: a loaded LoRA adapter's name."""
+        plan = plan_tools(self.tokenizer, tools, tool_choice, parallel_tool_calls)
+        params = params or SamplingParams()
+        if plan is not None and plan.structured is not None:
+            if params.structured is not None:
+                raise InvalidRequestError("tool_choice required (or a named function) cannot be combined with structured outputs")
+            params = replace(params, structured=plan.structured)
+        out = self.generate([self.chat_prompt(messages, plan.tools if plan else None)], params, adapter=adapter)[0]
+        if plan is not None:
+            for completion in out.outputs:
+                plan.read(completion, self.tokenizer)
+        return out
+
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt's token ids: `messages` (and `tools`, if any) rendered with the model's chat template."""
+        return self.tokenizer.apply_chat_template(
+            template_messages(messages), add_generation_prompt=True, tokenize=True, tools=tools
+        )
 
     # ---- embeddings ----
 

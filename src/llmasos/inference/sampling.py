@@ -7,11 +7,13 @@ because each request owns its own seeded generator (same seed, same output, what
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from llmasos.errors import InvalidRequestError
+from llmasos.inference.structured import KINDS, StructuredOutputs
 
 # A temperature below this divides logits into infinities: it is greedy (vLLM's threshold).
 GREEDY_TEMPERATURE = 1e-5
@@ -43,6 +45,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k alternatives
     prompt_logprobs: int | None = None  # as logprobs, for every prompt token after the first (vLLM's field)
     n: int = 1
+    # Constrained decoding: a StructuredOutputs, or a dict of its fields ({"json": schema}, {"regex": ...}, ...)
+    structured: StructuredOutputs | dict[str, Any] | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +89,13 @@ class SamplingParams:
             isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**63 for t in self.stop_token_ids
         ):
             bad("stop_token_ids", "must be token ids (integers >= 0)")
+        if isinstance(self.structured, dict):
+            unknown = sorted(set(self.structured) - set(KINDS), key=str)
+            if unknown:
+                bad("structured", f"unknown key {unknown[0]!r}; use one of {', '.join(KINDS)}")
+            self.structured = StructuredOutputs(**self.structured)
+        elif self.structured is not None and not isinstance(self.structured, StructuredOutputs):
+            bad("structured", "must be a StructuredOutputs or a dict of its fields")
 
     @property
     def greedy(self) -> bool:

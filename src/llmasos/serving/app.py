@@ -45,7 +45,10 @@ from llmasos.inference import adapters as lora
 from llmasos.inference.engine import RequestOutput, TokenLogprob
 from llmasos.models.multi_lora import Adapter, projections
 from llmasos.serving import adapters, embeddings
+from llmasos.inference.structured import StructuredOutputs
+from llmasos.inference.tools import ToolPlan, plan_tools
 from llmasos.serving import schemas as s
+from llmasos.serving import tools
 from llmasos.serving.engine_thread import EngineFailure, EngineThread, QueueFullError, Stream
 from llmasos.serving.metrics import Metrics, ModelMetrics
 from llmasos.serving.ollama import OLLAMA_ROUTES, add_ollama_routes
@@ -61,6 +64,7 @@ from llmasos.serving.pool import (
     available_memory,
     parse_keep_alive,
 )
+from llmasos.serving.structured import structured_outputs
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,6 @@ MAX_BODY_BYTES = 8 * 2**20
 MIN_CHARS_PER_TOKEN = 64
 # Logprob entries one echo+logprobs request may ask for (prompt tokens x (1 + alternatives)): ~15 MB of JSON.
 MAX_SCORED_ENTRIES = 2**18
-ROLES = ("system", "user", "assistant", "developer")  # "developer" is OpenAI's newer name for "system"
 ROUTES = {
     "/",
     "/health",
@@ -312,7 +315,11 @@ class Service:
 
     @staticmethod
     def sampling(
-        body: s.SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+        body: s.SamplingFields,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        structured: StructuredOutputs | None = None,
     ) -> SamplingParams:
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
@@ -331,7 +338,24 @@ class Service:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             n=body.n,
+            structured=structured,
         )
+
+    async def structured(self, body: s.SamplingFields, tool_plan: ToolPlan | None = None) -> StructuredOutputs | None:
+        """The request's grammar (its structured-output field, or a tool call it must make), with llguidance's view
+        of the vocabulary built off the event loop the first time (a second or so for a large vocabulary)."""
+        structured = structured_outputs(body)
+        if tool_plan is not None and tool_plan.structured is not None:
+            if structured is not None:
+                raise APIError(
+                    400,
+                    "tool_choice required (or a named function) cannot be combined with a structured-output field",
+                    param="tool_choice",
+                )
+            structured = tool_plan.structured
+        if structured is not None:
+            await asyncio.to_thread(self.llm.engine.grammars.warm)
+        return structured
 
     def check_length(self, chars: int, param: str) -> None:
         """Refuse text that cannot fit the context before spending time on encoding it."""
@@ -349,18 +373,15 @@ class Service:
         self.check_length(sum(map(len, texts)), param)
         return await asyncio.to_thread(lambda: [self.tokenizer.encode(t, add_special_tokens) for t in texts])
 
-    async def chat_prompt(self, messages: list[s.ChatMessage]) -> list[int]:
+    async def chat_prompt(self, messages: list[s.ChatMessage], tool_plan: ToolPlan | None = None) -> list[int]:
         if not messages:
             raise APIError(400, "messages is empty: send at least one message", param="messages")
-        for i, m in enumerate(messages):
-            if m.role not in ROLES:
-                raise APIError(
-                    400, f"messages[{i}].role is {m.role!r}; use one of {', '.join(ROLES)}", param=f"messages[{i}].role"
-                )
-        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-        self.check_length(sum(len(t["content"]) for t in turns), "messages")
+        turns = tools.template_turns(messages)
+        self.check_length(tools.characters(turns), "messages")
         try:  # rendering a long conversation takes seconds too
-            return await asyncio.to_thread(self.llm.chat_prompt, turns)
+            return await asyncio.to_thread(self.llm.chat_prompt, turns, tool_plan.tools if tool_plan else None)
+        except InvalidRequestError:  # a tool call's arguments that are not JSON, named
+            raise
         except LLMasOSError as e:  # the template refused the conversation (e.g. roles that do not alternate)
             raise APIError(400, str(e), param="messages") from None
 
@@ -426,7 +447,8 @@ class Service:
                     "fewer prompts per request, or fewer logprobs",
                     param="prompt",
                 )
-        params = self.sampling(body, body.max_tokens, body.logprobs, (body.logprobs or 0) if scoring else None)
+        structured = await self.structured(body)
+        params = self.sampling(body, body.max_tokens, body.logprobs, (body.logprobs or 0) if scoring else None, structured)
         stream = await self.worker.submit(prompts, params, adapter)
         if body.echo and texts is None:
             texts = await asyncio.to_thread(lambda: [self.tokenizer.decode(p, skip_special_tokens=False) for p in prompts])
@@ -527,7 +549,9 @@ class Service:
 
     async def chat(self, body: s.ChatCompletionRequest, request: Request) -> Response:
         adapter = self.check_model(body.model)
-        prompt = await self.chat_prompt(body.messages)
+        plan = plan_tools(self.tokenizer, body.tools, body.tool_choice, body.parallel_tool_calls)
+        structured = await self.structured(body, plan)
+        prompt = await self.chat_prompt(body.messages, plan)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         new_name = body.max_completion_tokens is not None
@@ -536,6 +560,7 @@ class Service:
                 body,
                 body.max_completion_tokens if new_name else body.max_tokens,
                 (body.top_logprobs or 0) if body.logprobs else None,
+                structured=structured,
             )
             stream = await self.worker.submit([prompt], params, adapter)
         except InvalidRequestError as e:  # name the field this request used, not the engine's
@@ -547,14 +572,14 @@ class Service:
             e.param = fields.get(e.param, e.param)
             raise
         if body.stream:
-            return self.streaming(stream, self.chat_chunks(body, stream))
+            return self.streaming(stream, self.chat_chunks(body, stream, plan))
         if not await self.run_to_end(stream, request):
             return Response(status_code=499)
         out = stream.outputs[0]
         choices = [
             s.ChatChoice(
                 index=c.index,
-                message=s.AssistantMessage(content=c.text),
+                message=tools.message(plan, c, self.tokenizer),
                 logprobs=self.chat_logprobs(c.logprobs) if body.logprobs else None,
                 finish_reason=c.finish_reason,
             )
@@ -583,9 +608,12 @@ class Service:
             ]
         )
 
-    async def chat_chunks(self, body: s.ChatCompletionRequest, stream: Stream) -> AsyncIterator[s.ChatCompletionChunk]:
+    async def chat_chunks(
+        self, body: s.ChatCompletionRequest, stream: Stream, plan: ToolPlan | None = None
+    ) -> AsyncIterator[s.ChatCompletionChunk]:
         rid, created, outputs = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), stream.outputs
         seen, left = [0] * body.n, body.n
+        calls = [tools.StreamedCalls(plan, self.tokenizer) for _ in range(body.n)] if plan else None
 
         def chunk(choices: list[s.ChatChunkChoice], **extra: Any) -> s.ChatCompletionChunk:
             return s.ChatCompletionChunk(id=rid, created=created, model=body.model or self.model_name, choices=choices, **extra)
@@ -597,7 +625,26 @@ class Service:
             if body.logprobs:
                 start, seen[d.index] = seen[d.index], seen[d.index] + len(d.token_ids)
                 logprobs = self.chat_logprobs(c.logprobs[start : start + len(d.token_ids)])
-            if d.text or d.finished or logprobs is not None:
+            if calls is not None:  # tools: content and calls as the reader finds them
+                deltas = calls[d.index].deltas(d.token_ids, d.finished)
+                finish = calls[d.index].finish_reason(c) if d.finished else None
+                if d.finished or logprobs is not None:
+                    deltas = deltas or [s.ChatDelta()]
+                left -= d.finished
+                for k, delta in enumerate(deltas):
+                    last = k == len(deltas) - 1
+                    yield chunk(
+                        [
+                            s.ChatChunkChoice(
+                                index=d.index,
+                                delta=delta,
+                                logprobs=logprobs if k == 0 else None,
+                                finish_reason=finish if last else None,
+                            )
+                        ],
+                        timings=_timings(outputs) if left == 0 and last else None,
+                    )
+            elif d.text or d.finished or logprobs is not None:
                 left -= d.finished
                 yield chunk(
                     [

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Discriminator, Field, Tag
 StrOrList = str | list[str] | None
 MAX_PROMPTS = 4096  # prompts in one completions request (the engine's queue holds fewer anyway)
 MAX_MESSAGES = 16384
+MAX_TOOLS = 1024
 
 
 def _prompt_form(value: Any) -> str:
@@ -40,6 +41,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema",
+    "strict", "description"}} (values are checked by the handler, which names the field in a 400)."""
+
+    type: str
+    json_schema: dict[str, Any] | None = None
+
+
 class SamplingFields(BaseModel):
     """The fields completions and chat share."""
 
@@ -59,6 +68,14 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     keep_alive: float | str | None = None  # Ollama's extension: how long the model stays loaded after this request
+    # Structured outputs: OpenAI's response_format, vLLM's guided_* fields and its newer structured_outputs
+    # ({"json" | "regex" | "choice" | "grammar" | "json_object": ...}); at most one of them.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -73,10 +90,23 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str | dict[str, Any]  # JSON text (OpenAI); an object is taken too
+
+
+class ToolCallMessage(BaseModel):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: str  # checked by the handler: an unknown role is a 400, as OpenAI answers
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCallMessage], Field(max_length=MAX_MESSAGES)] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -89,6 +119,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are given
     logprobs: bool = False
     top_logprobs: int | None = None
+    # Tool calling (checked by the handler, which names the field in a 400)
+    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | {"type": "function", ...}
+    parallel_tool_calls: bool = True
 
 
 class TokenizeRequest(BaseModel):
@@ -192,9 +226,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprobEntry]
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -214,9 +260,24 @@ class ChatCompletionResponse(BaseModel):
     timings: Timings | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed call: its first chunk has index, id, type and the name; the next ones pieces of its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -182,6 +182,11 @@ class Tokenizer:
         return self._tk.id_to_token(i) if self._tk is not None else self._sp.IdToPiece(i)
 
     @property
+    def backend(self):
+        """The library object underneath: a `tokenizers.Tokenizer`, or a `sentencepiece.SentencePieceProcessor`."""
+        return self._tk if self._tk is not None else self._sp
+
+    @property
     def special_ids(self) -> set[int]:
         return set(self._special_ids.values())
 
