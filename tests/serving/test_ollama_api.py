@@ -107,3 +107,15 @@ def test_version_and_the_api_key(url, client):
     assert client._client.get("/api/version").json()["version"]
     r = httpx.get(f"{url}/api/tags")  # no key
     assert r.status_code == 401 and "API key" in r.json()["error"]
+
+
+def test_embed_gives_the_models_own_embeddings(client, alpha):
+    texts = ["Once upon a time", "import json"]
+    answer = client.embed(model="alpha", input=texts)
+    expected = alpha.embed(texts)
+    assert answer.model == "alpha" and answer.prompt_eval_count > 0
+    assert max(abs(a - b) for got, want in zip(answer.embeddings, expected.tolist()) for a, b in zip(got, want)) < 1e-5
+    assert len(client.embed(model="alpha", input="one text", dimensions=8).embeddings[0]) == 8
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model="alpha", input=[""])
+    assert e.value.status_code == 400 and "input[0]" in str(e.value)

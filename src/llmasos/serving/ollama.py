@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmasos.errors import InvalidRequestError
 from llmasos.inference import SamplingParams
 from llmasos.outputs import read_json
+from llmasos.serving import embeddings
 from llmasos.serving import schemas as s
 from llmasos.serving.engine_thread import EngineFailure, Stream
 from llmasos.serving.pool import ModelLoadError, parse_keep_alive
@@ -91,6 +92,17 @@ class ShowRequest(BaseModel):
 
 class StopRequest(BaseModel):
     model: str
+
+
+class EmbedRequest(BaseModel):
+    """Ollama's /api/embed body: what `/v1/embeddings` takes, in Ollama's names."""
+
+    model: str
+    input: str | list[str]
+    truncate: bool = True  # ours never truncate: an input over the context is a 400 naming it
+    dimensions: int | None = None
+    keep_alive: float | str | None = None
+    options: Options | None = None
 
 
 def _now() -> str:
@@ -281,6 +293,26 @@ def add_ollama_routes(app: FastAPI, router: Any) -> None:
             stream = await service.worker.submit([prompt], sampling(body.options))
             return await answer(service, body.model, stream, body, request, started, load_seconds, chat=True)
 
+    async def embed(body: EmbedRequest, request: Request) -> Response:
+        """Ollama's embeddings: the same vectors as `/v1/embeddings` (pooled, L2-normalised), as `embeddings`."""
+        started = time.perf_counter()
+        async with router.service(body.model, request, body.keep_alive) as service:
+            load_seconds = time.perf_counter() - started
+            inner = s.EmbeddingRequest(model=body.model, input=body.input, dimensions=body.dimensions)
+            answer = await embeddings.create(service, inner, request)
+        if answer.status_code != 200:
+            return answer
+        result = json.loads(bytes(answer.body))
+        return JSONResponse(
+            {
+                "model": body.model,
+                "embeddings": [d["embedding"] for d in result["data"]],
+                "total_duration": _ns(time.perf_counter() - started),
+                "load_duration": _ns(load_seconds),
+                "prompt_eval_count": result["usage"]["prompt_tokens"],
+            }
+        )
+
     async def tags() -> dict[str, Any]:
         models = []
         for name in pool.names():
@@ -364,3 +396,4 @@ def add_ollama_routes(app: FastAPI, router: Any) -> None:
     app.get("/api/ps")(ps)
     app.get("/api/version")(version)
     app.post("/api/stop")(stop)
+    app.post("/api/embed")(embed)
