@@ -160,3 +160,18 @@ def test_a_constraint_that_cannot_be_enforced_is_refused_by_name(llm, structured
     assert all(w in message for w in words), message
     assert info.value.param.startswith("structured")
     assert not llm.engine.has_work()
+
+
+def test_masks_computed_during_the_forward_pass_give_the_same_tokens(llm):
+    """The accelerator path (masks on a worker thread while the forward pass runs), here on the CPU."""
+    from llmasos.inference.structured import Grammars
+
+    params = SamplingParams(max_tokens=200, temperature=1.0, seed=5, n=3, structured={"json": ARRAYS})
+    inline = llm.generate(["hi", "there"], params)
+    engine = llm.engine
+    engine.grammars, inline_grammars = Grammars(llm.tokenizer, llm.config.vocab_size, overlap=True), engine.grammars
+    try:
+        overlapped = llm.generate(["hi", "there"], params)
+    finally:
+        engine.grammars = inline_grammars
+    assert [c.token_ids for o in overlapped for c in o.outputs] == [c.token_ids for o in inline for c in o.outputs]
