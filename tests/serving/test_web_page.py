@@ -146,6 +146,8 @@ def test_the_model_picker_offers_every_model_and_the_answer_comes_from_the_one_p
         stats = page.inner_text(".stats")
         assert stats.startswith("beta") and "first token after" in stats  # the wait includes beta's load
         assert [m["model"] for m in httpx.get(f"{url}/api/ps").json()["models"]] == ["beta:latest"]
+
+
 def test_a_tool_call_shows_and_its_result_is_sent_back(browser, tmp_path):
     """On a model whose template takes tools: the call shows in the answer, the next message is its result."""
     import json

@@ -43,12 +43,11 @@ from llmasos.errors import ContextLengthError, InvalidRequestError, LLMasOSError
 from llmasos.inference import LLM, SamplingParams
 from llmasos.inference import adapters as lora
 from llmasos.inference.engine import RequestOutput, TokenLogprob
-from llmasos.models.multi_lora import Adapter, projections
-from llmasos.serving import adapters, embeddings
 from llmasos.inference.structured import StructuredOutputs
 from llmasos.inference.tools import ToolPlan, plan_tools
+from llmasos.models.multi_lora import Adapter, projections
+from llmasos.serving import adapters, embeddings, tools
 from llmasos.serving import schemas as s
-from llmasos.serving import tools
 from llmasos.serving.engine_thread import EngineFailure, EngineThread, QueueFullError, Stream
 from llmasos.serving.metrics import Metrics, ModelMetrics
 from llmasos.serving.ollama import OLLAMA_ROUTES, add_ollama_routes
