@@ -78,6 +78,36 @@ def cmd_pull(args: argparse.Namespace) -> None:
     print(f"stored {args.source} as {path.name!r} in {path}")
 
 
+def _system_info() -> None:
+    """What this machine gives the kernels: the CPU, its instruction sets, the kernel level and its build."""
+    import torch
+
+    from llmasos import kernels
+
+    own, level = kernels.cpu_level(), kernels.kernel_level()
+    wanted = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+    wanted += ("avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+    rows = [
+        ("CPU", kernels.cpu_model()),
+        ("instruction sets", " ".join(f for f in wanted if f in kernels._cpu_flags()) or "none of the ones used"),
+        ("bf16 arithmetic", "yes (prefill and training use it)" if kernels.native_bf16() else "no (bf16 is widened to fp32)"),
+        (
+            "kernels",
+            f"CPU level {own.name if own else 'none'}, kernel level {level.name if level else 'none'}"
+            + (f" (LLMASOS_ISA={os.environ['LLMASOS_ISA']})" if os.environ.get("LLMASOS_ISA") else "")
+            + (" (off: LLMASOS_KERNELS=0)" if os.environ.get("LLMASOS_KERNELS") == "0" else ""),
+        ),
+    ]
+    if level is not None:
+        where, built = kernels.build_status(level)
+        rows.append(("kernel build", f"{where} ({'built' if built else 'not built yet: compiled on first use'})"))
+    cuda = f"available ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "not available"
+    rows += [("threads", str(torch.get_num_threads())), ("torch", f"{torch.__version__}, CUDA {cuda}")]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -87,6 +117,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     from llmasos.checkpoints.store import dir_size, resolve
     from llmasos.models.zoo import ZOO, zoo_config
 
+    if args.system:
+        _system_info()
+        if args.model is None:
+            return
+    elif args.model is None:
+        raise LLMasOSError("name a model (a store name, a model dir or a zoo shape), or give --system")
     rows: list[tuple[str, str]] = []
     if args.model in ZOO and not Path(args.model).exists():
         config, path = zoo_config(args.model), None
@@ -847,10 +883,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "info",
         cmd_info,
-        "architecture, shape, parameters, dtype, size and tokenizer of a model",
-        "  llmasos info my-model\n  llmasos info ./path/to/model-dir\n  llmasos info llama-3.1-8b   # a zoo shape",
+        "architecture, shape, parameters, dtype, size and tokenizer of a model; or this machine's CPU and kernels",
+        "  llmasos info my-model\n  llmasos info ./path/to/model-dir\n  llmasos info llama-3.1-8b   # a zoo shape\n"
+        "  llmasos info --system   # the CPU, its instruction sets and the kernel level in use",
     )
-    p.add_argument("model", help="a store name, a model dir, or a zoo shape name")
+    p.add_argument("model", nargs="?", help="a store name, a model dir, or a zoo shape name")
+    p.add_argument("--system", action="store_true", help="the CPU, its instruction sets, and the kernel level and build")
 
     p = _verb(
         sub,

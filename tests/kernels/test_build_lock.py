@@ -11,8 +11,7 @@ import textwrap
 import pytest
 import torch.utils.cpp_extension
 
-from llmasos import kernels as kernels_module
-from llmasos.kernels import _cpu_flags, load_ops
+from llmasos.kernels import LEVELS, _cpu_flags, build_name, ops_at
 
 
 @pytest.fixture
@@ -20,16 +19,13 @@ def build_dir(tmp_path, monkeypatch):
     """The kernels' build dir under a TORCH_EXTENSIONS_DIR of the test's own (torch uses that root as is),
     holding the `lock` file torch leaves behind when a build is killed."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    path = tmp_path / "llmasos_gemv"
+    path = tmp_path / build_name(LEVELS[0])
     path.mkdir()
     (path / "lock").touch()
     return path
 
 
 def test_a_lock_left_by_a_killed_build_is_removed_and_the_build_runs(build_dir, monkeypatch):
-    monkeypatch.delenv("LLMASOS_KERNELS", raising=False)
-    monkeypatch.setattr(kernels_module, "_cpu_flags", lambda: {"avx2", "fma", "f16c"})
-    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     seen = {}
 
     def load(**options):  # torch's load would wait on the lock file forever; here it only records
@@ -37,8 +33,9 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_the_build_runs(build_dir, 
         return "module"
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
-    assert load_ops.__wrapped__() == "module"  # the function itself, not the process's cached module
+    assert ops_at.__wrapped__(LEVELS[0]) == "module"  # the function itself, not the process's cached module
     assert seen == {"lock_left": False, "build_directory": str(build_dir)}
+    assert (build_dir / "llmasos.built").read_text().startswith("avx2")  # finished: later loads skip the build
 
 
 @pytest.mark.skipif(
@@ -63,7 +60,7 @@ def test_a_build_running_elsewhere_is_waited_for_then_the_model_runs_on_stock_py
         with torch.no_grad():
             print("logits:", tuple(model(torch.tensor([[1, 2, 3]])).shape))
     """)
-    env = {k: v for k, v in os.environ.items() if k != "LLMASOS_KERNELS"}
+    env = {k: v for k, v in os.environ.items() if k != "LLMASOS_KERNELS"} | {"LLMASOS_ISA": LEVELS[0].name}
     with open(build_dir / "llmasos.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)

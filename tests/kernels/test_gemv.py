@@ -7,27 +7,26 @@ import time
 import pytest
 import torch
 
-from llmasos.kernels import load_ops
+import llmasos.kernels
 from llmasos.models.config import ROPE_TYPES, ModelConfig
 from llmasos.models.fast import GemvLinear, KernelBlock, use_gemv_kernels
 from llmasos.models.llama import Block, Transformer
 from llmasos.models.quantize import Int8Linear, quantize_model
 from llmasos.models.swap import swap_modules, with_class
 
-module = load_ops()
-pytestmark = pytest.mark.skipif(module is None, reason="GEMV kernels unavailable here (no AVX2/FMA or no compiler)")
+pytestmark = pytest.mark.usefixtures("ops")  # each test at every level this CPU runs (conftest.py)
 
 
 @pytest.mark.parametrize("n, k", [(64, 64), (2051, 771), (3, 16), (5, 40)])
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 7, 16])  # blocks of four inputs and every tail
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
-def test_gemv_equals_matmul(n, k, m, wdtype, xdtype):
+def test_gemv_equals_matmul(n, k, m, wdtype, xdtype, ops):
     g = torch.Generator().manual_seed(n * k)
     w = torch.randn(n, k, generator=g).to(wdtype)
     x, bias = torch.randn(m, k, generator=g).to(xdtype), torch.randn(n, generator=g).to(xdtype)
     expected = x.double() @ w.double().T + bias.double()
-    (y,) = module.gemv(x, [w], [bias])
+    (y,) = ops.gemv(x, [w], [bias])
     assert y.dtype == xdtype and y.shape == (m, n)
     tol = 8e-3 if xdtype == torch.bfloat16 else 1e-5  # fp32: summation order only; bf16: the output's rounding
     assert ((y.double() - expected).abs() / expected.abs().max()).max() < tol
@@ -35,7 +34,7 @@ def test_gemv_equals_matmul(n, k, m, wdtype, xdtype):
 
 @pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
-def test_gemv_of_several_weights_equals_their_matmuls(m, wdtype):
+def test_gemv_of_several_weights_equals_their_matmuls(m, wdtype, ops):
     """Several weights in one call (a layer's q/k/v), large enough that threads share the rows in chunks that
     cross from one weight to the next, with biases of each float dtype read in place, and none."""
     g = torch.Generator().manual_seed(m)
@@ -43,26 +42,26 @@ def test_gemv_of_several_weights_equals_their_matmuls(m, wdtype):
     ws = [torch.randn(n, k, generator=g).to(wdtype) for n in rows]
     biases = [torch.randn(rows[0], generator=g), torch.randn(rows[1], generator=g).bfloat16(), torch.empty(0)]
     x = torch.randn(m, k, generator=g)
-    for y, w, b in zip(module.gemv(x, ws, biases), ws, biases):
+    for y, w, b in zip(ops.gemv(x, ws, biases), ws, biases):
         expected = x.double() @ w.double().T + (b.double() if b.numel() else 0)
         assert y.shape == (m, w.shape[0])
         assert ((y.double() - expected).abs() / expected.abs().max()).max() < 1e-5
     with pytest.raises(RuntimeError, match="one value per output"):
-        module.gemv(x, ws, [biases[1], biases[0], biases[2]])
+        ops.gemv(x, ws, [biases[1], biases[0], biases[2]])
     with pytest.raises(RuntimeError, match="one value per output"):
-        module.int8_gemv(x, torch.zeros(4, k, dtype=torch.int8), torch.ones(4), torch.ones(5))
+        ops.int8_gemv(x, torch.zeros(4, k, dtype=torch.int8), torch.ones(4), torch.ones(5))
 
 
 @pytest.mark.parametrize("n, k", [(64, 64), (2051, 784), (5, 48)])
 @pytest.mark.parametrize("m", [1, 2, 5, 16])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
-def test_int8_gemv_equals_matmul(n, k, m, xdtype):
+def test_int8_gemv_equals_matmul(n, k, m, xdtype, ops):
     g = torch.Generator().manual_seed(n * k)
     w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, generator=g)
     x, bias = torch.randn(m, k, generator=g).to(xdtype), torch.randn(n, generator=g).to(xdtype)
     expected = x.double() @ w.double().T * scale.double() + bias.double()
-    y = module.int8_gemv(x, w, scale, bias)
+    y = ops.int8_gemv(x, w, scale, bias)
     assert y.dtype == xdtype and y.shape == (m, n)
     tol = 8e-3 if xdtype == torch.bfloat16 else 1e-3  # fp32: the inputs are quantized to 14 bits
     assert ((y.double() - expected).abs() / expected.abs().max()).max() < tol
@@ -90,7 +89,7 @@ def test_gemv_linear_is_a_drop_in_for_decoding_and_training():
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("k", [256, 800])  # 800: 25 groups, so a tail after the blocks of eight
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
-def test_int4_gemv_equals_its_dequantized_matmul(m, k, xdtype):
+def test_int4_gemv_equals_its_dequantized_matmul(m, k, xdtype, ops):
     """The kernel quantizes its inputs to int8 per group of 32 (scale max |x| / 127) and takes the offsets'
     part from the exact sums of x: the same arithmetic in float64 must agree to rounding."""
     from llmasos.models.quantize import int4_dequantize, int4_quantize
@@ -105,7 +104,7 @@ def test_int4_gemv_equals_its_dequantized_matmul(m, k, xdtype):
     rounded = (torch.round(groups / step) * step).view(m, k)
     q = int4_dequantize(packed, scales, torch.zeros_like(offsets)).double()
     expected = rounded @ q.T + groups.sum(-1) @ offsets.double().T + bias.double()
-    y = module.int4_gemv(x, packed, scales, offsets, bias)
+    y = ops.int4_gemv(x, packed, scales, offsets, bias)
     assert y.dtype == xdtype and y.shape == (m, 300)
     tol = 8e-3 if xdtype == torch.bfloat16 else 1e-5  # bf16: the output's rounding
     assert ((y.double() - expected).abs() / expected.abs().max()).max() < tol
@@ -221,13 +220,13 @@ def tiny_pair(flags: dict, dtype: torch.dtype, quantize: str | None):
     ids=["fp32", "bf16", "int8", "int4"],
 )
 @torch.inference_mode()
-def test_decode_fast_paths_give_the_model_s_logits(monkeypatch, flags, dtype, quantize):
+def test_decode_fast_paths_give_the_model_s_logits(monkeypatch, flags, dtype, quantize, ops):
     """The fused decode paths (whole blocks in one call, attention over cache rows at different
     positions, rows after the first) against the plain PyTorch model on the same weights."""
     ref, fast = tiny_pair(flags, dtype, quantize)
     calls = []
-    block = module.decode_block
-    monkeypatch.setattr(module, "decode_block", lambda *a: calls.append(1) or block(*a))
+    block = ops.decode_block
+    monkeypatch.setattr(ops, "decode_block", lambda *a: calls.append(1) or block(*a))
 
     prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
     caches = {m: m.new_cache(4, 32, torch.float32) for m in (ref, fast)}
@@ -288,17 +287,17 @@ def test_the_decode_plan_follows_replaced_weights_and_modules():
     assert fast.model.layers[0]._plan.weights[3] is fast_layer.o_proj.weight
 
 
-def test_kernels_let_other_python_threads_run():
+def test_kernels_let_other_python_threads_run(ops):
     """A server's event loop must keep streaming while a step computes: the kernels release the GIL."""
     x, w, empty = torch.randn(64, 4096), torch.randn(16384, 4096).bfloat16(), torch.empty(0)  # ~0.1 s a call
     start = time.perf_counter()
-    module.gemv(x, [w], [empty])
+    ops.gemv(x, [w], [empty])
     took = time.perf_counter() - start
     done = threading.Event()
 
     def compute():
         for _ in range(3):
-            module.gemv(x, [w], [empty])
+            ops.gemv(x, [w], [empty])
         done.set()
 
     worker = threading.Thread(target=compute)
@@ -310,3 +309,39 @@ def test_kernels_let_other_python_threads_run():
         last = now
     worker.join()
     assert max(gaps) < took / 2, (max(gaps), took)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["emulated-bf16", "bf16-arithmetic"])
+def test_one_decode_policy_for_bf16_whether_or_not_the_cpu_has_bf16_arithmetic(tmp_path, monkeypatch, ops, native):
+    """A bf16 model decodes on the fused blocks with fp32 activations and cache on every CPU (no separate
+    module-by-module path where the CPU has bf16 arithmetic); a prefill's large products use that arithmetic
+    (bf16 in, oneDNN) where it exists, and widen the weights to fp32 where it does not."""
+    import torch.nn.functional as F
+    from helpers import make_hf_model, write_bpe_tokenizer
+
+    from llmasos import LLM, SamplingParams
+    from llmasos.models import fast as fast_module
+
+    monkeypatch.setattr(llmasos.kernels, "native_bf16", lambda: native)
+    monkeypatch.setattr(fast_module, "native_bf16", lambda: native)
+    path, _ = make_hf_model(tmp_path / "m", max_position_embeddings=128)
+    write_bpe_tokenizer(path)
+    llm = LLM.load(path, dtype="bfloat16")
+    model = llm.engine.model
+    assert (model.activation_dtype, model.cache_dtype) == (torch.float32, torch.float32)
+    blocks, linear_inputs = [], []  # fused decode blocks run; inputs of the prefill's products
+    block = ops.decode_block
+    monkeypatch.setattr(ops, "decode_block", lambda *a: blocks.append(1) or block(*a))
+    linear = F.linear
+    monkeypatch.setattr(fast_module.F, "linear", lambda x, *a: linear_inputs.append(x.dtype) or linear(x, *a))
+    prompt = list(range(3, 3 + 80))  # 80 rows: beyond the kernels' rows, so the prefill takes F.linear
+    llm.generate([prompt], SamplingParams(max_tokens=5, temperature=0.0))[0]
+    assert len(blocks) == 4 * model.config.num_hidden_layers  # every decode step after the prefill, fused
+    assert set(linear_inputs) == {torch.bfloat16 if native else torch.float32}
+    if native:  # a prefill's logits as the widened path gives them, to bf16's rounding of the inputs
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            bf16 = model(ids)
+            monkeypatch.setattr(fast_module, "native_bf16", lambda: False)
+            widened = model(ids)
+        assert (bf16 - widened).abs().max() < 2e-2 * widened.abs().max()

@@ -69,8 +69,9 @@ def test_quantization_and_lora_swap_in_place_and_lora_merges_back():
 @pytest.mark.parametrize(
     "native, kernels, activation, cache",
     [
-        (True, True, None, torch.bfloat16),
-        (False, True, torch.float32, torch.float32),  # fp32 over bf16 weights, as llama.cpp
+        (True, True, torch.float32, torch.float32),  # one decode policy: fp32 over bf16 weights, as llama.cpp
+        (False, True, torch.float32, torch.float32),
+        (True, False, None, torch.bfloat16),  # no kernels, bf16 arithmetic: bf16 throughout
         (False, False, None, torch.float32),  # no kernels to widen the weights: bf16 activations, fp32 cache
     ],
 )

@@ -1,15 +1,20 @@
-"""Hand-written CPU kernels (`gemv.cpp`), compiled on first use with the machine's compiler (cached
-afterwards), and what decides when to call them: the CPU's features, the dtype to compute in, and up to
-how many input rows each kernel beats PyTorch.
+"""Hand-written CPU kernels (`gemv.cpp`), and what decides when to call them: the CPU's instruction-set
+level, the dtype to compute in, and up to how many input rows each kernel beats PyTorch.
 
-`load_ops()` returns the compiled module, or None where it cannot be had (no AVX2/FMA/F16C, no compiler,
-not x86, LLMASOS_KERNELS=0, or another process still compiling it after `BUILD_WAIT_S`); everything then
-runs on stock PyTorch. This package knows no model: the modules that run a model's layers on these ops
-are `llmasos.models.fast` (dense layers, norms, attention, whole blocks) and `llmasos.models.quantize`.
+The kernels are compiled for one level (`LEVELS`: AVX2+FMA, AVX-512, AVX-512 VNNI) on first use with the
+machine's compiler, into torch's extension cache under a name hashed from the source and flags
+(`build_name`), and loaded from there afterwards. The level is the CPU's own (`cpu_level`) or a lower one
+forced with `LLMASOS_ISA`. `load_ops()` returns the compiled module, or None where it cannot be had (no
+AVX2/FMA/F16C, no compiler, not x86, LLMASOS_KERNELS=0, or another process still compiling it after
+`BUILD_WAIT_S`); everything then runs on stock PyTorch. This package knows no model: the modules that run a
+model's layers on these ops are `llmasos.models.fast` (dense layers, norms, attention, whole blocks)
+and `llmasos.models.quantize`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import platform
 import sys
@@ -24,14 +29,85 @@ import torch
 from torch import Tensor
 
 
-def _cpu_flags() -> set[str]:
+@cache
+def _cpu_flags() -> frozenset[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
+
+
+def cpu_model() -> str:
+    """The CPU's name as the OS reports it (for bench headers and `llmasos info --system`)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass(frozen=True)
+class Level:
+    """An instruction-set level the kernels are built for: the CPU flags it needs and the compiler flags that
+    let `gemv.cpp` use them (its `#if defined(__AVX512F__)` etc. choose the code)."""
+
+    name: str
+    needs: frozenset[str]
+    cflags: tuple[str, ...]
+
+
+_AVX2 = Level("avx2", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mfma", "-mf16c"))
+_AVX512 = Level(
+    "avx512",
+    _AVX2.needs | {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    (*_AVX2.cflags, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"),
+)
+_VNNI = Level("avx512_vnni", _AVX512.needs | {"avx512_vnni"}, (*_AVX512.cflags, "-mavx512vnni"))
+LEVELS: tuple[Level, ...] = (_AVX2, _AVX512, _VNNI)  # lowest first; each includes the ones before it
+LEVEL_NAMES = tuple(level.name for level in LEVELS)
+
+
+def cpu_level() -> Level | None:
+    """The highest level this CPU runs (None: not x86 or no AVX2/FMA/F16C, so no kernels)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    runs = [level for level in LEVELS if level.needs <= _cpu_flags()]
+    return runs[-1] if runs else None
+
+
+def kernel_level() -> Level | None:
+    """The level the kernels run at: the CPU's own, or the lower one `LLMASOS_ISA` names (tests run every level
+    below the machine's this way). A level above the CPU's is refused with a warning (it would crash); a name
+    that is not a level is an error naming the ones that are."""
+    own = cpu_level()
+    wanted = os.environ.get("LLMASOS_ISA", "").strip().lower()
+    if not wanted or own is None:
+        return own
+    if wanted not in LEVEL_NAMES:
+        raise ValueError(f"LLMASOS_ISA={wanted!r} is not a kernel level; the levels are {', '.join(LEVEL_NAMES)}")
+    if LEVEL_NAMES.index(wanted) > LEVEL_NAMES.index(own.name):
+        warnings.warn(f"llmasos: LLMASOS_ISA={wanted} is above this CPU's level ({own.name}); using {own.name}", stacklevel=2)
+        return own
+    return LEVELS[LEVEL_NAMES.index(wanted)]
+
+
+SOURCE = Path(__file__).with_name("gemv.cpp")
+CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
+
+
+def build_name(level: Level) -> str:
+    """The build's name in torch's extension cache: the level and a hash of everything the binary depends on
+    (source, flags, torch, Python), so identical sources share one build across checkouts and venvs, and
+    different ones never evict each other (one name for all made two checkouts rebuild in turn)."""
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + level.cflags).encode(), torch.__version__.encode(), sys.version.encode()):
+        digest.update(part)
+    return f"llmasos_{level.name}_{digest.hexdigest()[:12]}"
 
 
 BUILD_WAIT_S = 300.0  # how long to wait for another process compiling the kernels (a build takes ~1 minute)
@@ -70,14 +146,24 @@ def _build_lock(build_dir: Path, timeout: float) -> IO | None:
     return f
 
 
-@cache
 def load_ops():
     """The compiled module (`gemv`, `swiglu`, `rms_norm`, `rope_`, `decode_attention`, `decode_block`,
-    `int8_gemv`, `int4_gemv`), or None."""
-    if os.environ.get("LLMASOS_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+    `int8_gemv`, `int4_gemv`) at `kernel_level()`, or None. Cheap: called by every fast module's forward."""
+    return _ops(os.environ.get("LLMASOS_KERNELS", "1"), os.environ.get("LLMASOS_ISA", ""))
+
+
+@cache
+def _ops(enabled: str, isa: str):
+    if enabled == "0":
         return None
-    if not {"avx2", "fma", "f16c"} <= _cpu_flags():
-        return None
+    level = kernel_level()
+    return None if level is None else ops_at(level)
+
+
+@cache
+def ops_at(level: Level):
+    """The kernels built for `level` (compiled on first use, then loaded from torch's extension cache), or None
+    with a warning where they cannot be built (no compiler or headers)."""
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
@@ -85,8 +171,10 @@ def load_ops():
         bindir = str(Path(sys.executable).parent)
         if bindir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-        # Built into torch's extension cache (TORCH_EXTENSIONS_DIR); rebuilt only when the source changes.
-        build_dir = Path(_get_build_directory("llmasos_gemv", verbose=False))
+        name = build_name(level)
+        build_dir = Path(_get_build_directory(name, verbose=False))
+        if (build_dir / BUILT).exists():  # a finished build of these very sources: no compiler, no lock
+            return _import(name, build_dir / f"{name}.so")
         lock = _build_lock(build_dir, BUILD_WAIT_S)
         if lock is None:
             warnings.warn(
@@ -96,17 +184,38 @@ def load_ops():
             )
             return None
         with lock:
-            return load(
-                name="llmasos_gemv",
-                sources=[str(Path(__file__).with_name("gemv.cpp"))],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"],
+            module = load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=[*CFLAGS, *level.cflags],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir),
                 verbose=False,
             )
+            (build_dir / BUILT).write_text(f"{level.name} {' '.join(level.cflags)}\n")
+            return module
     except Exception as e:  # no compiler or headers: run on stock PyTorch, and say so once
         warnings.warn(f"llmasos: CPU kernels unavailable, using stock PyTorch ({type(e).__name__}: {e})", stacklevel=2)
         return None
+
+
+BUILT = "llmasos.built"  # written into a build dir once its module has been built and loaded
+
+
+def _import(name: str, path: Path):
+    """A finished build's module, imported as torch's loader would (without re-running its build check)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_status(level: Level) -> tuple[str, bool]:
+    """Where `level`'s build lives and whether it is finished (for `llmasos info --system`)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build_dir = Path(_get_build_directory(build_name(level), verbose=False))
+    return str(build_dir), (build_dir / BUILT).exists()
 
 
 EMPTY = torch.empty(0)  # "no scale" / "no bias" for the kernels
@@ -123,9 +232,22 @@ def native_bf16() -> bool:
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """The dtype to compute in over weights of `dtype` on `device`: fp32 for bf16 on a CPU without bf16
+    """The dtype to train in over weights of `dtype` on `device`: fp32 for bf16 on a CPU without bf16
     arithmetic (emulated bf16 is several times slower than fp32, and less precise), otherwise `dtype`."""
     if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not native_bf16():
+        return torch.float32
+    return dtype
+
+
+def inference_dtype(dtype: torch.dtype, device: torch.device | str, kernels: bool) -> torch.dtype:
+    """The dtype a model with weights of `dtype` on `device` keeps its activations and KV cache in for inference
+    (`kernels`: the CPU kernels run it).
+
+    One decode policy on every CPU: over bf16 weights the kernels widen each weight in registers and compute
+    in fp32, as llama.cpp does, whether or not the CPU has bf16 arithmetic (decoding is bound by reading the
+    weights, which stay bf16-sized); large products (prefill) still use the CPU's bf16 arithmetic where it has
+    it (`GemvLinear`). Without the kernels: bf16 where the CPU computes in it, fp32 where it would emulate it."""
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and (kernels or not native_bf16()):
         return torch.float32
     return dtype
 

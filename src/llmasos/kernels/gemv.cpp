@@ -1,4 +1,9 @@
-// Small-batch matrix products (decoding 1 to ~16 sequences) on CPUs with AVX2 + FMA.
+// Small-batch matrix products (decoding 1 to ~16 sequences) on CPUs with AVX2 + FMA, and with AVX-512.
+//
+// Built once per instruction-set level (llmasos.kernels.LEVELS): AVX2+FMA+F16C; AVX-512 F/BW/VL/DQ, where the
+// dense and int8 products take 512-bit vectors (16 fp32 lanes, 32 registers: larger register blocks); and
+// AVX-512 VNNI, where the int8 and int4 dot products fuse their multiply-adds (vpdpwssd, vpdpbusd). The
+// `#if defined(__AVX512F__)` blocks below are those levels; everything else is shared.
 //
 // Decode streams every weight once per token, so its speed is memory bandwidth. PyTorch's
 // stock GEMV paths reach about half of it on small matrices (call overhead, packing); these
@@ -34,8 +39,18 @@ inline __m256 half_hi(const c10::BFloat16* p) {
 }
 inline __m256 half_lo(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 half_hi(const float* p) { return _mm256_loadu_ps(p + 8); }
-// Whether x must be stored even/odd-interleaved per 16 for this weight type.
-template <typename W> constexpr bool kEvenOdd = std::is_same<W, c10::BFloat16>::value;
+#if defined(__AVX512F__)
+constexpr bool kWide = true;  // 512-bit dense products: sixteen weights widened in one register
+// Sixteen weights as one fp32 vector, in order: bf16 zero-extended to 32 bits and shifted up.
+inline __m512 wide16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 wide16(const float* p) { return _mm512_loadu_ps(p); }
+#else
+constexpr bool kWide = false;
+#endif
+// Whether x must be stored even/odd-interleaved per 16 for this weight type (the AVX2 bf16 halves above).
+template <typename W> constexpr bool kEvenOdd = !kWide && std::is_same<W, c10::BFloat16>::value;
 
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(float v) { return v; }
@@ -64,11 +79,11 @@ class Bias {
 };
 
 // A block of R weight rows times MX input rows: out[r][m] = dot(W[r, :K16], x[m, :K16]).
-// The R * MX accumulators (12 at most), one half of each weight row and one input vector fill the 16
+// AVX2: the R * MX accumulators (12 at most), one half of each weight row and one input vector fill the 16
 // vector registers: each converted weight vector serves MX inputs, each input vector R rows, so the loop
 // is bound by the FMA units rather than by loads or conversions.
 template <int R, int MX, typename W>
-inline void block_dot(const W* w, int64_t K, int64_t K16, const float* xs, int64_t ldx, float out[R][MX],
+inline void block_dot_ymm(const W* w, int64_t K, int64_t K16, const float* xs, int64_t ldx, float out[R][MX],
                       const char* ahead = nullptr, int64_t ahead_bytes = 0) {
   static_assert(R * MX <= 12, "accumulators beyond the register file");
   __m256 acc[R][MX];
@@ -96,10 +111,62 @@ inline void block_dot(const W* w, int64_t K, int64_t K16, const float* xs, int64
     for (int m = 0; m < MX; ++m) out[r][m] = hsum(acc[r][m]);
 }
 
+#if defined(__AVX512F__)
+// The same block in 512-bit registers: 32 of them hold R * MX accumulators (24 at most), R weight vectors
+// and an input vector; x in plain order.
+template <int R, int MX, typename W>
+inline void block_dot_zmm(const W* w, int64_t K, int64_t K16, const float* xs, int64_t ldx, float out[R][MX],
+                          const char* ahead = nullptr, int64_t ahead_bytes = 0) {
+  static_assert(R * MX <= 24, "accumulators beyond the register file");
+  __m512 acc[R][MX];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) acc[r][m] = _mm512_setzero_ps();
+  const int64_t per_line = K16 / 16 * 64;
+  int64_t credit = 0, line = 0;
+  for (int64_t k = 0; k < K16; k += 16) {
+    for (credit += ahead_bytes; credit >= per_line; credit -= per_line, line += 64)
+      _mm_prefetch(ahead + line, _MM_HINT_T0);
+    __m512 h[R];
+    for (int r = 0; r < R; ++r) h[r] = wide16(w + r * K + k);
+    for (int m = 0; m < MX; ++m) {
+      const __m512 xv = _mm512_loadu_ps(xs + m * ldx + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(h[r], xv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+#endif
+
+template <int R, int MX, typename W>
+inline void block_dot(const W* w, int64_t K, int64_t K16, const float* xs, int64_t ldx, float out[R][MX],
+                      const char* ahead, int64_t ahead_bytes) {
+#if defined(__AVX512F__)
+  block_dot_zmm<R, MX>(w, K, K16, xs, ldx, out, ahead, ahead_bytes);
+#else
+  block_dot_ymm<R, MX>(w, K, K16, xs, ldx, out, ahead, ahead_bytes);
+#endif
+}
+
 // dot(W[n, :K16], x[:K16]) for one sequence: one weight row streamed front to back. A single sequential
 // stream per thread with a prefetch ahead reads memory ~35% faster here than interleaving several rows.
 template <typename W>
 inline float row_dot(const W* w, const float* xs, int64_t K16) {
+#if defined(__AVX512F__)
+  // 64 weights a step (128 or 256 bytes: every line of them prefetched 1 KiB ahead), x in plain order.
+  __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0;
+  int64_t j = 0;
+  for (; j + 64 <= K16; j += 64) {
+    for (int64_t b = 0; b < 64 * int64_t(sizeof(W)); b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w + j) + 1024 + b, _MM_HINT_T0);
+    z0 = _mm512_fmadd_ps(wide16(w + j), _mm512_loadu_ps(xs + j), z0);
+    z1 = _mm512_fmadd_ps(wide16(w + j + 16), _mm512_loadu_ps(xs + j + 16), z1);
+    z2 = _mm512_fmadd_ps(wide16(w + j + 32), _mm512_loadu_ps(xs + j + 32), z2);
+    z3 = _mm512_fmadd_ps(wide16(w + j + 48), _mm512_loadu_ps(xs + j + 48), z3);
+  }
+  for (; j < K16; j += 16) z0 = _mm512_fmadd_ps(wide16(w + j), _mm512_loadu_ps(xs + j), z0);
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(z0, z1), _mm512_add_ps(z2, z3)));
+#endif
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t k = 0;
   for (; k + 32 <= K16; k += 32) {
@@ -159,12 +226,16 @@ void rows_dot(const W* w, const float* xs, const float* xf, int64_t M, int64_t K
     for (int64_t n = begin; n < end; ++n) store(n, 0, row_dot(w + n * K, xs, K16));
     return;
   }
-  // Several sequences: each group of three weight rows is read from memory once and reused from L1 for
-  // every block of four inputs.
+  // Several sequences: each group of three weight rows (four in 512-bit registers) is read from memory once
+  // and reused from L1 for every block of four inputs.
+  constexpr int R = kWide ? 4 : 3;
   int64_t n = begin;
-  for (; n + 3 <= end; n += 3) rows_block<3>(w, xs, M, N, K, K16, n, store);
-  if (end - n == 2) rows_block<2>(w, xs, M, N, K, K16, n, store);
-  if (end - n == 1) rows_block<1>(w, xs, M, N, K, K16, n, store);
+  for (; n + R <= end; n += R) rows_block<R>(w, xs, M, N, K, K16, n, store);
+  switch (end - n) {
+    case 3: rows_block<3>(w, xs, M, N, K, K16, n, store); break;
+    case 2: rows_block<2>(w, xs, M, N, K, K16, n, store); break;
+    case 1: rows_block<1>(w, xs, M, N, K, K16, n, store); break;
+  }
 }
 
 // y_i = x @ w_i.T + b_i for several weights sharing x (a layer's q/k/v, or gate/up): one pass over x's
@@ -400,6 +471,43 @@ inline __m256i madd16(const int8_t* w, const int16_t* x) {  // 16 int8 weights .
   return _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
 }
 
+#if defined(__AVX512F__)
+// acc + 32 int8 weights . 32 int16 inputs, pairwise into 16 int32 lanes (VNNI: one instruction).
+inline __m512i madd32(__m512i acc, const int8_t* w, const int16_t* x) {
+  const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  const __m512i xv = _mm512_loadu_si512(x);
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, wv, xv);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(wv, xv));
+#endif
+}
+
+// dot(w[:K], x[:K]) of one int8 row and one quantized input row, 128 columns a step in four accumulators.
+// Each int32 lane sums at most 64 products of |127 * 8191| per 4096 columns before moving to fp32.
+inline float int8_row_dot(const int8_t* r, const int16_t* xr, int64_t K) {
+  __m512 f = _mm512_setzero_ps();
+  __m256 tail = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += 4096) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    const int64_t end = std::min(K, k0 + 4096);
+    int64_t k = k0;
+    for (; k + 128 <= end; k += 128) {
+      _mm_prefetch(reinterpret_cast<const char*>(r + k) + 1024, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(r + k) + 1088, _MM_HINT_T0);
+      a0 = madd32(a0, r + k, xr + k);
+      a1 = madd32(a1, r + k + 32, xr + k + 32);
+      a2 = madd32(a2, r + k + 64, xr + k + 64);
+      a3 = madd32(a3, r + k + 96, xr + k + 96);
+    }
+    for (; k + 32 <= end; k += 32) a0 = madd32(a0, r + k, xr + k);
+    if (k < end) tail = _mm256_add_ps(tail, _mm256_cvtepi32_ps(madd16(r + k, xr + k)));  // the last 16
+    f = _mm512_add_ps(f, _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3))));
+  }
+  return _mm512_reduce_add_ps(f) + hsum(tail);
+}
+#endif
+
 }  // namespace
 
 // y[m, n] = scale[n] * dot(w[n], x[m]) + bias[n]; w: [N, K] int8 with K % 16 == 0.
@@ -422,6 +530,9 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
         const int8_t* r = wp + n * K;
         for (int64_t m = 0; m < M; ++m) {
           const int16_t* xr = xq.q.data() + m * K;
+#if defined(__AVX512F__)
+          yp[m * N + n] = static_cast<X>(int8_row_dot(r, xr, K) * xq.scale[m] * sp[n] + bp[n]);
+#else
           __m256 f = _mm256_setzero_ps();
           for (int64_t k0 = 0; k0 < K; k0 += 4096) {
             __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
@@ -438,6 +549,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
             f = _mm256_add_ps(f, _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3))));
           }
           yp[m * N + n] = static_cast<X>(hsum(f) * xq.scale[m] * sp[n] + bp[n]);
+#endif
         }
       }
     });
@@ -511,11 +623,16 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
             for (int j = 0; j < 4; ++j) {
               const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (g + 2 * j) * 16));
               const int8_t* xg = xr + (g + 2 * j) * 32;
-              const __m256i p = _mm256_add_epi16(
-                  _mm256_maddubs_epi16(_mm256_and_si256(v, low), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg))),
-                  _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
-                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 32))));
+              const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+              const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg));
+              const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 32));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+              // Each int32 lane: the sum of four unsigned-by-signed byte products, as maddubs then madd below.
+              r[j] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xa), hi, xb);
+#else
+              const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
               r[j] = _mm256_madd_epi16(p, ones);  // [group A's 4 partial sums | group B's]
+#endif
             }
             __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(r[0], r[1]), _mm256_hadd_epi32(r[2], r[3]));
             h = _mm256_permutevar8x32_epi32(h, order);  // the eight groups' sums, in order

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmasos.kernels import ANY_ROWS, Operands, compute_dtype, load_ops, max_rows, optional, takes_kernel
+from llmasos.kernels import ANY_ROWS, Operands, inference_dtype, load_ops, max_rows, native_bf16, optional, takes_kernel
 from llmasos.models.llama import MLP, Attention, Block, ForwardBatch, RMSNorm, Transformer
 from llmasos.models.swap import swap_modules, with_class
 
@@ -90,7 +90,9 @@ class GemvLinear(nn.Linear):
         if takes_kernel(x, max_rows(self.weight.dtype)):
             (y,) = load_ops().gemv(x.contiguous(), [self.weight], [optional(self.bias)])
             return y.view(*x.shape[:-1], self.out_features)
-        if x.dtype != self.weight.dtype:  # fp32 activations over bf16 weights (set_inference_dtypes): widen them
+        if x.dtype != self.weight.dtype:  # fp32 activations over bf16 weights (set_inference_dtypes), many rows:
+            if self.weight.dtype == torch.bfloat16 and native_bf16():  # the CPU's bf16 arithmetic (oneDNN)
+                return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return F.linear(x, self.weight, self.bias)
 
@@ -204,12 +206,11 @@ def set_inference_dtypes(model: Transformer, kernels: bool) -> None:
     """Decide, once, the dtypes a model loaded for inference computes and caches in, and store them on it
     (`activation_dtype`, `cache_dtype`) for its forward pass, `new_cache` and the engine to read.
 
-    Over bf16 weights on a CPU without bf16 arithmetic (`compute_dtype`) the KV cache, and with it attention,
-    is fp32; with the kernels (`kernels`: `use_gemv_kernels` swapped them in), which widen bf16 weights in
-    their registers, so are the activations, as llama.cpp does: norms, rotary and attention then run in fp32
-    instead of emulated bf16 (several times faster, and more precise) while the weights stream at bf16's
-    size. Otherwise both are the weights' dtype."""
+    The dtype is `inference_dtype`'s: over bf16 weights on a CPU, fp32 activations and cache wherever the
+    kernels run (`kernels`: `use_gemv_kernels` swapped them in; they widen bf16 weights in their registers, as
+    llama.cpp does, so norms, rotary and attention run in fp32 while the weights stream at bf16's size). Without
+    the kernels the cache is fp32 where the CPU would emulate bf16, and the activations stay the weights'."""
     weight = model.model.embed_tokens.weight
-    compute = compute_dtype(weight.dtype, weight.device)
+    compute = inference_dtype(weight.dtype, weight.device, kernels)
     model.cache_dtype = compute
     model.activation_dtype = compute if kernels and compute != weight.dtype else None

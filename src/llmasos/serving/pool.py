@@ -43,7 +43,7 @@ from llmasos.errors import InvalidRequestError, LLMasOSError
 from llmasos.inference import LLM
 from llmasos.inference import adapters as lora
 from llmasos.inference.llm import resolve_dtype
-from llmasos.kernels import compute_dtype
+from llmasos.kernels import inference_dtype, load_ops
 from llmasos.serving.engine_thread import EngineThread
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,8 @@ def estimate(path: Path, options: LoadOptions, kv_cap: int | None) -> tuple[int,
     weights = sum(
         math.prod(e.shape) * (dtype.itemsize if e.dtype.is_floating_point else e.dtype.itemsize) for e in entries.values()
     )
-    cache = compute_dtype(dtype, options.device).itemsize
+    kernels = torch.device(options.device).type == "cpu" and load_ops() is not None
+    cache = inference_dtype(dtype, options.device, kernels).itemsize
     assert config.head_dim is not None and config.num_key_value_heads is not None
     slot = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * cache
     context = min(options.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
