@@ -79,30 +79,9 @@ def cmd_pull(args: argparse.Namespace) -> None:
 
 
 def _system_info() -> None:
-    """What this machine gives the kernels: the CPU, its instruction sets, the kernel level and its build."""
-    import torch
+    from llmasos.kernels import system_report
 
-    from llmasos import kernels
-
-    own, level = kernels.cpu_level(), kernels.kernel_level()
-    wanted = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
-    wanted += ("avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
-    rows = [
-        ("CPU", kernels.cpu_model()),
-        ("instruction sets", " ".join(f for f in wanted if f in kernels._cpu_flags()) or "none of the ones used"),
-        ("bf16 arithmetic", "yes (prefill and training use it)" if kernels.native_bf16() else "no (bf16 is widened to fp32)"),
-        (
-            "kernels",
-            f"CPU level {own.name if own else 'none'}, kernel level {level.name if level else 'none'}"
-            + (f" (LLMASOS_ISA={os.environ['LLMASOS_ISA']})" if os.environ.get("LLMASOS_ISA") else "")
-            + (" (off: LLMASOS_KERNELS=0)" if os.environ.get("LLMASOS_KERNELS") == "0" else ""),
-        ),
-    ]
-    if level is not None:
-        where, built = kernels.build_status(level)
-        rows.append(("kernel build", f"{where} ({'built' if built else 'not built yet: compiled on first use'})"))
-    cuda = f"available ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "not available"
-    rows += [("threads", str(torch.get_num_threads())), ("torch", f"{torch.__version__}, CUDA {cuda}")]
+    rows = system_report()
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -1,17 +1,41 @@
 """The kernels at every instruction-set level this CPU runs: the `ops` fixture runs a test once per level
 (`LLMASOS_ISA`), so the model's fast modules use that level too. Levels the CPU cannot run are not
-parametrized here; `test_levels.py` skips one test per such level, with the reason."""
+parametrized here; `test_levels.py` compiles each and skips it, with the reason. On a CPU without AVX-512
+the AVX-512 code paths still run, over an emulation of their intrinsics (`emu512.h`): "avx512-emulated"."""
+
+from pathlib import Path
 
 import pytest
+from torch.utils.cpp_extension import load
 
+from llmasos import kernels
 from llmasos.kernels import LEVEL_NAMES, cpu_level, load_ops
 
 OWN = cpu_level()
 RUNNABLE = LEVEL_NAMES[: LEVEL_NAMES.index(OWN.name) + 1] if OWN else ()
+EMULATED = ("avx512-emulated",) if OWN is not None and OWN.name == "avx2" else ()
 
 
-@pytest.fixture(params=RUNNABLE)
+@pytest.fixture(scope="session")
+def emulated_avx512(tmp_path_factory):
+    """gemv.cpp with its AVX-512 (and VNNI) paths compiled over emu512.h, for this AVX2 CPU."""
+    here = Path(__file__).parent
+    return load(
+        name="llmasos_avx512_emulated",
+        sources=[str(here / "emu512.cpp")],
+        extra_cflags=[*kernels.CFLAGS, *kernels.LEVELS[0].cflags, f"-I{here}"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(tmp_path_factory.mktemp("emu512")),
+        verbose=False,
+    )
+
+
+@pytest.fixture(params=RUNNABLE + EMULATED)
 def ops(request, monkeypatch):
+    if request.param in EMULATED:
+        module = request.getfixturevalue("emulated_avx512")
+        monkeypatch.setattr(kernels, "_ops", lambda *args: module)  # the model's fast modules use it too
+        return module
     monkeypatch.setenv("LLMASOS_ISA", request.param)
     module = load_ops()
     if module is None:

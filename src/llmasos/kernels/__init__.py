@@ -218,6 +218,30 @@ def build_status(level: Level) -> tuple[str, bool]:
     return str(build_dir), (build_dir / BUILT).exists()
 
 
+def system_report() -> list[tuple[str, str]]:
+    """What this machine gives the kernels, as (name, value) rows: the CPU, its instruction sets, bf16
+    arithmetic, the kernel level and its build (`llmasos info --system` and the bench's header)."""
+    own, level = cpu_level(), kernel_level()
+    wanted = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+    wanted += ("avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+    kernels = f"CPU level {own.name if own else 'none'}, kernel level {level.name if level else 'none'}"
+    if os.environ.get("LLMASOS_ISA"):
+        kernels += f" (LLMASOS_ISA={os.environ['LLMASOS_ISA']})"
+    if os.environ.get("LLMASOS_KERNELS") == "0":
+        kernels += " (off: LLMASOS_KERNELS=0)"
+    rows = [
+        ("CPU", cpu_model()),
+        ("instruction sets", " ".join(f for f in wanted if f in _cpu_flags()) or "none of the ones used"),
+        ("bf16 arithmetic", "yes (prefill and training use it)" if native_bf16() else "no (bf16 is widened to fp32)"),
+        ("kernels", kernels),
+    ]
+    if level is not None:
+        where, built = build_status(level)
+        rows.append(("kernel build", f"{where} ({'built' if built else 'not built yet: compiled on first use'})"))
+    cuda = f"available ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "not available"
+    return rows + [("threads", str(torch.get_num_threads())), ("torch", f"{torch.__version__}, CUDA {cuda}")]
+
+
 EMPTY = torch.empty(0)  # "no scale" / "no bias" for the kernels
 
 
