@@ -1,7 +1,8 @@
 """The kernels at every instruction-set level this CPU runs: the `ops` fixture runs a test once per level
 (`LLMASOS_ISA`), so the model's fast modules use that level too. Levels the CPU cannot run are not
 parametrized here; `test_levels.py` compiles each and skips it, with the reason. On a CPU without AVX-512
-the AVX-512 code paths still run, over an emulation of their intrinsics (`emu512.h`): "avx512-emulated"."""
+the AVX-512 code paths (VNNI and BF16 included) still run, over an emulation of their intrinsics
+(`emu512.h`): the "avx512_bf16-emulated" level."""
 
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from llmasos.kernels import LEVEL_NAMES, cpu_level, load_ops
 
 OWN = cpu_level()
 RUNNABLE = LEVEL_NAMES[: LEVEL_NAMES.index(OWN.name) + 1] if OWN else ()
-EMULATED = ("avx512-emulated",) if OWN is not None and OWN.name == "avx2" else ()
+EMULATED = ("avx512_bf16-emulated",) if OWN is not None and OWN.name == "avx2" else ()
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@
 // so the paths' logic (blocks, tails, layouts, reductions) is tested on every developer machine. Whether the
 // real instructions do what these do is checked where the CPU has them (the avx512 levels in test_levels.py).
 #include <immintrin.h>
+#include <cstdint>
+#include <cstring>
 struct e512 { __m256 lo, hi; };
 struct e512i { __m256i lo, hi; };
 #define __m512 e512
@@ -45,6 +47,19 @@ static inline __m256i e_dpbusd_epi32(__m256i acc, __m256i a, __m256i b) {
 #define _mm512_dpwssd_epi32 e_dpwssd_epi32
 #define _mm512_cvtepi32_ps e_cvtepi32_ps
 #define _mm256_dpbusd_epi32 e_dpbusd_epi32
+// vdpbf16ps: each fp32 lane + the products of its pair of bf16 elements (exact in fp32), summed in fp32.
+static inline e512 e_dpbf16_ps(e512 acc, e512i a, e512i b) {
+  alignas(32) uint16_t ua[32], ub[32]; alignas(32) float r[16];
+  _mm256_store_si256((__m256i*)ua, a.lo); _mm256_store_si256((__m256i*)(ua + 16), a.hi);
+  _mm256_store_si256((__m256i*)ub, b.lo); _mm256_store_si256((__m256i*)(ub + 16), b.hi);
+  _mm256_store_ps(r, acc.lo); _mm256_store_ps(r + 8, acc.hi);
+  auto f = [](uint16_t v) { uint32_t u = uint32_t(v) << 16; float x; memcpy(&x, &u, 4); return x; };
+  for (int i = 0; i < 16; ++i) r[i] = r[i] + f(ua[2 * i]) * f(ub[2 * i]) + f(ua[2 * i + 1]) * f(ub[2 * i + 1]);
+  return {_mm256_load_ps(r), _mm256_load_ps(r + 8)};
+}
+#define __m512bh e512i
+#define _mm512_dpbf16_ps e_dpbf16_ps
+#define __AVX512BF16__ 1
 #define __AVX512F__ 1
 #define __AVX512VL__ 1
 #define __AVX512VNNI__ 1

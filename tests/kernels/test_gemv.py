@@ -28,7 +28,9 @@ def test_gemv_equals_matmul(n, k, m, wdtype, xdtype, ops):
     expected = x.double() @ w.double().T + bias.double()
     (y,) = ops.gemv(x, [w], [bias])
     assert y.dtype == xdtype and y.shape == (m, n)
-    tol = 8e-3 if xdtype == torch.bfloat16 else 1e-5  # fp32: summation order only; bf16: the output's rounding
+    # fp32: summation order only; bf16: the output's rounding, or x's (several rows over bf16 weights at avx512_bf16)
+    rounds_x = wdtype == torch.bfloat16 and m > 1 and ops.bf16_products
+    tol = 8e-3 if xdtype == torch.bfloat16 or rounds_x else 1e-5
     assert ((y.double() - expected).abs() / expected.abs().max()).max() < tol
 
 
@@ -45,7 +47,8 @@ def test_gemv_of_several_weights_equals_their_matmuls(m, wdtype, ops):
     for y, w, b in zip(ops.gemv(x, ws, biases), ws, biases):
         expected = x.double() @ w.double().T + (b.double() if b.numel() else 0)
         assert y.shape == (m, w.shape[0])
-        assert ((y.double() - expected).abs() / expected.abs().max()).max() < 1e-5
+        tol = 8e-3 if wdtype == torch.bfloat16 and m > 1 and ops.bf16_products else 1e-5  # x rounded to bf16
+        assert ((y.double() - expected).abs() / expected.abs().max()).max() < tol
     with pytest.raises(RuntimeError, match="one value per output"):
         ops.gemv(x, ws, [biases[1], biases[0], biases[2]])
     with pytest.raises(RuntimeError, match="one value per output"):
@@ -233,6 +236,8 @@ def test_decode_fast_paths_give_the_model_s_logits(monkeypatch, flags, dtype, qu
     # int4's 8-bit inputs turn ulp-level differences (SiLU in C++ against PyTorch's) into rounding steps of
     # 1/127 of a group's largest input from the second step on: room for that, not for a wiring error.
     tol = {None: 1e-4, "int8": 1e-5, "int4": 3e-2}[quantize]
+    if dtype == torch.bfloat16 and ops.bf16_products:  # several rows over bf16 weights: x rounded to bf16 in
+        tol = 3e-2  # each product (~1% of the largest logit over two layers, as a native bf16 model computes)
     for row, p in enumerate(prompts):  # prefills, through the module-by-module fast paths
         want, got = (m(torch.tensor([p]), cache=caches[m], cache_row=row + 1) for m in (ref, fast))
         assert (got - want).abs().max() < max(tol, 1e-4) * want.abs().max()

@@ -26,7 +26,7 @@ def test_the_level_is_the_cpus_own_and_llmasos_isa_only_lowers_it(monkeypatch):
     monkeypatch.setenv("LLMASOS_ISA", "avx2")
     assert kernel_level() is LEVELS[0]
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: AVX2_ONLY)
-    monkeypatch.setenv("LLMASOS_ISA", "avx512_vnni")
+    monkeypatch.setenv("LLMASOS_ISA", "avx512_bf16")
     with pytest.warns(UserWarning, match="above this CPU's level .avx2.; using avx2"):
         assert kernel_level() is LEVELS[0]  # never a level that would crash
     monkeypatch.setenv("LLMASOS_ISA", "avx9000")
@@ -39,8 +39,9 @@ def test_the_level_is_the_cpus_own_and_llmasos_isa_only_lowers_it(monkeypatch):
 def test_build_names_follow_the_level_and_the_source(tmp_path, monkeypatch):
     """Identical sources share a build across checkouts; a changed source or level never reuses (or evicts)
     another's build."""
-    names = {build_name(level) for level in LEVELS}
-    assert len(names) == len(LEVELS) and all(n.startswith(f"llmasos_{lv.name}_") for n, lv in zip(sorted(names), LEVELS))
+    names = {level.name: build_name(level) for level in LEVELS}
+    assert len(set(names.values())) == len(LEVELS)
+    assert all(name.removeprefix(f"llmasos_{level}_").isalnum() for level, name in names.items())
     copy = tmp_path / "gemv.cpp"
     copy.write_bytes(SOURCE.read_bytes())
     same = build_name(LEVELS[0])
@@ -97,7 +98,8 @@ def test_each_level_compiles_and_runs_where_the_cpu_has_it(name, tmp_path):
         for m in (1, 5):
             (y,) = module.gemv(x[:m], [w], [torch.empty(0)])
             expected = x[:m].double() @ w.double().T
-            assert ((y.double() - expected).abs().max() / expected.abs().max()) < 1e-5
+            tol = 8e-3 if wdtype == torch.bfloat16 and m > 1 and module.bf16_products else 1e-5  # x rounded
+            assert ((y.double() - expected).abs().max() / expected.abs().max()) < tol
 
 
 def test_info_system_names_the_cpu_its_flags_and_the_level(monkeypatch):
