@@ -62,9 +62,22 @@ def adapter_base(adapter_dir: Path) -> Path:
     return resolve(base)
 
 
+INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_", "constant_")
+
+
 def build_meta_model(config: ModelConfig) -> Transformer:
-    with torch.device("meta"):
-        return Transformer(config)
+    """The model's modules on the meta device, for weights loaded next. Their initialisation is skipped, as
+    transformers' `no_init_weights` does: on meta tensors PyTorch's init functions import torch._dynamo,
+    which cost 2-3 s of every cold start (a `llmasos generate` spent most of its first seconds there)."""
+    saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
+    try:
+        for name in INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            return Transformer(config)
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def check_entries(model: torch.nn.Module, entries: dict[str, TensorEntry], where: Path) -> None:

@@ -62,7 +62,10 @@ class Rotary(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # On the meta device (a model about to be loaded) computed on the CPU instead: arithmetic on meta tensors
+        # imports torch._dynamo, seconds of a cold start. `reset` moves it where the weights go.
+        meta = torch.get_default_device().type == "meta"
+        self.register_buffer("inv_freq", rope_inv_freq(config, "cpu" if meta else None), persistent=False)
 
     def reset(self, device: torch.device | str | None = None) -> None:
         """Recompute the buffer: needed after building the model on the meta device."""
