@@ -130,3 +130,19 @@ def test_memory_mapped_weights_can_be_trained_without_touching_the_file(model_di
             p.add_(p.grad, alpha=-0.1)
     assert (model_dir / "model.safetensors").read_bytes() == before
     assert not torch.equal(load_model(model_dir)(X), model.eval()(X))
+
+
+def test_loading_a_model_imports_no_compiler_stack(tmp_path):
+    """A cold start pays for what it uses: arithmetic on the meta device (initialising the modules that are about
+    to be loaded, rotary frequencies) imports torch._dynamo, 2-3 s of every `llmasos generate`."""
+    import subprocess
+    import sys
+
+    from helpers import make_hf_model
+
+    path, _ = make_hf_model(tmp_path / "m")
+    code = f"import sys; from llmasos.checkpoints.load import load_model; load_model({str(path)!r})"
+    code += "; print('torch._dynamo' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
