@@ -366,6 +366,7 @@ SERVE_BATCHED_TOKENS = 128
 def cmd_serve(args: argparse.Namespace) -> None:
     require("serve", "llmasos serve")
     from llmasos.serving import serve
+    from llmasos.serving.adapters import runtime_lora_allowed
     from llmasos.serving.app import default_cache_budget
 
     if args.max_running < 1 or args.max_queue < 0:
@@ -379,8 +380,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
         )
     api_key = args.api_key or os.environ.get("LLMASOS_API_KEY") or None
     common = dict(
-        host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, api_key=api_key, cors_origins=args.cors_origin
+        host=args.host,
+        port=args.port,
+        shutdown_timeout=args.shutdown_timeout,
+        api_key=api_key,
+        cors_origins=args.cors_origin,
+        allow_runtime_lora=args.allow_runtime_lora or None,  # None: as $LLMASOS_ALLOW_RUNTIME_LORA says
     )
+    if runtime_lora_allowed(common["allow_runtime_lora"]):
+        print(
+            "runtime LoRA loading is on: POST /v1/load_lora_adapter loads any adapter dir this server can read"
+            + ("" if api_key else " (and no --api-key is set)"),
+            file=sys.stderr,
+        )
     if args.model is None:
         return _serve_store(args, common)
     if args.models:
@@ -1052,7 +1064,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  llmasos serve my-model                       # one model, loaded now: http://127.0.0.1:8000, chat page at /\n"
         "  llmasos serve my-model --port 8080 --api-key sk-local --served-model-name llama\n"
         "  llmasos serve ./model-dir --host 0.0.0.0 --max-running 32 --quantize int8\n"
-        "  llmasos serve my-model --lora sql=runs/sql/adapter --lora chat=runs/chat/adapter   # model: sql, chat",
+        "  llmasos serve my-model --lora sql=runs/sql/adapter --lora chat=runs/chat/adapter   # model: sql, chat\n"
+        "  llmasos serve my-model --allow-runtime-lora --api-key sk-local   # POST /v1/load_lora_adapter loads more",
     )
     _model_options(p)
     p.set_defaults(model=None)
@@ -1123,7 +1136,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_lora_module,
         metavar="NAME=PATH",
         help="serve the LoRA adapter dir PATH (PEFT format, as `finetune --method lora` writes it) beside the model, "
-        "unmerged, as the model id NAME (repeatable; POST /v1/load_lora_adapter loads more while serving)",
+        "unmerged, as the model id NAME (repeatable; served with or without --allow-runtime-lora)",
+    )
+    p.add_argument(
+        "--allow-runtime-lora",
+        action="store_true",
+        help="let clients load and unload LoRA adapters while serving (POST /v1/load_lora_adapter and "
+        "/v1/unload_lora_adapter, vLLM's routes), from any dir this server can read; LLMASOS_ALLOW_RUNTIME_LORA=1 "
+        "does the same (default: off, the routes answer 403)",
     )
     p.add_argument(
         "--pooling",

@@ -5,6 +5,7 @@ server serving on."""
 import threading
 import time
 
+import httpx
 import pytest
 from helpers import API_KEY, StepGate, live_server, write_lora_adapter
 
@@ -36,12 +37,13 @@ def merged(tiny_dir, adapter_dirs):
 
 @pytest.fixture(scope="module")
 def served(tiny_dir, adapter_dirs):
-    """A server of its own for the tiny model with `qv` loaded at start, as `llmasos serve tiny --lora qv=DIR` does."""
+    """A server of its own for the tiny model with `qv` loaded at start, as `llmasos serve tiny --lora qv=DIR
+    --allow-runtime-lora` does."""
     from llmasos import LLM
 
     llm = LLM.load(tiny_dir, max_batch_size=16)
     llm.load_adapter("qv", adapter_dirs["qv"])
-    with live_server(llm, served_model_name="tiny", api_key=API_KEY) as url:
+    with live_server(llm, served_model_name="tiny", api_key=API_KEY, allow_runtime_lora=True) as url:
         yield url, llm
 
 
@@ -219,3 +221,63 @@ def test_serve_takes_lora_name_equals_path():
 
     args = build_parser().parse_args(["serve", "tiny", "--lora", "sql=runs/sql/adapter", "--lora", "runs/chat/adapter/"])
     assert args.lora == [("sql", "runs/sql/adapter"), ("adapter", "runs/chat/adapter/")]
+
+
+def test_runtime_loading_is_refused_by_default_and_adapters_given_at_start_still_serve(
+    tiny_dir, adapter_dirs, merged, monkeypatch
+):
+    """Without --allow-runtime-lora (or its environment variable) both routes are a 403 naming the flag, whatever
+    the body, and read nothing; the adapters loaded at start-up answer as before."""
+    from llmasos import LLM
+
+    monkeypatch.delenv("LLMASOS_ALLOW_RUNTIME_LORA", raising=False)
+    llm = LLM.load(tiny_dir, max_batch_size=4)
+    llm.load_adapter("qv", adapter_dirs["qv"])
+    with live_server(llm, served_model_name="tiny") as url, httpx.Client(base_url=url, timeout=60) as http:
+        for r in (
+            load(http, "all", adapter_dirs["all"]),
+            unload(http, "qv"),
+            http.post("/v1/load_lora_adapter", json={"lora_name": 5}),  # refused before the body is read
+        ):
+            assert r.status_code == 403, r.text
+            error = r.json()["error"]
+            assert error["type"] == "permission_denied" and error["code"] == "allow_runtime_lora_required"
+            assert "--allow-runtime-lora" in error["message"] and "LLMASOS_ALLOW_RUNTIME_LORA=1" in error["message"]
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["tiny", "qv"]
+        assert llm.adapters == ["qv"]
+        body = {"model": "qv", "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == merged["qv"][0]
+
+
+def test_the_environment_variable_allows_runtime_loading(tiny_dir, adapter_dirs, merged, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from llmasos import LLM
+    from llmasos.serving import create_app
+
+    monkeypatch.setenv("LLMASOS_ALLOW_RUNTIME_LORA", "1")
+    llm = LLM.load(tiny_dir, max_batch_size=4)
+    with live_server(llm, served_model_name="tiny") as url, httpx.Client(base_url=url, timeout=60) as http:
+        assert load(http, "mlp", adapter_dirs["mlp"]).status_code == 200
+        body = {"model": "mlp", "prompt": PROMPTS[1], "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == merged["mlp"][1]
+        assert unload(http, "mlp").status_code == 200 and llm.adapters == []
+    # The app's own argument wins over the environment.
+    refused = TestClient(create_app(LLM.load(tiny_dir), allow_runtime_lora=False))
+    assert load(refused, "mlp", adapter_dirs["mlp"]).status_code == 403
+
+
+def test_serve_passes_allow_runtime_lora_to_the_app(tiny_dir, monkeypatch, capsys):
+    import llmasos.serving
+    from llmasos.cli import main
+
+    seen = {}
+    monkeypatch.setattr(llmasos.serving, "serve", lambda llm, **options: seen.update(options))
+    monkeypatch.delenv("LLMASOS_ALLOW_RUNTIME_LORA", raising=False)
+    assert main(["serve", str(tiny_dir), "--kv-cache-memory", "256KiB"]) == 0
+    assert seen["allow_runtime_lora"] is None  # the app then reads the environment
+    assert "runtime LoRA loading is on" not in capsys.readouterr().err
+    assert main(["serve", str(tiny_dir), "--kv-cache-memory", "256KiB", "--allow-runtime-lora"]) == 0
+    assert seen["allow_runtime_lora"] is True
+    assert "runtime LoRA loading is on" in capsys.readouterr().err

@@ -370,7 +370,7 @@ def test_an_adapter_loads_onto_the_model_named_and_requests_by_its_name_reach_it
     adapter = write_lora_adapter(store / "models" / base, tmp_path / "qv", seed=3)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     expected = LLM.load(adapter, max_batch_size=8).generate(PROMPTS[0], params)[0].text  # the merged model
-    with live_server(make_pool(Clock())) as url:
+    with live_server(make_pool(Clock()), allow_runtime_lora=True) as url:
         load = {"lora_name": "qv", "lora_path": str(adapter)}
         r = httpx.post(f"{url}/v1/load_lora_adapter", json=load, timeout=120)
         assert r.status_code == 400 and r.json()["error"]["param"] == "model"  # several models: which one?

@@ -7,12 +7,16 @@ and checks the dir on a worker thread, then puts the adapter in place on the eng
 a bad dir is a 400 naming the file and changes nothing. Unloading takes the name away at once (new requests
 for it get a 404) and answers when the requests already using it have finished and its weights are gone.
 
-The routes read dirs on the server's disk, so, like every /v1 route, they are behind `--api-key` when it is set.
+The routes read any dir the server can read, so they are off unless the server was started with
+`--allow-runtime-lora` (or LLMASOS_ALLOW_RUNTIME_LORA=1, as vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING): otherwise
+both answer 403 and read nothing. Adapters given at start-up (`--lora`) are served either way. Like every /v1
+route, they are behind `--api-key` too when it is set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -23,12 +27,32 @@ from llmasos.models.multi_lora import Adapter, AdapterSet, read_adapter_for
 from llmasos.serving import schemas as s
 
 MAX_NAME = 256
+ALLOW_ENV = "LLMASOS_ALLOW_RUNTIME_LORA"
+ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+REFUSED = f"runtime LoRA loading is off; start the server with --allow-runtime-lora (or {ALLOW_ENV}=1)"
 
 
-def add_routes(app: FastAPI, router) -> None:
+def runtime_lora_allowed(allow: bool | None = None) -> bool:
+    """Whether the routes may load and unload adapters: `allow` when given, else $LLMASOS_ALLOW_RUNTIME_LORA (1, true or yes)."""
+    if allow is not None:
+        return allow
+    return os.environ.get(ALLOW_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def add_routes(app: FastAPI, router, allowed: bool) -> None:
     """Add the routes to `app`, over `router` (the app's `Router`, which leases the model a request names: passed
     in, so this module need not import the app). An adapter loads onto `model` (the only one of a one-model
-    server by default); unloading finds the model it is on by its name."""
+    server by default); unloading finds the model it is on by its name. Not `allowed`: both routes answer 403,
+    whatever the body, before any model is leased or any dir read."""
+    if not allowed:
+
+        async def refused() -> Response:
+            info = s.ErrorInfo(message=REFUSED, type="permission_denied", param=None, code="allow_runtime_lora_required")
+            return JSONResponse(s.ErrorResponse(error=info).model_dump(), 403)
+
+        for route in ROUTES:
+            app.post(route, include_in_schema=False)(refused)
+        return
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: s.LoadLoRAAdapterRequest, request: Request) -> Response:

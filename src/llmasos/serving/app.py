@@ -803,6 +803,7 @@ def create_app(
     cors_origins: list[str] | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     loopback_only: bool = False,
+    allow_runtime_lora: bool | None = None,
 ) -> FastAPI:
     """The app for one loaded model (an LLM, served as `served_model_name` for good), or for the models of
     a pool (loaded on demand). The engine threads start and stop with the app's lifespan.
@@ -810,7 +811,9 @@ def create_app(
     max_queue: sequences that may wait for a free row (the running batch is the engine's max_batch_size);
     beyond that a request gets 503 at once (a pool has its own, in its LoadOptions). cors_origins: browser
     origins allowed to call the API. loopback_only: refuse requests whose Host header is not a loopback name
-    (`serve` sets it for a loopback bind). With api_key, the API docs need the key too."""
+    (`serve` sets it for a loopback bind). With api_key, the API docs need the key too. allow_runtime_lora:
+    whether /v1/load_lora_adapter and /v1/unload_lora_adapter work (they read any dir the server can read);
+    None: as $LLMASOS_ALLOW_RUNTIME_LORA says (off unless it is 1)."""
     if isinstance(llm, ModelPool):
         pool = llm
     else:
@@ -875,7 +878,7 @@ def create_app(
     app.post("/detokenize")(router.detokenize)
     app.get("/tokenizer_info")(router.tokenizer_info)
     embeddings.add_routes(app, router)
-    adapters.add_routes(app, router)
+    adapters.add_routes(app, router, adapters.runtime_lora_allowed(allow_runtime_lora))
     add_ollama_routes(app, router)
 
     app.add_middleware(CatchAll, metrics=metrics)  # innermost: its 500 is counted and passes through CORS
