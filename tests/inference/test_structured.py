@@ -4,6 +4,8 @@ cannot be enforced is refused by name before any work."""
 
 import json
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
@@ -175,3 +177,53 @@ def test_masks_computed_during_the_forward_pass_give_the_same_tokens(llm):
     finally:
         engine.grammars = inline_grammars
     assert [c.token_ids for o in overlapped for c in o.outputs] == [c.token_ids for o in inline for c in o.outputs]
+
+
+def test_the_python_api_compiles_a_grammar_once_in_the_callers_thread_before_queueing(llm, monkeypatch):
+    from llmasos.inference import structured
+
+    calls, compile_grammar = [], structured.compile_grammar
+    engine = llm.engine
+
+    def recording(ll, grammar):
+        calls.append((threading.current_thread(), len(engine.waiting)))
+        return compile_grammar(ll, grammar)
+
+    monkeypatch.setattr(structured, "compile_grammar", recording)
+    params = SamplingParams(max_tokens=20, temperature=0, n=2, structured={"regex": r"[0-9]{2}-python-api"})
+    first = llm.generate(["hi", "there"], params)
+    again = llm.generate(["hi"], params)
+    assert calls == [(threading.current_thread(), 0)]  # once, here, with nothing queued yet; then kept
+    assert {c.text for o in first + again for c in o.outputs} <= {f"{i:02d}-python-api" for i in range(100)}
+
+
+def test_compiled_grammars_are_shared_between_threads_and_the_least_recently_used_go(llm, monkeypatch):
+    from llmasos.inference import structured
+    from llmasos.inference.structured import MAX_COMPILED, Grammars
+
+    grammars = Grammars(llm.tokenizer, llm.config.vocab_size)
+    grammars.warm()
+    same = StructuredOutputs(regex=r"[a-z]{4}-shared")
+    start = threading.Barrier(8)
+
+    def compile_at_once():
+        start.wait()
+        return grammars.compile(same)
+
+    with ThreadPoolExecutor(8) as pool:
+        templates = list(pool.map(lambda _: compile_at_once(), range(8)))
+    assert all(t is templates[0] for t in templates)  # one template kept, whichever thread compiled first
+    assert grammars.compile(same) is templates[0]
+    compiled, compile_grammar = [], structured.compile_grammar
+    monkeypatch.setattr(structured, "compile_grammar", lambda ll, g: (compiled.append(g), compile_grammar(ll, g))[1])
+    others = [StructuredOutputs(regex=f"[a-z]{{{i + 1}}}-lru") for i in range(MAX_COMPILED)]
+    for s in others[:-1]:
+        grammars.compile(s)
+    grammars.compile(same)  # used again: now the most recent
+    grammars.compile(others[-1])  # one too many: the least recently used, others[0], goes
+    assert len(grammars._compiled) == MAX_COMPILED
+    compiled.clear()
+    assert grammars.compile(same) is templates[0] and grammars.compile(others[1]) is not None
+    assert compiled == []  # both kept
+    grammars.compile(others[0])
+    assert compiled == [others[0].compiled]  # compiled again

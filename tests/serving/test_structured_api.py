@@ -3,6 +3,7 @@ SDK's own `parse` with a pydantic model), vLLM's guided_* and structured_outputs
 random-weight tiny model; and a schema that cannot be enforced is a 400 naming the field, before any work."""
 
 import json
+import threading
 
 import jsonschema
 import pytest
@@ -111,3 +112,35 @@ def test_a_bad_constraint_is_a_400_naming_the_field(http, llm, fields, param, wo
     assert error["param"] == param and error["type"] == "invalid_request_error"
     assert error["message"].startswith(param) and all(w in error["message"] for w in words), error["message"]
     assert not llm.engine.has_work()
+
+
+def test_a_grammar_is_compiled_off_the_engine_thread_and_answers_the_same(client, llm, tiny_dir, monkeypatch):
+    """The compile runs on a worker thread before the request is queued; the engine's thread (where `matchers`
+    runs, at enqueue) only copies the compiled grammar, and the answer is what the Python API gives."""
+    from llmasos import LLM, SamplingParams
+    from llmasos.inference import structured
+
+    schema = {  # compiled by no other test
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]}, "rank": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["city", "rank"],
+        "additionalProperties": False,
+    }
+    compiled_on, copied_on = [], []
+    compile_grammar, matchers = structured.compile_grammar, llm.engine.grammars.matchers
+    monkeypatch.setattr(
+        structured, "compile_grammar", lambda ll, g: (compiled_on.append(threading.current_thread()), compile_grammar(ll, g))[1]
+    )
+    monkeypatch.setattr(
+        llm.engine.grammars, "matchers", lambda s, n: (copied_on.append(threading.current_thread()), matchers(s, n))[1]
+    )
+    out = client.chat.completions.create(
+        model="tiny", messages=MSG, max_tokens=60, temperature=0, response_format=json_schema(schema, name="city")
+    )
+    assert len(compiled_on) == 1 and len(copied_on) == 1  # compiled once, then copied at enqueue
+    engine_thread = copied_on[0]
+    assert engine_thread is not threading.main_thread() and compiled_on[0] is not engine_thread
+    monkeypatch.undo()
+    expected = LLM.load(tiny_dir).chat(MSG, SamplingParams(max_tokens=60, temperature=0, structured={"json": schema}))
+    assert out.choices[0].message.content == expected.outputs[0].text
+    jsonschema.validate(json.loads(expected.outputs[0].text), schema)

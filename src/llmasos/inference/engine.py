@@ -272,8 +272,12 @@ class Engine:
     ) -> RequestOutput:
         """Queue a request (a string, or token ids); refused before any work if it cannot fit the context
         or the cache budget. max_tokens=0 (with prompt_logprobs) only scores the prompt. adapter: a LoRA adapter
-        loaded on the model (`AdapterSet`) to run it with."""
-        return self.enqueue(*self.check(prompt, params), params, request_id, adapter)
+        loaded on the model (`AdapterSet`) to run it with. A grammar (`params.structured`) is compiled here, in
+        the caller's thread, before the request is queued."""
+        checked = self.check(prompt, params)
+        if params.structured is not None:
+            self.grammars.compile(params.structured)
+        return self.enqueue(*checked, params, request_id, adapter)
 
     def enqueue(
         self,
@@ -283,7 +287,8 @@ class Engine:
         request_id: str | None = None,
         adapter: Adapter | None = None,
     ) -> RequestOutput:
-        """Queue what `check` returned for this prompt and these params (`add` is both)."""
+        """Queue what `check` returned for this prompt and these params (`add` is both). A grammar should be
+        compiled already (`grammars.compile`): here, on the engine's thread, it is only copied."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise LLMasOSError(f"request id {request_id!r} is already in use")

@@ -186,6 +186,14 @@ class _Vocabulary:
         return self._sp.EncodeAsIds(unk + text)[len(self._sp.EncodeAsIds(unk)) :]
 
 
+def compile_grammar(ll: Any, grammar: str) -> Any:
+    """llguidance's matcher for `grammar` (its own JSON form) over the tokenizer `ll`: the compile, ~1-2 ms for a
+    schema, more for a large one. `Grammars.compile` calls it; never on an engine's thread."""
+    import llguidance
+
+    return llguidance.LLMatcher(ll, grammar, log_level=0)
+
+
 class Grammars:
     """One engine's grammar machinery: its tokenizer as llguidance sees it (built on first use: ~0.5 s for 32,000
     tokens; `warm` builds it ahead, off the engine's thread), new matchers, and the masks of a step.
@@ -226,21 +234,34 @@ class Grammars:
                     self._worker = ThreadPoolExecutor(1, thread_name_prefix="llmasos-grammar")
             return self._ll
 
-    def matchers(self, structured: StructuredOutputs, n: int) -> list:
-        """n fresh matchers for a request; a grammar that this vocabulary cannot write is refused here."""
-        import llguidance
-
+    def compile(self, structured: StructuredOutputs) -> Any:
+        """The grammar compiled for this vocabulary (a matcher that never moves, kept for the next requests: the
+        MAX_COMPILED used last); a grammar that this vocabulary cannot write is refused here. Callers compile
+        before they queue a request, on their own thread (the server on a worker thread, `Engine.add` on the
+        caller's), so that the engine's thread only copies it (`matchers`). Thread-safe: the compile runs outside
+        the lock, so a lookup never waits for one; of two threads that compile the same grammar at once, both get
+        the template kept first."""
         ll = self.warm()
+        key = structured.compiled
         with self._lock:
-            template = self._compiled.pop(structured.compiled, None)
-        if template is None:
-            template = llguidance.LLMatcher(ll, structured.compiled, log_level=0)
-            if template.is_error():
-                raise StructuredOutputError(structured.kind, _explain(template.get_error(), None))
+            template = self._compiled.get(key)
+            if template is not None:
+                self._compiled.move_to_end(key)
+                return template
+        template = compile_grammar(ll, key)
+        if template.is_error():
+            raise StructuredOutputError(structured.kind, _explain(template.get_error(), None))
         with self._lock:
-            self._compiled[structured.compiled] = template
+            template = self._compiled.setdefault(key, template)
+            self._compiled.move_to_end(key)
             while len(self._compiled) > MAX_COMPILED:
                 self._compiled.popitem(last=False)
+        return template
+
+    def matchers(self, structured: StructuredOutputs, n: int) -> list:
+        """n fresh matchers for a request: copies of its compiled grammar (compiled ahead by the caller; one that
+        MAX_COMPILED others pushed out of the cache meanwhile is compiled again here)."""
+        template = self.compile(structured)
         return [template.deep_copy() for _ in range(n)]
 
     def _fill(self, matchers: list, rows: list[int]) -> Tensor:

@@ -341,8 +341,10 @@ class Service:
         )
 
     async def structured(self, body: s.SamplingFields, tool_plan: ToolPlan | None = None) -> StructuredOutputs | None:
-        """The request's grammar (its structured-output field, or a tool call it must make), with llguidance's view
-        of the vocabulary built off the event loop the first time (a second or so for a large vocabulary)."""
+        """The request's grammar (its structured-output field, or a tool call it must make), compiled for this
+        model's vocabulary on a worker thread, so that neither the event loop nor the engine's thread (which only
+        copies it) waits for the compile, nor for llguidance's view of the vocabulary, built the first time (a
+        second or so for a large vocabulary)."""
         structured = structured_outputs(body)
         if tool_plan is not None and tool_plan.structured is not None:
             if structured is not None:
@@ -353,7 +355,7 @@ class Service:
                 )
             structured = tool_plan.structured
         if structured is not None:
-            await asyncio.to_thread(self.llm.engine.grammars.warm)
+            await asyncio.to_thread(self.llm.engine.grammars.compile, structured)
         return structured
 
     def check_length(self, chars: int, param: str) -> None:

@@ -3,7 +3,8 @@
 OpenAI's `response_format` ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name", "schema",
 "strict"}}), vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` and its newer
 `structured_outputs` ({"json" | "regex" | "choice" | "grammar" | "json_object": ...}); at most one of them. The
-schema is compiled here, on the event loop, before any work: it takes about a millisecond.
+schema is checked and turned into llguidance's grammar here, on the event loop, before any work: it takes about a
+millisecond. Compiling that grammar for the model's vocabulary is done next, on a worker thread (`Service.structured`).
 """
 
 from __future__ import annotations
