@@ -227,3 +227,25 @@ def test_compiled_grammars_are_shared_between_threads_and_the_least_recently_use
     assert compiled == []  # both kept
     grammars.compile(others[0])
     assert compiled == [others[0].compiled]  # compiled again
+
+
+def test_steps_without_a_constrained_request_skip_the_grammars(llm, monkeypatch):
+    engine = llm.engine
+    calls = []
+    for name in ("prepare", "mask"):
+        original = getattr(engine.grammars, name)
+        monkeypatch.setattr(engine.grammars, name, lambda *a, _name=name, _f=original: (calls.append(_name), _f(*a))[1])
+    free = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    alone = llm.generate(["hi", "there"], free)
+    assert calls == [] and engine.num_constrained == 0
+    constrained = SamplingParams(max_tokens=8, temperature=0, structured={"regex": "[a-z]{30}"})
+    both = engine.run([engine.add("hi", constrained), engine.add("there", free)])
+    assert {"prepare", "mask"} <= set(calls) and engine.num_constrained == 0  # counted down as it finished
+    assert re.fullmatch("[a-z]+", both[0].text) and both[1].token_ids == alone[1].token_ids
+    aborted = engine.add("hi", constrained)
+    engine.step()
+    assert engine.num_constrained == 1
+    engine.abort(aborted.request_id)
+    assert engine.num_constrained == 0
+    calls.clear()
+    assert llm.generate(["hi", "there"], free)[1].token_ids == alone[1].token_ids and calls == []

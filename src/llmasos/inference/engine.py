@@ -237,6 +237,7 @@ class Engine:
         self.device = model.model.embed_tokens.weight.device
         self.embedder = Embedder(self, PREFILL_TOKENS)  # texts to embed: one batch a step, before the prefills
         self.grammars = Grammars(tokenizer, config.vocab_size, overlap=self.device.type != "cpu")
+        self.num_constrained = 0  # requests with a grammar, queued or running: while 0, steps skip the grammars
         # Bytes one cache slot (one position of one row, keys and values of every layer) takes.
         self.slot_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * self.cache_dtype.itemsize
         self.cache_budget = cache_budget
@@ -298,6 +299,7 @@ class Engine:
         if params.structured is not None:
             for seq, matcher in zip(req.sequences, self.grammars.matchers(params.structured, params.n)):
                 seq.matcher = matcher
+            self.num_constrained += 1
         self.requests[request_id] = req
         self.waiting.append(req)
         return req.output
@@ -647,7 +649,8 @@ class Engine:
         positions = [s.pos for s in seqs]
         same = all(p == positions[0] for p in positions)
         pos = torch.tensor([positions[0]] if same else [[p] for p in positions], device=self.device)
-        self.grammars.prepare([s.matcher for s in seqs])  # the grammars' masks, computed during the forward pass
+        if self.num_constrained:
+            self.grammars.prepare([s.matcher for s in seqs])  # the grammars' masks, computed during the forward pass
         with use_adapters(self.model, [s.request.adapter for s in seqs]):
             logits = self.model(tokens, pos, self.cache)
         return self._sample(logits[:, -1].float(), list(seqs))
@@ -694,7 +697,8 @@ class Engine:
                 if p.penalized:
                     out = torch.tensor(s.completion.token_ids, dtype=torch.long, device=logits.device)
                     apply_penalties(logits[i], p, s.request.prompt_tensor.to(logits.device), out)
-        scores = self.grammars.mask(logits, [s.matcher for s in seqs])  # what each grammar allows (logprobs: all)
+        # What each grammar allows (logprobs: all); nothing to do while no request has one.
+        scores = self.grammars.mask(logits, [s.matcher for s in seqs]) if self.num_constrained else logits
         chosen = torch.empty(len(seqs), dtype=torch.long)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -764,7 +768,10 @@ class Engine:
     def _finish_request(self, req: Request) -> None:
         req.output.finished = True
         req.output.finished_at = time.perf_counter()
-        self.requests.pop(req.id, None)
+        if self.requests.get(req.id) is req:
+            del self.requests[req.id]
+            if req.params.structured is not None:
+                self.num_constrained -= 1
 
     def run(self, outputs: list[RequestOutput], progress: bool = False) -> list[RequestOutput]:
         """Step until every one of `outputs` is finished (other requests advance too)."""
