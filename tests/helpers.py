@@ -152,6 +152,42 @@ def write_tool_tokenizer(out: Path, style: str) -> Path:
     )
 
 
+def make_tool_model(out: Path, style: str) -> Path:
+    """A tiny random GQA Llama with 4096 tokens of context whose chat template takes tools (`write_tool_tokenizer`'s
+    style: "llama3.1", "hermes" or "mistral")."""
+    path, _ = make_hf_model(out, num_key_value_heads=2, max_position_embeddings=4096)
+    write_tool_tokenizer(path, style)
+    return path
+
+
+# Functions to offer a model: the weather in a city named freely (at most 10 characters) or picked from two.
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+CITY_WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -92,23 +92,10 @@ def test_chat_takes_turns_resets_and_exits(tmp_path):
 def test_chat_with_tools_asks_for_each_result_and_answers_on(tmp_path):
     import json
 
-    from helpers import make_hf_model, write_tool_tokenizer
+    from helpers import CITY_WEATHER_TOOL, make_tool_model
 
-    path, _ = make_hf_model(tmp_path / "tools", num_key_value_heads=2, max_position_embeddings=4096)
-    write_tool_tokenizer(path, "hermes")
-    weather = {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"enum": ["Paris", "Oslo"]}},
-                "required": ["city"],
-                "additionalProperties": False,
-            },
-        },
-    }
-    (tmp_path / "tools.json").write_text(json.dumps([weather]))
+    path = make_tool_model(tmp_path / "tools", "hermes")
+    (tmp_path / "tools.json").write_text(json.dumps([CITY_WEATHER_TOOL]))
     args = ["chat", str(path), "--tools", str(tmp_path / "tools.json"), "--max-tokens", "200", "--seed", "1"]
     r = run(*args, "--tool-choice", "get_weather", stdin="Weather in Paris?\n21 C\n/exit\n")
     assert r.returncode == 0, r.stderr

@@ -5,26 +5,13 @@ import json
 
 import jsonschema
 import pytest
-from helpers import make_hf_model, write_tool_tokenizer
+from helpers import WEATHER_TOOL, make_tool_model
 
 from llmasos import LLM, SamplingParams
 from llmasos.errors import InvalidRequestError
 from llmasos.inference.tools import FORMATS, ToolCallParser, parse_tool_calls
 
 NAMES = {"get_weather", "add"}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 ADD = {
     "type": "function",
     "function": {
@@ -123,8 +110,7 @@ def test_live_calls_send_the_name_first_then_argument_pieces():
 
 @pytest.fixture(scope="module", params=["llama3.1", "hermes", "mistral"])
 def tool_llm(request, tmp_path_factory):
-    path, _ = make_hf_model(tmp_path_factory.mktemp(request.param) / "tiny", num_key_value_heads=2, max_position_embeddings=4096)
-    write_tool_tokenizer(path, request.param)
+    path = make_tool_model(tmp_path_factory.mktemp(request.param) / "tiny", request.param)
     return LLM.load(path, max_batch_size=16)
 
 
@@ -132,9 +118,9 @@ USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def test_required_tool_choice_always_makes_a_valid_call(tool_llm):
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, ADD)}
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER_TOOL, ADD)}
     for seed in range(12):
-        out = tool_llm.chat(USER, SamplingParams(max_tokens=200, seed=seed), tools=[WEATHER, ADD], tool_choice="required")
+        out = tool_llm.chat(USER, SamplingParams(max_tokens=200, seed=seed), tools=[WEATHER_TOOL, ADD], tool_choice="required")
         c = out.outputs[0]
         assert c.finish_reason == "tool_calls" and c.tool_calls, c.text
         for call in c.tool_calls:
@@ -144,13 +130,13 @@ def test_required_tool_choice_always_makes_a_valid_call(tool_llm):
 def test_a_named_function_is_the_one_called(tool_llm):
     choice = {"type": "function", "function": {"name": "add"}}
     out = tool_llm.chat(
-        USER, SamplingParams(max_tokens=200, seed=1), tools=[WEATHER, ADD], tool_choice=choice, parallel_tool_calls=False
+        USER, SamplingParams(max_tokens=200, seed=1), tools=[WEATHER_TOOL, ADD], tool_choice=choice, parallel_tool_calls=False
     )
     assert [c.name for c in out.outputs[0].tool_calls] == ["add"]
 
 
 def test_auto_mode_garbage_is_plain_content(tool_llm):
-    out = tool_llm.chat(USER, SamplingParams(max_tokens=20, seed=1), tools=[WEATHER])
+    out = tool_llm.chat(USER, SamplingParams(max_tokens=20, seed=1), tools=[WEATHER_TOOL])
     c = out.outputs[0]
     assert c.tool_calls is None and c.finish_reason in ("stop", "length")
 
@@ -170,7 +156,7 @@ def test_a_conversation_with_calls_and_results_renders(tool_llm):
         },
         {"role": "tool", "tool_call_id": "abcDEF123", "content": "21 degrees"},
     ]
-    text = tool_llm.tokenizer.decode(tool_llm.chat_prompt(history, [WEATHER]), skip_special_tokens=False)
+    text = tool_llm.tokenizer.decode(tool_llm.chat_prompt(history, [WEATHER_TOOL]), skip_special_tokens=False)
     assert '"name": "get_weather"' in text and '{"city": "Paris", "unit": "c"}' in text and "21 degrees" in text
 
 
@@ -180,7 +166,7 @@ def test_a_conversation_with_calls_and_results_renders(tool_llm):
         ([{"type": "function"}], None, "tools[0].function"),
         ([{"type": "retrieval", "function": {"name": "x"}}], None, "tools[0].type"),
         ([{"type": "function", "function": {"name": "has space"}}], None, "tools[0].function.name"),
-        ([WEATHER, WEATHER], None, "tools[1].function.name"),
+        ([WEATHER_TOOL, WEATHER_TOOL], None, "tools[1].function.name"),
         (
             [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}],
             None,
@@ -191,8 +177,8 @@ def test_a_conversation_with_calls_and_results_renders(tool_llm):
             None,
             "tools[0].function.parameters",
         ),
-        ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
-        ([WEATHER], "sometimes", "tool_choice"),
+        ([WEATHER_TOOL], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
+        ([WEATHER_TOOL], "sometimes", "tool_choice"),
         (None, "required", "tool_choice"),
     ],
 )

@@ -8,35 +8,21 @@ from contextlib import contextmanager
 
 import jsonschema
 import pytest
-from helpers import API_KEY, live_server, make_hf_model, write_tool_tokenizer
+from helpers import API_KEY, WEATHER_TOOL, live_server, make_tool_model
 
 from llmasos import LLM
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 TIME = {
     "type": "function",
     "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}},
 }
-SCHEMAS = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
+SCHEMAS = {"get_weather": WEATHER_TOOL["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module", params=["llama3.1", "hermes"])
 def tool_server(request, tmp_path_factory):
-    path, _ = make_hf_model(tmp_path_factory.mktemp(request.param) / "tiny", num_key_value_heads=2, max_position_embeddings=4096)
-    write_tool_tokenizer(path, request.param)
+    path = make_tool_model(tmp_path_factory.mktemp(request.param) / "tiny", request.param)
     llm = LLM.load(path, max_batch_size=16)
     with live_server(llm, served_model_name="tiny", api_key=API_KEY) as url:
         yield url, llm
@@ -87,7 +73,7 @@ def streamed_calls(chunks):
 
 
 def test_required_calls_are_valid_and_stream_as_openai_streams_them(tclient):
-    kw = dict(model="tiny", messages=USER, tools=[WEATHER, TIME], tool_choice="required", max_tokens=300, temperature=1)
+    kw = dict(model="tiny", messages=USER, tools=[WEATHER_TOOL, TIME], tool_choice="required", max_tokens=300, temperature=1)
     for seed in range(4):
         out = tclient.chat.completions.create(**kw, seed=seed)
         choice = out.choices[0]
@@ -110,7 +96,7 @@ def test_a_named_function_without_parallel_calls(tclient):
     out = tclient.chat.completions.create(
         model="tiny",
         messages=USER,
-        tools=[WEATHER, TIME],
+        tools=[WEATHER_TOOL, TIME],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
         parallel_tool_calls=False,
         max_tokens=300,
@@ -129,7 +115,7 @@ def call_text(llm, name, arguments):
 
 def test_auto_mode_reads_the_call_the_model_writes(tclient, tool_server):
     llm = tool_server[1]
-    kw = dict(model="tiny", messages=USER, tools=[WEATHER], max_tokens=200)
+    kw = dict(model="tiny", messages=USER, tools=[WEATHER_TOOL], max_tokens=200)
     with scripted(llm, call_text(llm, "get_weather", '{"city": "Paris", "unit": "c"}')):
         whole = tclient.chat.completions.create(**kw)
         chunks = list(tclient.chat.completions.create(**kw, stream=True))
@@ -154,7 +140,7 @@ def test_auto_mode_reads_the_call_the_model_writes(tclient, tool_server):
     ],
 )
 def test_auto_mode_text_that_is_no_call_is_content(tclient, tool_server, text):
-    kw = dict(model="tiny", messages=USER, tools=[WEATHER], max_tokens=200)
+    kw = dict(model="tiny", messages=USER, tools=[WEATHER_TOOL], max_tokens=200)
     with scripted(tool_server[1], text):
         whole = tclient.chat.completions.create(**kw)
         chunks = list(tclient.chat.completions.create(**kw, stream=True))
@@ -165,7 +151,9 @@ def test_auto_mode_text_that_is_no_call_is_content(tclient, tool_server, text):
 
 
 def test_tool_choice_none_and_a_conversation_with_results(tclient, thttp, tool_server):
-    out = tclient.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], tool_choice="none", max_tokens=8, seed=1)
+    out = tclient.chat.completions.create(
+        model="tiny", messages=USER, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=8, seed=1
+    )
     assert not out.choices[0].message.tool_calls
     history = USER + [
         {
@@ -181,9 +169,9 @@ def test_tool_choice_none_and_a_conversation_with_results(tclient, thttp, tool_s
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees and sunny"},
     ]
-    out = tclient.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], max_tokens=8, seed=1)
+    out = tclient.chat.completions.create(model="tiny", messages=history, tools=[WEATHER_TOOL], max_tokens=8, seed=1)
     assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    prompt = tool_server[1].chat_prompt(history, [WEATHER])
+    prompt = tool_server[1].chat_prompt(history, [WEATHER_TOOL])
     assert out.usage.prompt_tokens == len(prompt)
     text = tool_server[1].tokenizer.decode(prompt, skip_special_tokens=False)
     assert '{"city": "Paris", "unit": "c"}' in text and "21 degrees and sunny" in text
@@ -195,15 +183,15 @@ def test_tool_choice_none_and_a_conversation_with_results(tclient, thttp, tool_s
         ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
         ({"tools": [{"type": "function"}]}, "tools[0].function"),
         ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type"),
-        ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+        ({"tools": [WEATHER_TOOL, WEATHER_TOOL]}, "tools[1].function.name"),
         (
             {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "uniqueItems": True}}}]},
             "tools[0].function.parameters",
         ),
-        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
-        ({"tools": [WEATHER], "tool_choice": "always"}, "tool_choice"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "always"}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
         (
             {
                 "messages": USER
@@ -226,6 +214,6 @@ def test_a_malformed_tool_is_a_400_naming_the_field(thttp, tool_server, fields, 
 
 
 def test_a_template_that_takes_no_tools_says_so(http):
-    r = http.post("/v1/chat/completions", json={"messages": USER, "tools": [WEATHER]})
+    r = http.post("/v1/chat/completions", json={"messages": USER, "tools": [WEATHER_TOOL]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
     assert "takes no tools" in r.json()["error"]["message"]

@@ -152,29 +152,16 @@ def test_a_tool_call_shows_and_its_result_is_sent_back(browser, tmp_path):
     """On a model whose template takes tools: the call shows in the answer, the next message is its result."""
     import json
 
-    from helpers import live_server, make_hf_model, write_tool_tokenizer
+    from helpers import CITY_WEATHER_TOOL, live_server, make_tool_model
 
     from llmasos import LLM
 
-    path, _ = make_hf_model(tmp_path / "tools", num_key_value_heads=2, max_position_embeddings=4096)
-    write_tool_tokenizer(path, "hermes")
-    weather = {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"enum": ["Paris", "Oslo"]}},
-                "required": ["city"],
-                "additionalProperties": False,
-            },
-        },
-    }
+    path = make_tool_model(tmp_path / "tools", "hermes")
     with live_server(LLM.load(path), served_model_name="tiny") as url:
         page = browser.new_page()
         page.goto(url)
         page.click("summary")
-        page.fill("#tools", json.dumps([weather]))
+        page.fill("#tools", json.dumps([CITY_WEATHER_TOOL]))
         page.select_option("#tool-choice", "required")
         page.fill("#max-tokens", "200")
         page.fill("#input", "Weather in Paris?")
