@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -435,6 +438,29 @@ def make_pool(clock: Clock | None = None, **options):
 
 # ---- evaluation and fine-tuning data ---------------------------------------------------------------
 
+
+def tiny_finetune_config(model, data, out, **values):
+    """A FinetuneConfig for a fine-tuning run of a tiny model on the CPU in seconds: batches of 8 in micro-batches
+    of 4, fp32, a checkpoint every 4 steps, a metrics row every step, a fifth of the data for validation;
+    `values` set the rest (seq_len, lr, max_steps, method...) or override these."""
+    from llmasos.training.config import FinetuneConfig
+
+    defaults = dict(
+        model=str(model),
+        data=str(data),
+        out=str(out),
+        micro_batch_size=4,
+        global_batch_size=8,
+        warmup_steps=2,
+        weight_decay=0.0,
+        checkpoint_every=4,
+        log_every=1,
+        precision="fp32",
+        val_fraction=0.2,
+    )
+    return FinetuneConfig.from_dict({**defaults, **values})
+
+
 MC_RECORDS = [
     {"question": "Which letter comes after A?", "choices": [" A", " B", " C"], "answer": 1},
     {"question": "Pick the second letter.", "choices": [" B", " C", " A"], "answer": 0},
@@ -446,3 +472,16 @@ MC_RECORDS = [
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def run_llmasos(args, procs: int = 1) -> subprocess.CompletedProcess:
+    """`llmasos ARGS` in a child process (under torchrun with `procs` > 1, one thread each), asserted to exit 0."""
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+        if procs > 1
+        else [sys.executable]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launcher + ["-m", "llmasos", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from helpers import CORPUS
+from helpers import CORPUS, make_hf_model, write_bpe_tokenizer
 
 
 @pytest.fixture(scope="package")
@@ -15,3 +15,12 @@ def data(tmp_path_factory, bpe_dir):
             f.write(json.dumps({"text": f"{CORPUS[i % 6]} number {i}"}) + "\n")
     prepare([root / "c.jsonl"], bpe_dir, root / "data", val_fraction=0.1, progress=False)
     return root / "data"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny random GQA Llama with a byte-level BPE tokenizer, to fine-tune (one for each test module): its dir,
+    and the transformers model written there."""
+    path, ref = make_hf_model(tmp_path_factory.mktemp("base") / "base", num_key_value_heads=2)
+    write_bpe_tokenizer(path)
+    return path, ref

@@ -1,12 +1,8 @@
 """torchrun with 2 processes on the gloo backend: DDP and FSDP2 follow the single-process loss curve
 with the same global batch, and checkpoints move between strategies and process counts."""
 
-import os
-import subprocess
-import sys
-
 import pytest
-from helpers import make_hf_model, write_bpe_tokenizer, write_jsonl
+from helpers import make_hf_model, run_llmasos, write_bpe_tokenizer, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -38,18 +34,6 @@ FLAGS = [
 ]
 
 
-def llmasos(args, procs=1):
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
-        if procs > 1
-        else [sys.executable]
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(launcher + ["-m", "llmasos", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done
-
-
 def curve(run):
     rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines()[1:]]
     return [float(r[1]) for r in rows], [float(r[4]) for r in rows if r[4]]
@@ -62,20 +46,20 @@ def assert_same_curve(a, b):
 
 
 def test_ddp_and_fsdp_follow_the_single_process_curve_and_checkpoints_cross_strategies(data, tmp_path):
-    llmasos(["pretrain", "--data", data, "--out", tmp_path / "one", *FLAGS])
+    run_llmasos(["pretrain", "--data", data, "--out", tmp_path / "one", *FLAGS])
     one = curve(tmp_path / "one")
     assert one[0][-1] < one[0][0]
     for strategy in ("ddp", "fsdp"):
         run = tmp_path / strategy
-        llmasos(["pretrain", "--data", data, "--out", run, "--strategy", strategy, *FLAGS], procs=2)
+        run_llmasos(["pretrain", "--data", data, "--out", run, "--strategy", strategy, *FLAGS], procs=2)
         assert_same_curve(curve(run), one)
         assert (run / "final" / "config.json").exists()
 
     # 2 FSDP processes stop at step 3; one process resumes that checkpoint and ends on the same curve.
     cut = tmp_path / "cut"
-    llmasos(["pretrain", "--data", data, "--out", cut, "--strategy", "fsdp", *FLAGS, "--max-steps", "3"], procs=2)
+    run_llmasos(["pretrain", "--data", data, "--out", cut, "--strategy", "fsdp", *FLAGS, "--max-steps", "3"], procs=2)
     assert (cut / "checkpoints" / "step-0000003").exists()
-    llmasos(["pretrain", "--resume", cut, "--max-steps", "6"])
+    run_llmasos(["pretrain", "--resume", cut, "--max-steps", "6"])
     assert_same_curve(curve(cut), one)
 
 
@@ -106,7 +90,7 @@ def test_lora_finetune_under_ddp_equals_one_process(tmp_path):
         "--log-every",
         "1",
     ]
-    llmasos([*flags, "--out", tmp_path / "one"])
-    llmasos([*flags, "--out", tmp_path / "two", "--strategy", "ddp"], procs=2)
+    run_llmasos([*flags, "--out", tmp_path / "one"])
+    run_llmasos([*flags, "--out", tmp_path / "two", "--strategy", "ddp"], procs=2)
     assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "one"))
     assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").exists()

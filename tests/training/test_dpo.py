@@ -5,15 +5,12 @@ import copy
 import csv
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_hf_model, write_bpe_tokenizer, write_jsonl
+from helpers import run_llmasos, tiny_finetune_config, write_jsonl
 
 from llmasos.data.preference import load_pairs
 from llmasos.data.sources import InputError
@@ -46,33 +43,9 @@ IMPLICIT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path, ref = make_hf_model(tmp_path_factory.mktemp("dpo") / "base", num_key_value_heads=2)
-    write_bpe_tokenizer(path)
-    return path, ref
-
-
 def config(base, data, out, **kw):
-    values = dict(
-        model=str(base),
-        data=str(data),
-        out=str(out),
-        method="dpo",
-        seq_len=32,
-        micro_batch_size=4,
-        global_batch_size=8,
-        lr=1e-3,
-        warmup_steps=2,
-        weight_decay=0.0,
-        max_steps=8,
-        eval_every=4,
-        checkpoint_every=4,
-        log_every=1,
-        precision="fp32",
-        val_fraction=0.2,
-    )
-    return FinetuneConfig.from_dict({**values, **kw})
+    dpo = dict(method="dpo", seq_len=32, lr=1e-3, max_steps=8, eval_every=4)
+    return tiny_finetune_config(base, data, out, **{**dpo, **kw})
 
 
 def rows(run):
@@ -376,26 +349,14 @@ def test_dpo_configs(base, tmp_path):
 # ---- torchrun ------------------------------------------------------------------------------------------
 
 
-def llmasos(args, procs=1):
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
-        if procs > 1
-        else [sys.executable]
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(launcher + ["-m", "llmasos", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done
-
-
 @pytest.mark.slow
 def test_dpo_under_ddp_equals_one_process(base, tmp_path):
     data = write_jsonl(tmp_path / "sums.jsonl", SUMS[:32])
     flags = ["finetune", base[0], "--data", data, "--max-steps", "3", "--micro-batch-size", "2", "--global-batch-size", "8"]
     flags += ["--precision", "fp32", "--lr", "1e-3", "--val-fraction", "0", "--log-every", "1", "--seq-len", "32"]
     for name, extra in (("full", ["--method", "dpo"]), ("lora-pre", ["--method", "lora", "--dpo", "--precompute-ref-log-probs"])):
-        llmasos([*flags, *extra, "--out", tmp_path / f"{name}-one"])
-        llmasos([*flags, *extra, "--out", tmp_path / f"{name}-two", "--strategy", "ddp"], procs=2)
+        run_llmasos([*flags, *extra, "--out", tmp_path / f"{name}-one"])
+        run_llmasos([*flags, *extra, "--out", tmp_path / f"{name}-two", "--strategy", "ddp"], procs=2)
         one, two = curve(tmp_path / f"{name}-one", TRAIN), curve(tmp_path / f"{name}-two", TRAIN)
         assert len(one) == len(two) == 3
         for a, b in zip(one, two):

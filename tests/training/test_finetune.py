@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from helpers import make_hf_model, write_bpe_tokenizer, write_jsonl
+from helpers import tiny_finetune_config, write_jsonl
 from safetensors.torch import load_file
 
 from llmasos.data.instruct import IGNORE, load_examples
@@ -30,33 +30,9 @@ CHATS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path, ref = make_hf_model(tmp_path_factory.mktemp("ft") / "base", num_key_value_heads=2)
-    write_bpe_tokenizer(path)
-    return path, ref
-
-
 def config(base, data, out, **kw):
-    values = dict(
-        model=str(base),
-        data=str(data),
-        out=str(out),
-        seq_len=64,
-        micro_batch_size=4,
-        global_batch_size=8,
-        lr=3e-3,
-        warmup_steps=2,
-        min_lr=0.0,
-        weight_decay=0.0,
-        max_steps=12,
-        eval_every=6,
-        checkpoint_every=4,
-        log_every=1,
-        precision="fp32",
-        val_fraction=0.2,
-    )
-    return FinetuneConfig.from_dict({**values, **kw})
+    run = dict(seq_len=64, lr=3e-3, min_lr=0.0, max_steps=12, eval_every=6)
+    return tiny_finetune_config(base, data, out, **{**run, **kw})
 
 
 def losses(run):

@@ -34,6 +34,13 @@ def config(data, out, **kw):
     return TrainConfig.from_dict({**values, **kw})
 
 
+def pretrain_args(data, out, *more: str) -> list[str]:
+    """`llmasos pretrain`'s arguments for a run of the tiny-gqa shape on `data`: sequences of 32 tokens, one
+    micro-batch of 2 a step; `more` adds flags."""
+    shape = ["--model", "tiny-gqa", "--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "2"]
+    return ["pretrain", *shape, "--data", str(data), "--out", str(out), *more]
+
+
 def losses(run):
     rows = (run / "metrics.csv").read_text().splitlines()[1:]
     return [(int(r.split(",")[0]), r.split(",")[1]) for r in rows]
@@ -83,25 +90,7 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(data, tmp
     from llmasos.cli import main
 
     def flags(out):
-        return [
-            "pretrain",
-            "--model",
-            "tiny-gqa",
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--seq-len",
-            "32",
-            "--micro-batch-size",
-            "2",
-            "--global-batch-size",
-            "2",
-            "--max-steps",
-            "3",
-            "--log-every",
-            "1",
-        ]
+        return pretrain_args(data, out, "--max-steps", "3", "--log-every", "1")
 
     assert main(flags(tmp_path / "whole")) == 0
 
@@ -126,32 +115,8 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(data, tmp
 
 def test_kill_9_leaves_the_last_checkpoint_loadable(data, tmp_path):
     out = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "llmasos",
-        "pretrain",
-        "--model",
-        "tiny-gqa",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--seq-len",
-        "32",
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "2",
-        "--max-steps",
-        "100000",
-        "--checkpoint-every",
-        "1",
-        "--eval-every",
-        "1000",
-        "--log-every",
-        "1000",
-    ]
+    more = ["--max-steps", "100000", "--checkpoint-every", "1", "--eval-every", "1000", "--log-every", "1000"]
+    cmd = [sys.executable, "-m", "llmasos", *pretrain_args(data, out, *more)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
