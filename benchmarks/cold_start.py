@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import print_table, random_checkpoint
+from benchmarks.common import print_table, random_checkpoint, wait_for_server
 
 ROUNDS = int(os.environ.get("LLMASOS_BENCH_COLD_ROUNDS", "3"))
 PROMPT = [(i * 7919) % 31000 + 100 for i in range(32)]
@@ -59,15 +59,7 @@ def main() -> dict:
         base = f"http://127.0.0.1:{port}"
         cold, warm, loads = [], [], []
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"llmasos serve did not start:\n{server.stderr.read().decode()[-3000:]}")
-                try:
-                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.5)
+            wait_for_server(server, base)
             with httpx.Client(timeout=600) as http:
                 _ttft(http, base)  # first ever: the kernels build, the file enters the page cache
                 for _ in range(ROUNDS):

@@ -88,3 +88,21 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     for row in rows:
         table.add_row(*row)
     Console(width=160).print(table)
+
+
+def wait_for_server(server: subprocess.Popen, base: str, timeout: float = 300) -> None:
+    """Return once the `llmasos serve` process `server` answers GET {base}/health with 200; raise with the end of
+    its stderr if it exits first or has not answered within `timeout` seconds."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"llmasos serve did not start:\n{server.stderr.read().decode()[-3000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.5)

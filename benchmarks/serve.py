@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import print_table, random_checkpoint
+from benchmarks.common import print_table, random_checkpoint, wait_for_server
 
 CLIENTS = 16
 NEW = int(os.environ.get("LLMASOS_BENCH_SERVE_TOKENS", "48"))
@@ -71,8 +71,6 @@ async def _round(url: str, clients: int) -> dict:
 
 
 def main() -> dict:
-    import httpx
-
     path = random_checkpoint("small", "bfloat16")
     port = _free_port()
     server = subprocess.Popen(
@@ -82,15 +80,7 @@ def main() -> dict:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"llmasos serve did not start:\n{server.stderr.read().decode()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+        wait_for_server(server, base)
         url = f"{base}/v1/completions"
         asyncio.run(_round(url, 1))  # warm-up: first-call allocations, the KV cache
         one, many = asyncio.run(_round(url, 1)), asyncio.run(_round(url, CLIENTS))
