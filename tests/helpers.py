@@ -485,3 +485,29 @@ def run_llmasos(args, procs: int = 1) -> subprocess.CompletedProcess:
     done = subprocess.run(launcher + ["-m", "llmasos", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done
+
+
+class FailingPrefill:
+    """A model that raises RuntimeError("simulated failure") on a forward of several positions (a prefill or a
+    chunk of one) holding token `token`, and is `real` otherwise: for tests that one request's failure stays its own."""
+
+    def __init__(self, real, token: int):
+        self.real, self.token = real, token
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __call__(self, ids, *args, **kwargs):
+        if ids.shape[1] > 1 and bool((ids == self.token).any()):
+            raise RuntimeError("simulated failure")
+        return self.real(ids, *args, **kwargs)
+
+
+def wait_for(condition, timeout: float = 30.0) -> bool:
+    """Whether `condition()` comes true within `timeout` seconds (asked every 20 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False

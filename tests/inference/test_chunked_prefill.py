@@ -3,6 +3,7 @@ steps, with the same outputs as whole prompts. Time is the engine's steps, never
 
 import pytest
 import torch
+from helpers import FailingPrefill
 
 from llmasos import LLM, SamplingParams
 from llmasos.errors import LLMasOSError
@@ -102,20 +103,9 @@ def test_aborting_a_partly_prefilled_prompt_frees_its_row(llm, whole):
 
 def test_a_chunk_whose_forward_raises_fails_its_request_alone(llm, whole, monkeypatch):
     engine = chunked(llm, 10).engine
-    real = engine.model
-
-    class Faulty:  # the model, except that a chunk holding token 399 raises
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def __call__(self, ids, *args, **kwargs):
-            if ids.shape[1] > 1 and bool((ids == 399).any()):
-                raise RuntimeError("simulated failure")
-            return real(ids, *args, **kwargs)
-
     prompts = [words(30, seed=20), words(25, seed=21)]
     expected = [o.token_ids for o in whole.generate(prompts, GREEDY)]
-    monkeypatch.setattr(engine, "model", Faulty())
+    monkeypatch.setattr(engine, "model", FailingPrefill(engine.model, 399))  # a chunk holding 399 raises
     outs = [engine.add(prompts[0], GREEDY), engine.add(words(20, seed=22) + [399], GREEDY), engine.add(prompts[1], GREEDY)]
     engine.run(outs)
     assert [outs[0].token_ids, outs[2].token_ids] == expected

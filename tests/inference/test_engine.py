@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import FailingPrefill
 
 from llmasos import LLM, SamplingParams
 from llmasos.errors import LLMasOSError
@@ -233,19 +234,9 @@ def test_a_request_that_fails_in_sampling_fails_alone(llm):
 
 
 def test_a_prompt_whose_prefill_raises_fails_alone(llm, monkeypatch):
-    engine, real = llm.engine, llm.engine.model
-
-    class Faulty:  # the model, except that a prefill holding token 399 raises
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def __call__(self, ids, *args, **kwargs):
-            if ids.shape[1] > 1 and bool((ids == 399).any()):
-                raise RuntimeError("simulated failure")
-            return real(ids, *args, **kwargs)
-
+    engine = llm.engine
     alone = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
-    monkeypatch.setattr(engine, "model", Faulty())
+    monkeypatch.setattr(engine, "model", FailingPrefill(engine.model, 399))
     outs = [engine.add(p, GREEDY) for p in PROMPTS]
     bad = engine.add([5, 399, 6], GREEDY)  # admitted and prefilled together with the others
     engine.run(outs + [bad])

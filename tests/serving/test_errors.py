@@ -4,11 +4,10 @@ rather than count on the machine being slow."""
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
-from helpers import API_KEY, StepGate, live_server
+from helpers import API_KEY, StepGate, live_server, wait_for
 
 LONG = 900  # tokens
 
@@ -19,15 +18,6 @@ def metric(base: str, name: str) -> float:
     values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{"))]
     assert values, f"{name} is not in /metrics"
     return sum(values)
-
-
-def wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 class LongStream(threading.Thread):
@@ -188,7 +178,7 @@ def test_a_full_queue_answers_503_and_the_server_serves_on(tiny_dir):
         running.start()
         assert running.started.wait(30)
         waiting.start()
-        assert wait_for(lambda: metric(base, "llmasos_num_requests_waiting") == 1)
+        assert wait_for(lambda: metric(base, "llmasos_num_requests_waiting") == 1, timeout=10)
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "hello", "max_tokens": 2})
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
         assert r.json()["error"]["code"] == "queue_full"

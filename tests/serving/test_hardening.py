@@ -8,8 +8,8 @@ import threading
 
 import httpx
 import pytest
-from helpers import API_KEY, StepGate, live_server, make_hf_model, write_bpe_tokenizer
-from test_errors import metric, wait_for
+from helpers import API_KEY, StepGate, live_server, make_hf_model, wait_for, write_bpe_tokenizer
+from test_errors import metric
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPTS = [[(11 * i + j) % 390 + 5 for j in range(3 + i)] for i in range(8)]

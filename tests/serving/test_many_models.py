@@ -10,19 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import STORE_MODELS, Clock, live_server, make_pool
+from helpers import STORE_MODELS, Clock, live_server, make_pool, wait_for
 
 MAX_TOKENS = 10
 PROMPTS = [[(11 * i + j) % 380 + 7 for j in range(4 + i)] for i in range(3)]
-
-
-def wait_for(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def complete(url: str, model: str, prompt, **extra) -> httpx.Response:
