@@ -2,6 +2,7 @@
 finished build is loaded without compiling again, and that every level compiles on any x86 machine with a
 compiler, including the levels this CPU cannot run (their tests elsewhere skip here, with the reason)."""
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -102,12 +103,12 @@ def test_each_level_compiles_and_runs_where_the_cpu_has_it(name, tmp_path):
             assert ((y.double() - expected).abs().max() / expected.abs().max()) < tol
 
 
-def test_info_system_names_the_cpu_its_flags_and_the_level(monkeypatch):
+def test_info_system_names_the_cpu_its_flags_and_the_level():
     r = subprocess.run(
         [sys.executable, "-m", "llmasos", "info", "--system"],
         capture_output=True,
         text=True,
-        env={**__import__("os").environ, "LLMASOS_ISA": "avx2"},
+        env={**os.environ, "LLMASOS_ISA": "avx2"},
     )
     assert r.returncode == 0, r.stderr
     assert cpu_model() in r.stdout

@@ -7,6 +7,7 @@ device, so the weights are never held twice.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -62,6 +63,7 @@ def adapter_base(adapter_dir: Path) -> Path:
     return resolve(base)
 
 
+_SKIP_INIT = threading.Lock()
 INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_", "constant_")
 
 
@@ -69,15 +71,18 @@ def build_meta_model(config: ModelConfig) -> Transformer:
     """The model's modules on the meta device, for weights loaded next. Their initialisation is skipped, as
     transformers' `no_init_weights` does: on meta tensors PyTorch's init functions import torch._dynamo,
     which cost 2-3 s of every cold start (a `llmasos generate` spent most of its first seconds there)."""
-    saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
-    try:
-        for name in INIT_FUNCTIONS:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        with torch.device("meta"):
-            return Transformer(config)
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
+    # One build at a time (the model pool loads on worker threads): two interleaved would save each other's
+    # no-ops as the originals and leave torch's init functions switched off for the whole process.
+    with _SKIP_INIT:
+        saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
+        try:
+            for name in INIT_FUNCTIONS:
+                setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+            with torch.device("meta"):
+                return Transformer(config)
+        finally:
+            for name, function in saved.items():
+                setattr(torch.nn.init, name, function)
 
 
 def check_entries(model: torch.nn.Module, entries: dict[str, TensorEntry], where: Path) -> None:
