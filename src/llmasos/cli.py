@@ -191,6 +191,19 @@ def _size(text: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
+def _batched_tokens(text: str) -> int | str:
+    """--max-num-batched-tokens: "auto" or a number of tokens (0: whole prompts)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a number of tokens")
+    return value
+
+
 def _sampling(args: argparse.Namespace, **overrides):
     from llmasos import SamplingParams
 
@@ -359,10 +372,6 @@ def _chat_turn(llm, args: argparse.Namespace, messages: list[dict], plan) -> lis
     return calls
 
 
-# The server's chunked-prefill budget (benchmarks/chunked_prefill.py measures what it does to running streams).
-SERVE_BATCHED_TOKENS = 128
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
     require("serve", "llmasos serve")
     from llmasos.serving import serve
@@ -371,9 +380,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.max_running < 1 or args.max_queue < 0:
         raise LLMasOSError("--max-running must be at least 1 and --max-queue at least 0")
-    if args.max_num_batched_tokens is None:
-        args.max_num_batched_tokens = max(SERVE_BATCHED_TOKENS, args.max_running)
-    if args.max_num_batched_tokens and args.max_num_batched_tokens < args.max_running:
+    if args.max_num_batched_tokens not in ("auto", 0) and args.max_num_batched_tokens < args.max_running:
         raise LLMasOSError(
             f"--max-num-batched-tokens {args.max_num_batched_tokens} is less than --max-running {args.max_running}: "
             "every running sequence's next token counts against it each step (0: whole prompts)"
@@ -1117,11 +1124,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-num-batched-tokens",
-        type=int,
-        metavar="N",
+        type=_batched_tokens,
+        default="auto",
+        metavar="N|auto",
         help="tokens one engine step computes: each running sequence's next one, then chunks of the prompts being "
-        f"prefilled, so that a long prompt never stalls the running streams for long (default {SERVE_BATCHED_TOKENS}, "
-        "or --max-running if more; 0: every prompt whole, in one step)",
+        "prefilled, so that a long prompt never stalls the running streams for long. auto (the default): chunks "
+        "that take about as long as the running streams' decode step, as timed on this machine; 0: every prompt "
+        "whole, in one step",
     )
     p.add_argument(
         "--no-prefix-caching",

@@ -7,6 +7,7 @@ from helpers import FailingPrefill
 
 from llmasos import LLM, SamplingParams
 from llmasos.errors import LLMasOSError
+from llmasos.inference.engine import Pacer
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
 
@@ -112,6 +113,89 @@ def test_a_chunk_whose_forward_raises_fails_its_request_alone(llm, whole, monkey
     assert "simulated failure" in outs[1].error and outs[1].token_ids == [] and not engine.has_work()
 
 
-def test_a_budget_below_the_batch_size_is_refused(llm):
-    with pytest.raises(LLMasOSError, match="max_num_batched_tokens=3 must be an integer of at least the max batch size"):
-        LLM(llm.model, llm.tokenizer, max_batch_size=4, max_num_batched_tokens=3)
+@pytest.mark.parametrize("budget", [3, "fast", 16.0, True])
+def test_a_budget_neither_auto_nor_a_number_of_at_least_the_batch_size_is_refused(llm, budget):
+    with pytest.raises(LLMasOSError, match=f"max_num_batched_tokens={budget!r} must be 'auto' or an integer of at least"):
+        LLM(llm.model, llm.tokenizer, max_batch_size=4, max_num_batched_tokens=budget)
+
+
+class TimedModel:
+    """The model, each forward pass advancing a fake clock by what it would cost: `decode_ms` for a decode step,
+    `fixed_ms + token_ms` per token for a prefill; records the prompt tokens of every prefill forward."""
+
+    def __init__(self, real, decode_ms: float, fixed_ms: float, token_ms: float):
+        self.real, self.now, self.prefills = real, 0.0, []
+        self.decode_ms, self.fixed_ms, self.token_ms = decode_ms, fixed_ms, token_ms
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __call__(self, ids, *args, **kwargs):
+        if not kwargs:  # a decode step: (tokens, positions, cache)
+            self.now += self.decode_ms / 1e3
+        else:
+            self.prefills.append(ids.shape[1])
+            self.now += (self.fixed_ms + self.token_ms * ids.numel()) / 1e3
+        return self.real(ids, *args, **kwargs)
+
+    def clock(self) -> float:
+        return self.now
+
+
+def auto(llm, monkeypatch, **costs) -> tuple:
+    engine = chunked(llm, "auto", enable_prefix_caching=False).engine
+    model = TimedModel(engine.model, **costs)
+    monkeypatch.setattr(engine, "model", model)
+    engine.pacer.clock = model.clock
+    return engine, model
+
+
+def run_long_prompt_beside_streams(engine, model, length: int) -> tuple[list, object]:
+    streams = [engine.add(words(4, seed=i), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)) for i in range(3)]
+    engine.step()
+    model.prefills.clear()
+    long = engine.add(words(length, seed=7), GREEDY)
+    while not long.token_ids:
+        before = [len(s.token_ids) for s in streams]
+        engine.step()
+        assert [len(s.token_ids) for s in streams] == [b + 1 for b in before]
+    return streams, long
+
+
+def test_auto_chunks_take_about_as_long_as_the_decode_step(llm, whole, monkeypatch):
+    # A decode step takes 30 ms; a chunk of t tokens 6 + t ms, as long as the decode step at t = 24.
+    engine, model = auto(llm, monkeypatch, decode_ms=30, fixed_ms=6, token_ms=1)
+    streams, long = run_long_prompt_beside_streams(engine, model, 100)
+    chunks = model.prefills  # the streams' prefill (18 ms for 12 tokens) made the first guess 30 / 1.5 = 20
+    assert chunks[0] == 20 and sum(chunks) == 100
+    assert all(6 + t <= 30 for t in chunks)  # no chunk's prefill takes longer than the decode step
+    assert max(chunks) > chunks[0]  # grown towards the 24 tokens that take as long (see the next test)
+    engine.run(streams + [long])
+    assert long.token_ids == whole.generate([words(100, seed=7)], GREEDY)[0].token_ids
+
+
+def test_the_pacer_settles_where_a_chunk_takes_as_long_as_the_decode_step():
+    pacer, clock = Pacer(torch.device("cpu")), [0.0]
+    pacer.clock = lambda: clock[0]
+    assert pacer.tokens() == Pacer.FIRST  # nothing timed yet
+    for _ in range(40):
+        tokens, start = pacer.tokens(), pacer.now()
+        clock[0] += (6 + tokens) / 1e3  # a chunk: 6 ms, then 1 ms a token
+        pacer.saw_prefill(start, tokens)
+        start = pacer.now()
+        clock[0] += 30 / 1e3  # the decode step
+        pacer.saw_decode(start)
+    assert pacer.tokens() in (23, 24)
+
+
+def test_auto_chunks_never_fall_below_the_least(llm, monkeypatch):
+    engine, model = auto(llm, monkeypatch, decode_ms=5, fixed_ms=50, token_ms=1)  # the fixed cost alone is longer
+    run_long_prompt_beside_streams(engine, model, 60)
+    assert model.prefills == [8] * 7 + [4]  # the least, then what is left
+
+
+def test_auto_with_nothing_running_prefills_a_prompt_whole(llm, monkeypatch):
+    engine, model = auto(llm, monkeypatch, decode_ms=5, fixed_ms=50, token_ms=1)
+    out = engine.add(words(100, seed=7), GREEDY)
+    engine.step()
+    assert model.prefills == [100] and len(out.token_ids) == 2

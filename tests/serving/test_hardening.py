@@ -229,3 +229,20 @@ def test_serve_takes_the_key_from_the_environment_and_plans_the_cache(tiny_dir, 
     with pytest.raises(SystemExit):
         main(["serve", str(tiny_dir), "--kv-cache-memory", "lots"])
     assert "'lots' is not a size" in capsys.readouterr().err
+
+
+def test_serve_paces_chunked_prefill_by_default_and_takes_a_number_or_0(tiny_dir, monkeypatch, capsys):
+    import llmasos.serving
+    from llmasos.cli import main
+
+    seen = {}
+    monkeypatch.setattr(llmasos.serving, "serve", lambda llm, **options: seen.update(llm=llm, **options))
+    for flags, budget in (([], "auto"), (["--max-num-batched-tokens", "32"], 32), (["--max-num-batched-tokens", "0"], None)):
+        assert main(["serve", str(tiny_dir), "--max-running", "4", *flags]) == 0
+        assert seen["llm"].engine.max_num_batched_tokens == budget
+        assert (seen["llm"].engine.pacer is not None) == (budget == "auto")
+    assert main(["serve", str(tiny_dir), "--max-running", "8", "--max-num-batched-tokens", "4"]) == 1
+    assert "--max-num-batched-tokens 4 is less than --max-running 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", str(tiny_dir), "--max-num-batched-tokens", "fast"])
+    assert "'fast' is neither auto nor a number of tokens" in capsys.readouterr().err

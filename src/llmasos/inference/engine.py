@@ -11,6 +11,8 @@ that does not fit is cut, and its next chunk goes first in the next step. At mos
 prefilled between steps; it holds the row right after the running ones. A long prompt then delays every
 stream by a chunk a step instead of stalling them all for its whole prefill. Prompts only scored
 (max_tokens=0) take no row and are scored whole, in a step of their own when longer than the budget.
+`max_num_batched_tokens="auto"` sizes the chunks by time instead of tokens (`Pacer`): what a fixed budget
+costs differs tenfold between CPUs.
 
 Automatic prefix caching (`prefix_cache.py`): the KV of every prompt, and of every answer when its
 sequence ends, is kept in blocks outside the rows; a new prompt that starts with cached blocks has them
@@ -199,6 +201,51 @@ class Request:
 # Prompts (or chunks of them) prefilled in one step go through the model together while their padded batch
 # holds at most this many tokens (one longer goes alone); prompts only scored take at most this many a step.
 PREFILL_TOKENS = 2048
+AUTO = "auto"  # max_num_batched_tokens: chunks sized by time (`Pacer`)
+
+
+class Pacer:
+    """Chunk sizes for `max_num_batched_tokens="auto"`: while sequences are running, a step prefills as many prompt
+    tokens as take about as long as their decode step, both timed as they run (exponential averages). Their
+    inter-token latency then stays within about twice its usual value while a prompt is admitted, and the prompt
+    gets about half the machine, on a fast CPU or a slow one alike; with nothing running, prompts go whole.
+
+    The cost per token is averaged over whole prefills, fixed costs included: a chunk too small pays them over
+    few tokens, looks dear and is not grown, one too large looks cheap and is cut; the size settles where a
+    chunk's fixed cost plus its tokens' takes as long as the decode step (or at `LEAST`, where the fixed cost
+    alone takes longer). On a GPU the clock waits for the device, whose work is otherwise still queued."""
+
+    FIRST, LEAST = 16, 8  # prompt tokens a step before any prefill was timed; never fewer, so prompts advance
+    SMOOTHING = 0.25  # the weight of the newest time in the averages
+
+    def __init__(self, device: torch.device, clock=time.perf_counter):
+        self.device, self.clock = device, clock
+        self.decode_s: float | None = None  # one decode step of the running sequences
+        self.token_s: float | None = None  # one prompt token prefilled
+
+    def tokens(self) -> int:
+        """Prompt tokens the next step may prefill beside the running sequences' decode step."""
+        if self.decode_s is None or self.token_s is None:
+            return self.FIRST
+        return max(self.LEAST, int(self.decode_s / self.token_s))
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self.clock()
+
+    def saw_decode(self, start: float) -> None:
+        self.decode_s = _average(self.decode_s, self.now() - start, self.SMOOTHING)
+
+    def saw_prefill(self, start: float, tokens: int) -> None:
+        if tokens:
+            self.token_s = _average(self.token_s, (self.now() - start) / tokens, self.SMOOTHING)
+
+
+def _average(mean: float | None, value: float, weight: float) -> float:
+    return value if mean is None else mean + weight * (value - mean)
+
+
 # The cache's length grows in steps of this many slots; a cache longer than this is given back when idle.
 CACHE_STEP = 256
 
@@ -211,7 +258,8 @@ class Engine:
     it too, in what the running rows leave (without a budget: at most what a full batch of rows would take).
     enable_prefix_caching: keep prompts' and answers' KV for later requests that share their prefix.
     max_num_batched_tokens: the tokens one step computes (each running sequence's next token, then chunks of
-    prompts); None: every admitted prompt whole. At least `max_batch_size`, so that prefill always advances."""
+    prompts); None: every admitted prompt whole; "auto": chunks that take about as long as a decode step
+    (`Pacer`). A number is at least `max_batch_size`, so that prefill always advances."""
 
     def __init__(
         self,
@@ -221,7 +269,7 @@ class Engine:
         max_seq_len: int | None = None,
         cache_budget: int | None = None,
         enable_prefix_caching: bool = True,
-        max_num_batched_tokens: int | None = None,
+        max_num_batched_tokens: int | str | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         config = model.config
@@ -254,16 +302,17 @@ class Engine:
                     f"{_size(cache_budget)}: at most {fits} tokens do"
                 )
             self.max_seq_len = min(self.max_seq_len, fits)
-        if max_num_batched_tokens is not None and (
+        if max_num_batched_tokens not in (None, AUTO) and (
             isinstance(max_num_batched_tokens, bool)
             or not isinstance(max_num_batched_tokens, int)
             or max_num_batched_tokens < max_batch_size
         ):
             raise LLMasOSError(
-                f"max_num_batched_tokens={max_num_batched_tokens!r} must be an integer of at least the max batch size "
-                f"({max_batch_size}): every running sequence's next token counts against it each step"
+                f"max_num_batched_tokens={max_num_batched_tokens!r} must be {AUTO!r} or an integer of at least the max "
+                f"batch size ({max_batch_size}): every running sequence's next token counts against it each step"
             )
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.pacer = Pacer(self.device) if max_num_batched_tokens == AUTO else None
         self.prefix_cache = PrefixCache(BLOCK_SIZE * self.slot_bytes) if enable_prefix_caching else None
 
     # ---- requests -------------------------------------------------------------------------------
@@ -391,7 +440,7 @@ class Engine:
         budget allow; prompts only scored are scored), then one decode step for every running sequence."""
         self.embedder.step()  # one batch of texts to embed, if any wait
         deltas: list[Delta] = []
-        left = None if self.max_num_batched_tokens is None else self.max_num_batched_tokens - len(self.running)
+        left = self._prompt_tokens()
         chunks: list[tuple[Request, int]] = []  # (request, prompt tokens to compute now), in rows len(running)..
         rows, length, scored = len(self.running), self._running_len(), 0
         if self.partial is not None:
@@ -425,12 +474,27 @@ class Engine:
             take = len(req.prompt_ids) - req.done if left is None else min(len(req.prompt_ids) - req.done, left)
             chunks.append((req, take))
             left = None if left is None else left - take
+        pacer = self.pacer
         if chunks:
+            start = pacer.now() if pacer else 0.0
             deltas += self._prefill(chunks)
+            if pacer:
+                pacer.saw_prefill(start, sum(take for _, take in chunks))
         if self.running:
+            start = pacer.now() if pacer else 0.0
             deltas += self._decode()
+            if pacer:
+                pacer.saw_decode(start)
         self._give_back_cache()
         return deltas
+
+    def _prompt_tokens(self) -> int | None:
+        """Prompt tokens this step may compute beside the running sequences' next ones (None: no limit)."""
+        if self.pacer is not None:
+            return self.pacer.tokens() if self.running else None
+        if self.max_num_batched_tokens is None:
+            return None
+        return self.max_num_batched_tokens - len(self.running)
 
     @property
     def cache_dtype(self) -> torch.dtype:

@@ -64,7 +64,7 @@ class LLM:
         max_seq_len: int | None = None,
         cache_budget: int | None = None,
         enable_prefix_caching: bool = True,
-        max_num_batched_tokens: int | None = None,
+        max_num_batched_tokens: int | str | None = None,
         pooling: str | None = None,
     ):
         self.model, self.tokenizer, self.path = model, tokenizer, path
@@ -95,7 +95,7 @@ class LLM:
         kernels: bool = True,
         cache_budget: int | None = None,
         enable_prefix_caching: bool = True,
-        max_num_batched_tokens: int | None = None,
+        max_num_batched_tokens: int | str | None = None,
         pooling: str | None = None,
     ) -> LLM:
         """A stored model's name or a model dir. quantize: None, "int8" or "int4" (weight-only).
@@ -104,7 +104,8 @@ class LLM:
         cache_budget: bytes the KV cache may take (None: no limit); it caps max_seq_len too.
         enable_prefix_caching: keep prompts' KV for later prompts that start alike (a chat's next turn).
         max_num_batched_tokens: tokens computed per engine step (None: whole prompts); a smaller budget cuts
-        long prompts into chunks, so that running streams keep going while they are prefilled.
+        long prompts into chunks, so that running streams keep going while they are prefilled; "auto": chunks
+        that take about as long as the running streams' decode step (what `llmasos serve` uses).
         kernels: on a CPU, decode with the hand-written kernels (`llmasos.kernels`).
         compile: torch.compile the model instead (stock PyTorch ops; the first calls compile for minutes).
         pooling: how `embed` pools (mean, last, cls, max), instead of what the model's files name."""

@@ -191,7 +191,7 @@ class LoadOptions:
     max_model_len: int | None = None  # cap on each model's context
     kv_cache_memory: int | None = None  # each model's KV cache budget (None: see ModelPool)
     prefix_caching: bool = True
-    max_num_batched_tokens: int | None = None  # chunked prefill's step budget (None: whole prompts)
+    max_num_batched_tokens: int | str | None = None  # chunked prefill's step budget (None: whole prompts; "auto": timed)
 
 
 class Catalog:
