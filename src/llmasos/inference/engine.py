@@ -227,7 +227,7 @@ class Pacer:
         """Prompt tokens the next step may prefill beside the running sequences' decode step."""
         if self.decode_s is None or self.token_s is None:
             return self.FIRST
-        return max(self.LEAST, int(self.decode_s / self.token_s))
+        return max(self.LEAST, int(self.decode_s / max(self.token_s, 1e-9)))  # a clock too coarse to see a prefill
 
     def now(self) -> float:
         if self.device.type == "cuda":
