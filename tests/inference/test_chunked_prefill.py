@@ -188,6 +188,15 @@ def test_the_pacer_settles_where_a_chunk_takes_as_long_as_the_decode_step():
     assert pacer.tokens() in (23, 24)
 
 
+def test_a_prefill_the_clock_cannot_see_lets_prompts_go_whole():
+    pacer = Pacer(torch.device("cpu"), clock=lambda: 1.0)  # a clock too coarse: every time measured is 0
+    pacer.saw_decode(pacer.now())
+    pacer.saw_prefill(pacer.now(), 16)
+    assert pacer.tokens() == Pacer.LEAST  # a decode step of 0 s: the least
+    pacer.decode_s = 0.03
+    assert pacer.tokens() > 10**6  # a prefill of 0 s: no limit in practice, and no division by zero
+
+
 def test_auto_chunks_never_fall_below_the_least(llm, monkeypatch):
     engine, model = auto(llm, monkeypatch, decode_ms=5, fixed_ms=50, token_ms=1)  # the fixed cost alone is longer
     run_long_prompt_beside_streams(engine, model, 60)
