@@ -17,7 +17,8 @@ from llmasos.models.swap import swap_modules, with_class
 pytestmark = pytest.mark.usefixtures("ops")  # each test at every level this CPU runs (conftest.py)
 
 
-@pytest.mark.parametrize("n, k", [(64, 64), (2051, 771), (3, 16), (5, 40)])
+# (97, 784): three passes of the AMX tiles (32 rows) and a row after them, 16 columns past their last 32
+@pytest.mark.parametrize("n, k", [(64, 64), (2051, 771), (3, 16), (5, 40), (97, 784)])
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 7, 16])  # blocks of four inputs and every tail
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])

@@ -1,7 +1,7 @@
 """Hand-written CPU kernels (`gemv.cpp`), and what decides when to call them: the CPU's instruction-set
 level, the dtype to compute in, and up to how many input rows each kernel beats PyTorch.
 
-The kernels are compiled for one level (`LEVELS`: AVX2+FMA, AVX-512, AVX-512 VNNI, AVX512_BF16) on first use with the
+The kernels are compiled for one level (`LEVELS`: AVX2+FMA, AVX-512, AVX-512 VNNI, AVX512_BF16, AMX) on first use with the
 machine's compiler, into torch's extension cache under a name hashed from the source and flags
 (`build_name`), and loaded from there afterwards. The level is the CPU's own (`cpu_level`) or a lower one
 forced with `LLMASOS_ISA`. `load_ops()` returns the compiled module, or None where it cannot be had (no
@@ -69,7 +69,8 @@ _AVX512 = Level(
 )
 _VNNI = Level("avx512_vnni", _AVX512.needs | {"avx512_vnni"}, (*_AVX512.cflags, "-mavx512vnni"))
 _BF16 = Level("avx512_bf16", _VNNI.needs | {"avx512_bf16"}, (*_VNNI.cflags, "-mavx512bf16"))
-LEVELS: tuple[Level, ...] = (_AVX2, _AVX512, _VNNI, _BF16)  # lowest first; each includes the ones before it
+_AMX = Level("amx", _BF16.needs | {"amx_tile", "amx_bf16"}, (*_BF16.cflags, "-mamx-tile", "-mamx-bf16"))
+LEVELS: tuple[Level, ...] = (_AVX2, _AVX512, _VNNI, _BF16, _AMX)  # lowest first; each includes the ones before it
 LEVEL_NAMES = tuple(level.name for level in LEVELS)
 
 

@@ -2,8 +2,9 @@
 //
 // Built once per instruction-set level (llmasos.kernels.LEVELS): AVX2+FMA+F16C; AVX-512 F/BW/VL/DQ, where the
 // dense and int8 products take 512-bit vectors (16 fp32 lanes, 32 registers: larger register blocks); and
-// AVX-512 VNNI, where the int8 and int4 dot products fuse their multiply-adds (vpdpwssd, vpdpbusd). The
-// `#if defined(__AVX512F__)` blocks below are those levels; everything else is shared.
+// AVX-512 VNNI, where the int8 and int4 dot products fuse their multiply-adds (vpdpwssd, vpdpbusd); AVX512_BF16
+// (vdpbf16ps); and AMX, whose tiles take several rows over bf16 weights. The `#if defined(__AVX512F__)` (etc.)
+// blocks below are those levels; everything else is shared.
 //
 // Decode streams every weight once per token, so its speed is memory bandwidth. PyTorch's
 // stock GEMV paths reach about half of it on small matrices (call overhead, packing); these
@@ -14,6 +15,10 @@
 #include <immintrin.h>
 
 #include <atomic>
+#if defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -56,6 +61,69 @@ constexpr bool kBf16Products = false;
 #endif
 // Whether x must be stored even/odd-interleaved per 16 for this weight type (the AVX2 bf16 halves above).
 template <typename W> constexpr bool kEvenOdd = !kWide && std::is_same<W, c10::BFloat16>::value;
+
+#if defined(__AMX_BF16__)
+constexpr bool kAmx = true;  // several rows over bf16 weights in tiles (tdpbf16ps)
+#ifndef LLMASOS_TILES_GRANTED  // (the tests' emulation of the tiles needs no grant)
+// Linux gives a process the tiles' register state only when asked, once; a tile instruction before faults.
+inline bool tiles_granted() {
+  static const bool granted = [] {
+    constexpr long kReqPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kReqPermission, kTileData) == 0;
+  }();
+  return granted;
+}
+#endif
+// Five tiles of 16 rows x 64 bytes: C0, C1 (fp32 results, 16 weight rows x 16 inputs each), A0, A1 (16 weight
+// rows x 32 bf16 each) and B (32 columns of x for 16 inputs, in pairs: the layout tdpbf16ps takes).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16};
+};
+constexpr int64_t kTileRows = 32;  // weight rows a pass of the tiles computes
+// The tiles take from 4 inputs up: below, the products are too few to be worth a tile's padding to 16 inputs,
+// and vdpbf16ps keeps up with memory. (Chosen without an AMX machine to measure on.)
+constexpr int64_t kTileMinInputs = 4;
+
+// x [M <= 16, K] as B tiles, one per 32 columns: tile row i holds, for each input m, its columns 2i and 2i + 1
+// (bf16-rounded; inputs past M are zeros). 1 KiB per 32 columns.
+inline std::vector<c10::BFloat16> tile_inputs(const float* xf, int64_t M, int64_t K) {
+  const int64_t blocks = K / 32;
+  std::vector<c10::BFloat16> xv(blocks * 512, c10::BFloat16(0.f));
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t i = 0; i < 16; ++i)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < 2; ++j) xv[b * 512 + i * 32 + m * 2 + j] = c10::BFloat16(xf[m * K + b * 32 + 2 * i + j]);
+  return xv;
+}
+
+// out[r][m] = dot(W[n + r, :K32], x[m, :K32]) for 32 weight rows from n, all inputs at once: W's rows load
+// straight into the A tiles (a row's 32 columns are 64 contiguous bytes), x comes packed (tile_inputs).
+inline void tile_rows(const c10::BFloat16* w, int64_t K, int64_t K32, const c10::BFloat16* xv, int64_t n, float out[kTileRows][16]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  const c10::BFloat16* w0 = w + n * K;
+  const c10::BFloat16* w1 = w0 + 16 * K;
+  for (int64_t k = 0; k < K32; k += 32) {
+    // A pass reads 32 rows side by side, more streams than the hardware prefetcher follows: each row's line
+    // 512 bytes ahead is asked for here.
+    for (int64_t r = 0; r < 16 && k + 256 < K32; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + r * K + k + 256), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w1 + r * K + k + 256), _MM_HINT_T0);
+    }
+    _tile_loadd(4, xv + k * 16, 64);
+    _tile_loadd(2, w0 + k, K * 2);
+    _tile_loadd(3, w1 + k, K * 2);
+    _tile_dpbf16ps(0, 2, 4);
+    _tile_dpbf16ps(1, 3, 4);
+  }
+  _tile_stored(0, out[0], 64);
+  _tile_stored(1, out[16], 64);
+}
+#else
+constexpr bool kAmx = false;
+#endif
 
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(float v) { return v; }
@@ -239,23 +307,44 @@ inline void rows_block(const W* w, const float* xs, const c10::BFloat16* xb, int
 
 // y[m, n] = dot(W[n, :], x[m, :]) + bias[n] for weight rows [begin, end) and all M inputs.
 // xs holds x in the kernel's order (see kEvenOdd) for the first K16 columns; xf holds it plainly.
+// xv: x packed for the tiles (tile_inputs), where they take these rows (else nullptr).
 template <typename W, typename Y>
-void rows_dot(const W* w, const float* xs, const float* xf, const c10::BFloat16* xb, int64_t M, int64_t K, int64_t begin, int64_t end,
-              const Bias& bias, Y* y, int64_t N) {
-  const int64_t K16 = K - K % 16;
-  auto store = [&](int64_t n, int64_t m, float s) {
-    const W* r = w + n * K;
-    for (int64_t k = K16; k < K; ++k) s += to_float(r[k]) * xf[m * K + k];
-    y[m * N + n] = static_cast<Y>(s + bias[n]);
+void rows_dot(const W* w, const float* xs, const float* xf, const c10::BFloat16* xb, const c10::BFloat16* xv, int64_t M,
+              int64_t K, int64_t begin, int64_t end, const Bias& bias, Y* y, int64_t N) {
+  auto finish = [&](int64_t from) {  // adds the columns from `from` on to a row's dot, the bias, and stores it
+    return [&, from](int64_t n, int64_t m, float s) {
+      const W* r = w + n * K;
+      for (int64_t k = from; k < K; ++k) s += to_float(r[k]) * xf[m * K + k];
+      y[m * N + n] = static_cast<Y>(s + bias[n]);
+    };
   };
+  const int64_t K16 = K - K % 16;
+  auto store = finish(K16);
   if (M == 1) {
     for (int64_t n = begin; n < end; ++n) store(n, 0, row_dot(w + n * K, xs, K16));
     return;
   }
+  int64_t n = begin;
+#if defined(__AMX_BF16__)
+  if constexpr (std::is_same<W, c10::BFloat16>::value) {
+    if (xv != nullptr && end - begin >= kTileRows) {  // 32 rows at a time in the tiles, the rest below
+      const int64_t K32 = K - K % 32;
+      auto tail = finish(K32);
+      TileConfig config;
+      _tile_loadconfig(&config);
+      alignas(64) float out[kTileRows][16];
+      for (; n + kTileRows <= end; n += kTileRows) {
+        tile_rows(w, K, K32, xv, n, out);
+        for (int64_t r = 0; r < kTileRows; ++r)
+          for (int64_t m = 0; m < M; ++m) tail(n + r, m, out[r][m]);
+      }
+      _tile_release();
+    }
+  }
+#endif
   // Several sequences: each group of three weight rows (four in 512-bit registers) is read from memory once
   // and reused from L1 for every block of four inputs.
   constexpr int R = kWide ? 4 : 3;
-  int64_t n = begin;
   for (; n + R <= end; n += R) rows_block<R>(w, xs, xb, M, N, K, K16, n, store);
   switch (end - n) {
     case 3: rows_block<3>(w, xs, xb, M, N, K, K16, n, store); break;
@@ -286,6 +375,11 @@ std::vector<torch::Tensor> gemv_typed(const torch::Tensor& x, const std::vector<
   }
   std::vector<c10::BFloat16> xb;  // x rounded to bf16, for the bf16 products of several rows where built
   if (kBf16Products && std::is_same<W, c10::BFloat16>::value && M > 1) xb.assign(xf.begin(), xf.end());
+  std::vector<c10::BFloat16> xv;  // x packed for the tiles, where they take several rows over bf16 weights
+#if defined(__AMX_BF16__)
+  if (std::is_same<W, c10::BFloat16>::value && M >= kTileMinInputs && M <= 16 && K >= 32 && tiles_granted())
+    xv = tile_inputs(xf.data(), M, K);
+#endif
   std::vector<torch::Tensor> ys;
   std::vector<Bias> bias;
   std::vector<int64_t> starts{0};  // the weights' rows laid end to end
@@ -299,8 +393,8 @@ std::vector<torch::Tensor> gemv_typed(const torch::Tensor& x, const std::vector<
     for (size_t i = 0; i < ws.size(); ++i) {
       const int64_t lo = std::max(b, starts[i]), hi = std::min(e, starts[i + 1]);
       if (lo >= hi) continue;
-      rows_dot<W, X>(ws[i].data_ptr<W>(), xs.data(), xf.data(), xb.empty() ? nullptr : xb.data(), M, K, lo - starts[i], hi - starts[i], bias[i],
-                     ys[i].data_ptr<X>(), ws[i].size(0));
+      rows_dot<W, X>(ws[i].data_ptr<W>(), xs.data(), xf.data(), xb.empty() ? nullptr : xb.data(), xv.empty() ? nullptr : xv.data(),
+                     M, K, lo - starts[i], hi - starts[i], bias[i], ys[i].data_ptr<X>(), ws[i].size(0));
     }
   };
   if (total * K * M < (1 << 18)) {  // small products run on one thread
@@ -308,11 +402,13 @@ std::vector<torch::Tensor> gemv_typed(const torch::Tensor& x, const std::vector<
   } else if (M == 1) {  // one sequence, bound by memory: each thread streams its contiguous share of rows
     at::parallel_for(0, total, 64, rows);
   } else {
-    // Several sequences, bound by arithmetic: threads take 48 rows at a time as they get to them, so a
-    // thread the OS preempts (a server's event loop, its clients) holds the step back by a chunk, not a half.
+    // Several sequences, bound by arithmetic: threads take 48 rows at a time (64, two passes of the tiles,
+    // where they are built) as they get to them, so a thread the OS preempts (a server's event loop, its
+    // clients) holds the step back by a chunk, not a half.
+    constexpr int64_t chunk = kAmx ? 2 * 32 : 48;
     std::atomic<int64_t> next{0};
     at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-      for (int64_t b; (b = next.fetch_add(48)) < total;) rows(b, std::min(total, b + 48));
+      for (int64_t b; (b = next.fetch_add(chunk)) < total;) rows(b, std::min(total, b + chunk));
     });
   }
   return ys;
