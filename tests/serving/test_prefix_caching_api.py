@@ -4,6 +4,7 @@ the cache on /metrics, and a chunked server answering as the whole-prompt one do
 import uuid
 
 import httpx
+import pytest
 from helpers import live_server
 
 from llmasos import LLM
@@ -53,13 +54,19 @@ def test_completions_usage_reports_the_cached_prompt_tokens(client, http):
     assert raw["timings"]["cache_n"] == 64 and raw["timings"]["prompt_n"] == 9
 
 
-def test_a_server_prefilling_in_chunks_answers_as_the_whole_prompt_one(llm, client):
+@pytest.mark.parametrize("budget", [16, "auto"])
+def test_a_server_prefilling_in_chunks_answers_as_the_whole_prompt_one(llm, client, budget):
     import openai
 
     prompt = [(13 * i + 5) % 380 + 10 for i in range(300)]
     want = client.completions.create(prompt=prompt, **GREEDY).choices[0].text
-    chunked = LLM(llm.model, llm.tokenizer, max_batch_size=4, max_num_batched_tokens=16, enable_prefix_caching=False)
+    chunked = LLM(llm.model, llm.tokenizer, max_batch_size=4, max_num_batched_tokens=budget, enable_prefix_caching=False)
     with live_server(chunked, served_model_name="tiny") as url:
         other = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
         out = other.completions.create(prompt=prompt, **GREEDY)
+        metrics = httpx.get(f"{url}/metrics").text
     assert out.choices[0].text == want and out.usage.prompt_tokens_details.cached_tokens == 0
+    paced = budget == "auto"  # what the pacer allows, and the decode step it times, once a step was timed
+    assert ("llmasos_prefill_chunk_tokens{" in metrics) == paced and ("llmasos_decode_step_seconds{" in metrics) == paced
+    if paced:
+        assert metric(metrics, "llmasos_prefill_chunk_tokens") >= 8 and metric(metrics, "llmasos_decode_step_seconds") > 0

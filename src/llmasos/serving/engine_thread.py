@@ -39,6 +39,15 @@ class PrefixCacheStats:
     tokens: int = 0
 
 
+@dataclass(frozen=True)
+class PacingStats:
+    """Chunked prefill paced by time (`max_num_batched_tokens="auto"`), as /metrics shows it: the prompt tokens a
+    step may prefill beside the running sequences, and their decode step's time (smoothed)."""
+
+    chunk_tokens: int
+    decode_step_s: float
+
+
 class QueueFullError(Exception):
     """Every running slot is taken and the waiting queue is full: the client should retry later."""
 
@@ -98,6 +107,7 @@ class EngineThread:
         self.num_running = 0  # snapshots for /metrics, refreshed by the thread after every step
         self.num_waiting = 0
         self.prefix_cache = PrefixCacheStats()
+        self.pacing: PacingStats | None = None  # with max_num_batched_tokens="auto", once a decode step was timed
 
     # ---- from the event loop -------------------------------------------------------------------
 
@@ -251,6 +261,9 @@ class EngineThread:
         cache = engine.prefix_cache
         if cache is not None:
             self.prefix_cache = PrefixCacheStats(cache.queries, cache.hits, cache.num_tokens)
+        pacer = engine.pacer
+        if pacer is not None and pacer.decode_s is not None:
+            self.pacing = PacingStats(pacer.tokens(), pacer.decode_s)
 
     def _dispatch(self, deltas: list[Delta]) -> None:
         by_request: dict[str, list[Delta]] = defaultdict(list)

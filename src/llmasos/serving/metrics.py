@@ -20,7 +20,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 class _Loaded(Collector):
     """The series of the loaded models. `models()` yields objects with name, worker (num_running,
-    num_waiting, prefix_cache), weights_bytes and kv_bytes. The prefix cache's counters are the engine's, so
+    num_waiting, prefix_cache, pacing), weights_bytes and kv_bytes. The prefix cache's counters are the engine's, so
     they start again from 0 when a model loads again (as any counter does when its process restarts)."""
 
     def __init__(self, models: Callable[[], Iterable[Any]]):
@@ -46,6 +46,16 @@ class _Loaded(Collector):
             labels=["model"],
         )
         cached = GaugeMetricFamily("llmasos_prefix_cache_tokens", "Tokens the prefix cache holds now", labels=["model"])
+        chunk = GaugeMetricFamily(
+            "llmasos_prefill_chunk_tokens",
+            "Prompt tokens a step may prefill beside the running sequences (max_num_batched_tokens=auto)",
+            labels=["model"],
+        )
+        step = GaugeMetricFamily(
+            "llmasos_decode_step_seconds",
+            "The running sequences' decode step, smoothed (max_num_batched_tokens=auto)",
+            labels=["model"],
+        )
         for m in self.models():
             running.add_metric([m.name], m.worker.num_running)
             waiting.add_metric([m.name], m.worker.num_waiting)
@@ -56,7 +66,10 @@ class _Loaded(Collector):
             hits.add_metric([m.name], stats.hits)
             rate.add_metric([m.name], stats.hits / stats.queries if stats.queries else 0.0)
             cached.add_metric([m.name], stats.tokens)
-        yield from (running, waiting, memory, kv, queries, hits, rate, cached)
+            if m.worker.pacing is not None:
+                chunk.add_metric([m.name], m.worker.pacing.chunk_tokens)
+                step.add_metric([m.name], m.worker.pacing.decode_step_s)
+        yield from (running, waiting, memory, kv, queries, hits, rate, cached, chunk, step)
 
 
 class Metrics:
