@@ -131,7 +131,7 @@ class TimedModel:
         return getattr(self.real, name)
 
     def __call__(self, ids, *args, **kwargs):
-        if not kwargs:  # a decode step: (tokens, positions, cache)
+        if len(args) == 2 and not kwargs:  # a decode step: (tokens, positions, cache); a prefill names logits_at
             self.now += self.decode_ms / 1e3
         else:
             self.prefills.append(ids.shape[1])

@@ -12,7 +12,7 @@ prefilled between steps; it holds the row right after the running ones. A long p
 stream by a chunk a step instead of stalling them all for its whole prefill. Prompts only scored
 (max_tokens=0) take no row and are scored whole, in a step of their own when longer than the budget.
 `max_num_batched_tokens="auto"` sizes the chunks by time instead of tokens (`Pacer`): what a fixed budget
-costs differs tenfold between CPUs.
+costs differs several-fold between CPUs.
 
 Automatic prefix caching (`prefix_cache.py`): the KV of every prompt, and of every answer when its
 sequence ends, is kept in blocks outside the rows; a new prompt that starts with cached blocks has them

@@ -742,7 +742,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
           const float* gs = gsum.data() + m * G;
           __m256 acc = _mm256_setzero_ps(), off = acc;
           for (int64_t g = 0; g < G8; g += 8) {
-            // Both cache lines of the step (128 bytes of weights), 1 KiB ahead: one a step left half to chance.
+            // Both cache lines of the step (128 bytes of weights), 2 KiB ahead: one a step left half to chance.
             _mm_prefetch(reinterpret_cast<const char*>(row + g * 16) + 2048, _MM_HINT_T0);
             _mm_prefetch(reinterpret_cast<const char*>(row + g * 16) + 2112, _MM_HINT_T0);
             __m256i r[4];
